@@ -1,0 +1,21 @@
+"""kfac_jax_lite: K-FAC as a pure optax transform, with automatic layer tagging.
+
+References:
+  Martens & Grosse (2015), "Optimizing Neural Networks with Kronecker-factored
+  Approximate Curvature". Ba, Grosse & Martens (2017), "Distributed
+  Second-Order Optimization using Kronecker-Factored Approximations".
+"""
+
+from kfac_jax_lite import losses
+from kfac_jax_lite import tagging
+from kfac_jax_lite.alias import kfac
+from kfac_jax_lite.curvature_api import estimate_curvature
+from kfac_jax_lite.tagging.layers import find_layers
+from kfac_jax_lite.transform import KfacState, kl_scale, scale_by_kfac
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "KfacState", "estimate_curvature", "find_layers", "kfac", "kl_scale",
+    "losses", "scale_by_kfac", "tagging",
+]

@@ -1,0 +1,1 @@
+"""Curvature blocks, estimators and damping: arrays in, arrays out."""

@@ -1,0 +1,37 @@
+"""``estimate_curvature``: one Kronecker-factor estimate, for inspection and tests."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+
+from kfac_jax_lite.curvature.estimators import check_estimator
+from kfac_jax_lite.statistics import factor_estimate
+from kfac_jax_lite.tagging.layers import tag
+from kfac_jax_lite.tagging.trace import trace_loss
+
+
+def estimate_curvature(loss_fn: Callable[[Any, Any], jax.Array], params: Any,
+                       batch: Any, *, key: jax.Array, estimator: str = "exact",
+                       num_samples: int = 1) -> dict[str, dict[str, jax.Array]]:
+  """One estimate of every dense layer's Kronecker factors (no moving average).
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> scalar`` built with a
+      :mod:`kfac_jax_lite.losses` function.
+    params: parameter pytree.
+    batch: batch pytree.
+    key: PRNG key (used by ``"mc"``).
+    estimator: ``"exact"``, ``"mc"`` or ``"empirical"``.
+    num_samples: Monte-Carlo samples for ``"mc"``.
+
+  Returns:
+    ``{name: {"A": [d_in(+1), d_in(+1)], "G": [d_out, d_out]}}`` keyed by the
+    ``keystr`` of each dense layer's weight path; ``F ≈ kron(A, G)`` for
+    ``θ = [W; b]`` flattened row-major.
+  """
+  check_estimator(estimator, num_samples)
+  tagged = tag(trace_loss(loss_fn, params, batch))
+  return factor_estimate(tagged, params, batch, key, estimator=estimator,
+                         num_samples=num_samples)

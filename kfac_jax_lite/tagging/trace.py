@@ -1,0 +1,121 @@
+"""Trace a loss to a jaxpr and walk its nested sub-jaxprs.
+
+Only public ``jax`` / ``jax.extend`` APIs are used. The helpers here know
+jaxprs and nothing of layers or optimizers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+from jax.extend import core as jex_core
+
+# Higher-order primitives whose body is inlined by the tagger, so that layers
+# inside a user's `jit`, a `custom_jvp` activation or `jax.checkpoint` are seen.
+# name -> params key of the body.
+INLINED_CALLS: dict[str, str] = {
+    "jit": "jaxpr",
+    "pjit": "jaxpr",
+    "custom_jvp_call": "call_jaxpr",
+    "custom_vjp_call": "call_jaxpr",
+    "remat2": "jaxpr",
+    "checkpoint": "jaxpr",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TracedLoss:
+  """A loss traced once on abstract values.
+
+  Attributes:
+    jaxpr: the closed jaxpr of ``loss_fn(params, batch)``; its inputs are the
+      flattened parameter leaves followed by the flattened batch leaves.
+    param_paths: the key path of every parameter leaf, in flatten order.
+    param_treedef: tree structure of the parameters.
+    batch_treedef: tree structure of the batch.
+    batch_avals: shape/dtype of every batch leaf.
+  """
+
+  jaxpr: jex_core.ClosedJaxpr
+  param_paths: tuple[tuple[Any, ...], ...]
+  param_treedef: Any
+  batch_treedef: Any
+  batch_avals: tuple[jax.ShapeDtypeStruct, ...]
+
+  @property
+  def num_params(self) -> int:
+    return len(self.param_paths)
+
+
+def abstractify(tree: Any) -> Any:
+  """Maps arrays (or ``ShapeDtypeStruct`` leaves) to ``ShapeDtypeStruct``."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(jax.numpy.shape(x), jax.numpy.result_type(x)),
+      tree)
+
+
+def trace_loss(loss_fn: Callable[[Any, Any], jax.Array], params: Any,
+               batch: Any) -> TracedLoss:
+  """Traces ``loss_fn(params, batch)`` on abstract values (no model is run).
+
+  Args:
+    loss_fn: a pure function of ``(params, batch)`` returning a scalar.
+    params: parameter pytree of arrays or ``jax.ShapeDtypeStruct``.
+    batch: batch pytree of arrays or ``jax.ShapeDtypeStruct``.
+
+  Returns:
+    The :class:`TracedLoss`.
+  """
+  path_leaves, param_treedef = jax.tree_util.tree_flatten_with_path(params)
+  batch_leaves, batch_treedef = jax.tree_util.tree_flatten(abstractify(batch))
+  param_avals = [abstractify(leaf) for _, leaf in path_leaves]
+
+  def flat_loss(*leaves):
+    p = jax.tree_util.tree_unflatten(param_treedef, leaves[:len(param_avals)])
+    b = jax.tree_util.tree_unflatten(batch_treedef, leaves[len(param_avals):])
+    return loss_fn(p, b)
+
+  closed = jax.make_jaxpr(flat_loss)(*param_avals, *batch_leaves)
+  if len(closed.out_avals) != 1 or closed.out_avals[0].shape != ():
+    raise ValueError(
+        "loss_fn(params, batch) must return a scalar loss, got outputs "
+        f"{closed.out_avals}.")
+  return TracedLoss(
+      jaxpr=closed,
+      param_paths=tuple(path for path, _ in path_leaves),
+      param_treedef=param_treedef,
+      batch_treedef=batch_treedef,
+      batch_avals=tuple(batch_leaves))
+
+
+def inlined_body(eqn: jex_core.JaxprEqn) -> tuple[jex_core.Jaxpr, Sequence[Any]] | None:
+  """The body jaxpr and its constants, for call-like primitives we inline."""
+  key = INLINED_CALLS.get(eqn.primitive.name)
+  if key is None or key not in eqn.params:
+    return None
+  body = eqn.params[key]
+  if isinstance(body, jex_core.ClosedJaxpr):
+    return body.jaxpr, body.consts
+  if isinstance(body, jex_core.Jaxpr):
+    return body, ()
+  return None
+
+
+def bind_eqn(eqn: jex_core.JaxprEqn, invals: Sequence[Any]) -> list[Any]:
+  """Evaluates one equation as ``jax.core.eval_jaxpr`` does; returns a list."""
+  bind_params = eqn.primitive.get_bind_params(eqn.params)
+  if isinstance(bind_params, tuple):  # jax < 0.9.2 returned (subfuns, params).
+    subfuns, bind_params = bind_params
+    out = eqn.primitive.bind(*subfuns, *invals, **bind_params)
+  else:
+    out = eqn.primitive.bind(*invals, **bind_params)
+  return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def read(env: dict[Any, Any], atom: Any) -> Any:
+  """Reads a jaxpr atom (a ``Var`` from ``env`` or a ``Literal``'s value)."""
+  if isinstance(atom, jex_core.Literal):
+    return atom.val
+  return env[atom]

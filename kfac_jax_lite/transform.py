@@ -1,0 +1,283 @@
+"""``scale_by_kfac``: K-FAC preconditioning as an optax gradient transformation.
+
+One call of ``update`` (all under ``jax.lax.cond`` inside a single compiled
+step, so nothing recompiles after the first call):
+
+1. every ``stats_every`` steps: one Fisher estimate of every Kronecker factor
+   from ``batch`` (Martens & Grosse 2015, §5), folded into moving averages;
+2. every ``inverse_every`` steps: damped factor inverses with factored
+   Tikhonov damping (Ba et al. 2017, eq. 3);
+3. every step: the preconditioned gradient ``A^{-1} ∇W G^{-1}`` per layer, the
+   diagonal fallback elsewhere, and optionally the KL-clipped step-size
+   scale (Ba et al. 2017, eq. 14).
+
+Non-finite statistics or inverses are never committed to the state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from kfac_jax_lite.curvature import diagonal, kronecker
+from kfac_jax_lite.curvature.estimators import check_estimator
+from kfac_jax_lite.statistics import factor_estimate
+from kfac_jax_lite.tagging import geometry
+from kfac_jax_lite.tagging.layers import TaggedLoss, tag
+from kfac_jax_lite.tagging.trace import abstractify, trace_loss
+
+ScalarOrSchedule = float | jax.Array | optax.Schedule
+
+
+class KfacState(NamedTuple):
+  """State of :func:`scale_by_kfac` (an immutable, checkpointable pytree).
+
+  Attributes:
+    count: number of ``update`` calls so far.
+    key: raw ``uint32[2]`` PRNG key for Fisher sampling.
+    stats_count: number of factor estimates committed to the moving averages.
+    factors: layer name -> ``{"A": ..., "G": ...}`` moving averages (float32).
+    inverses: layer name -> ``{"A": ..., "G": ...}`` damped inverses (float32).
+    diag: parameter-shaped tree: squared-gradient moving average for leaves
+      under the diagonal fallback, ``None`` for Kronecker-owned leaves.
+  """
+  count: jax.Array
+  key: jax.Array
+  stats_count: jax.Array
+  factors: dict[str, dict[str, jax.Array]]
+  inverses: dict[str, dict[str, jax.Array]]
+  diag: Any
+
+
+class _NotParams:
+  """Stands in for layer-keyed state when ``init`` gets no parameters.
+
+  ``optax.tree_utils.tree_map_params`` calls ``init`` on a leafless
+  placeholder; a leaf here keeps the factor dicts out of the mapping.
+  """
+
+
+def _avals_key(tree: Any) -> tuple[Any, ...]:
+  leaves, treedef = jax.tree_util.tree_flatten(abstractify(tree))
+  return treedef, tuple((l.shape, str(l.dtype)) for l in leaves)
+
+
+def _structure(tagged: TaggedLoss) -> tuple[Any, ...]:
+  return tuple((l.name, l.kind, l.bias_index, l.d_in if l.match else 0,
+                l.d_out if l.match else 0) for l in tagged.layers)
+
+
+def _check_positive(name: str, value: Any, allow_zero: bool = False) -> None:
+  if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if value < 0 or (value == 0 and not allow_zero):
+      raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}.")
+
+
+def scale_by_kfac(
+    loss_fn: Callable[[Any, Any], jax.Array],
+    sample_batch: Any,
+    *,
+    damping: float | jax.Array,
+    ema_decay: float | jax.Array = 0.95,
+    stats_every: int = 1,
+    inverse_every: int = 10,
+    estimator: str = "mc",
+    num_samples: int = 1,
+    kl_clip: float | jax.Array | None = None,
+    learning_rate: ScalarOrSchedule | None = None,
+    inverse_method: str = "eigh",
+    seed: int = 0,
+    axis_name: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Preconditions gradients with K-FAC (a direction, to be scaled by a rate).
+
+  Layers are found automatically by tracing ``loss_fn`` (see
+  :func:`kfac_jax_lite.tagging.find_layers`). With ``kl_clip`` and
+  ``learning_rate`` η, the output is scaled by ``η_eff / η`` with
+  ``η_eff = min(η, sqrt(kl_clip / Σ v·g))`` (Ba et al. 2017, eq. 14), so that a
+  following ``optax.scale_by_learning_rate(η)`` applies the clipped rate.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> scalar``, computed with a
+      :mod:`kfac_jax_lite.losses` function.
+    sample_batch: a batch (arrays or ``jax.ShapeDtypeStruct``) used only to
+      trace ``loss_fn``.
+    damping: Tikhonov damping λ > 0 of every block.
+    ema_decay: moving-average decay of the factor estimates, in ``[0, 1)``.
+    stats_every: estimate the factors every this many steps.
+    inverse_every: recompute the damped inverses every this many steps.
+    estimator: ``"mc"`` (sampled targets), ``"exact"`` or ``"empirical"``.
+    num_samples: Monte-Carlo samples per example for ``"mc"``.
+    kl_clip: KL-divergence bound of one step; requires ``learning_rate``.
+    learning_rate: η (float or optax schedule), used only for KL clipping.
+    inverse_method: ``"eigh"`` (robust) or ``"cholesky"`` (faster).
+    seed: seed of the state's PRNG key.
+    axis_name: a ``pmap`` / ``shard_map`` axis over which the factor
+      statistics are averaged (the gradients are averaged by the caller).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; its ``update`` requires the
+    keyword argument ``batch`` and ignores other extra arguments.
+
+  Raises:
+    ValueError: for invalid settings.
+  """
+  _check_positive("damping", damping)
+  _check_positive("inverse_every", inverse_every)
+  _check_positive("stats_every", stats_every)
+  _check_positive("kl_clip", kl_clip if kl_clip is not None else 1.0)
+  if isinstance(ema_decay, (int, float)) and not 0 <= ema_decay < 1:
+    raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}.")
+  check_estimator(estimator, num_samples)
+  if inverse_method not in kronecker.INVERSE_METHODS:
+    raise ValueError(f"Unknown inverse_method {inverse_method!r}; use one of "
+                     f"{', '.join(kronecker.INVERSE_METHODS)}.")
+  if kl_clip is not None and learning_rate is None:
+    raise ValueError("kl_clip needs the learning_rate: pass learning_rate= "
+                     "(the same value or schedule as the optimizer's).")
+  if not isinstance(num_samples, int):
+    raise ValueError("num_samples must be a Python int (under "
+                     "optax.inject_hyperparams, list it in static_args).")
+  sample_batch = abstractify(sample_batch)
+  cache: dict[Any, TaggedLoss] = {}
+
+  def tagged_for(params: Any, batch: Any) -> TaggedLoss:
+    """Traces once per parameter/batch signature; checks the layers agree."""
+    key = (_avals_key(params), _avals_key(batch))
+    if key not in cache:
+      cache[key] = tag(trace_loss(loss_fn, params, batch))
+      ref_key = (key[0], _avals_key(sample_batch))
+      if ref_key != key:
+        if jax.tree_util.tree_structure(batch) != jax.tree_util.tree_structure(sample_batch):
+          raise ValueError(
+              "batch has a different tree structure than sample_batch: "
+              f"{jax.tree_util.tree_structure(batch)} vs "
+              f"{jax.tree_util.tree_structure(sample_batch)}.")
+        reference = tagged_for(params, sample_batch)
+        if _structure(cache[key]) != _structure(reference):
+          raise ValueError(
+              "batch changes the layers K-FAC detected for sample_batch "
+              f"(batch {_avals_key(batch)[1]} vs sample_batch "
+              f"{_avals_key(sample_batch)[1]}); pass a sample_batch with the "
+              "shapes and dtypes of your training batches.")
+    return cache[key]
+
+  def init_fn(params: Any) -> KfacState:
+    key = jax.random.key_data(jax.random.key(seed))
+    zero = jnp.zeros([], jnp.int32)
+    if not jax.tree_util.tree_leaves(params):
+      return KfacState(zero, key, zero, _NotParams(), _NotParams(), params)
+    tagged = tagged_for(params, sample_batch)
+    factors = {l.name: {"A": jnp.zeros((l.d_in, l.d_in), jnp.float32),
+                        "G": jnp.zeros((l.d_out, l.d_out), jnp.float32)}
+               for l in tagged.dense}
+    inverses = jax.tree.map(jnp.zeros_like, factors)
+    return KfacState(zero, key, zero, factors, inverses, _diag_tree(tagged, params))
+
+  def update_fn(updates: Any, state: KfacState, params: Any = None, *,
+                batch: Any = None, **extra_args: Any) -> tuple[Any, KfacState]:
+    del extra_args
+    if params is None or batch is None:
+      raise ValueError("scale_by_kfac.update needs params and batch: call "
+                       "tx.update(grads, state, params, batch=batch).")
+    tagged = tagged_for(params, batch)
+    key, subkey = jax.random.split(jax.random.wrap_key_data(state.key))
+    if axis_name is not None:
+      subkey = jax.random.fold_in(subkey, jax.lax.axis_index(axis_name))
+
+    def new_factors():
+      est = factor_estimate(tagged, params, batch, subkey,
+                            estimator=estimator, num_samples=num_samples)
+      if axis_name is not None:
+        est = jax.lax.pmean(est, axis_name)
+      decay = jnp.where(state.stats_count == 0, 0.0, ema_decay)
+      avg = jax.tree.map(lambda o, n: kronecker.ema(o, n, decay), state.factors, est)
+      ok = _all_finite(avg)
+      return _select(ok, avg, state.factors), state.stats_count + ok
+
+    factors, stats_count = jax.lax.cond(
+        state.count % stats_every == 0, new_factors,
+        lambda: (state.factors, state.stats_count))
+
+    def new_inverses():
+      inv = {n: dict(zip("AG", kronecker.inverses(f["A"], f["G"], damping, inverse_method)))
+             for n, f in factors.items()}
+      return _select(_all_finite(inv), inv, state.inverses)
+
+    inverses = jax.lax.cond(state.count % inverse_every == 0, new_inverses,
+                            lambda: state.inverses)
+
+    leaves, treedef = jax.tree_util.tree_flatten(updates)
+    diag_leaves = treedef.flatten_up_to(state.diag)
+    out = list(leaves)
+    new_diag = list(diag_leaves)
+    for layer in tagged.dense:
+      w, b = leaves[layer.weight_index], (
+          None if layer.bias_index is None else leaves[layer.bias_index])
+      mat = geometry.params_to_matrix(layer, w.astype(jnp.float32),
+                                      None if b is None else b.astype(jnp.float32))
+      inv = inverses[layer.name]
+      pre = kronecker.precondition(inv["A"], inv["G"], mat)
+      out[layer.weight_index], b_out = geometry.matrix_to_params(layer, pre, w, b)
+      if b is not None:
+        out[layer.bias_index] = b_out
+    for layer in tagged.diagonal:
+      i = layer.weight_index
+      v = diagonal.update_second_moment(diag_leaves[i], leaves[i], ema_decay,
+                                        state.count == 0)
+      new_diag[i] = v
+      out[i] = diagonal.precondition(v, leaves[i], damping).astype(leaves[i].dtype)
+
+    if kl_clip is not None:
+      vg = sum(jnp.vdot(o.astype(jnp.float32), g.astype(jnp.float32))
+               for o, g in zip(out, leaves))
+      lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+      scale = kl_scale(vg, lr, kl_clip)
+      out = [(o * scale).astype(o.dtype) for o in out]
+
+    new_state = KfacState(
+        count=optax.safe_increment(state.count), key=jax.random.key_data(key),
+        stats_count=stats_count, factors=factors, inverses=inverses,
+        diag=jax.tree_util.tree_unflatten(treedef, new_diag))
+    return jax.tree_util.tree_unflatten(treedef, out), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def kl_scale(vg: jax.Array, learning_rate: jax.Array | float,
+             kl_clip: jax.Array | float) -> jax.Array:
+  """``η_eff / η`` with ``η_eff = min(η, sqrt(kl_clip / v·g))`` (Ba et al. eq. 14).
+
+  Args:
+    vg: inner product of the preconditioned update and the gradient.
+    learning_rate: η.
+    kl_clip: the KL bound.
+
+  Returns:
+    A scalar in ``(0, 1]`` (1 when ``v·g`` is not positive and finite).
+  """
+  lr = jnp.asarray(learning_rate, jnp.float32)
+  eff = jnp.sqrt(kl_clip / jnp.maximum(vg, 1e-30))
+  ok = jnp.isfinite(vg) & (vg > 0)
+  return jnp.where(ok, jnp.minimum(1.0, eff / lr), 1.0)
+
+
+def _diag_tree(tagged: TaggedLoss, params: Any) -> Any:
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  diag_idx = {l.weight_index for l in tagged.diagonal}
+  return jax.tree_util.tree_unflatten(treedef, [
+      jnp.zeros(jnp.shape(x), jnp.float32) if i in diag_idx else None
+      for i, x in enumerate(leaves)])
+
+
+def _all_finite(tree: Any) -> jax.Array:
+  leaves = jax.tree_util.tree_leaves(tree)
+  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in leaves] or [True]))
+
+
+def _select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
+  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
