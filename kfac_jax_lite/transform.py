@@ -199,8 +199,8 @@ def scale_by_kfac(
       ok = _all_finite(avg)
       return _select(ok, avg, state.factors), state.stats_count + ok
 
-    factors, stats_count = jax.lax.cond(
-        state.count % stats_every == 0, new_factors,
+    factors, stats_count = _every(
+        stats_every, state.count, new_factors,
         lambda: (state.factors, state.stats_count))
 
     def new_inverses():
@@ -208,8 +208,8 @@ def scale_by_kfac(
              for n, f in factors.items()}
       return _select(_all_finite(inv), inv, state.inverses)
 
-    inverses = jax.lax.cond(state.count % inverse_every == 0, new_inverses,
-                            lambda: state.inverses)
+    inverses = _every(inverse_every, state.count, new_inverses,
+                      lambda: state.inverses)
 
     leaves, treedef = jax.tree_util.tree_flatten(updates)
     diag_leaves = treedef.flatten_up_to(state.diag)
@@ -264,6 +264,18 @@ def kl_scale(vg: jax.Array, learning_rate: jax.Array | float,
   eff = jnp.sqrt(kl_clip / jnp.maximum(vg, 1e-30))
   ok = jnp.isfinite(vg) & (vg > 0)
   return jnp.where(ok, jnp.minimum(1.0, eff / lr), 1.0)
+
+
+def _every(period: int | jax.Array, count: jax.Array, due: Callable[[], Any],
+           skip: Callable[[], Any]) -> Any:
+  """``due()`` on steps where ``count % period == 0``, else ``skip()``.
+
+  A static period of 1 calls ``due`` unconditionally, which lets XLA share the
+  statistics pass's forward computation with the caller's gradient pass.
+  """
+  if isinstance(period, int) and period == 1:
+    return due()
+  return jax.lax.cond(count % period == 0, due, skip)
 
 
 def _diag_tree(tagged: TaggedLoss, params: Any) -> Any:
