@@ -229,7 +229,7 @@ def scale_by_kfac(
       i = layer.weight_index
       v = diagonal.update_second_moment(diag_leaves[i], leaves[i], ema_decay,
                                         state.count == 0)
-      new_diag[i] = v
+      new_diag[i] = _select(_all_finite(v), v, diag_leaves[i])
       out[i] = diagonal.precondition(v, leaves[i], damping).astype(leaves[i].dtype)
 
     if kl_clip is not None:
