@@ -10,12 +10,15 @@ from kfac_jax_lite.curvature.estimators import check_estimator
 from kfac_jax_lite.statistics import factor_estimate
 from kfac_jax_lite.tagging.layers import tag
 from kfac_jax_lite.tagging.trace import trace_loss
+from kfac_jax_lite.transform import approximations
 
 
 def estimate_curvature(loss_fn: Callable[[Any, Any], jax.Array], params: Any,
                        batch: Any, *, key: jax.Array, estimator: str = "exact",
-                       num_samples: int = 1) -> dict[str, dict[str, jax.Array]]:
-  """One estimate of every dense layer's Kronecker factors (no moving average).
+                       num_samples: int = 1, conv_approximation: str = "expand",
+                       dense_approximation: str = "expand",
+                       ) -> dict[str, dict[str, jax.Array]]:
+  """One estimate of every Kronecker layer's factors (no moving average).
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar`` built with a
@@ -25,13 +28,19 @@ def estimate_curvature(loss_fn: Callable[[Any, Any], jax.Array], params: Any,
     key: PRNG key (used by ``"mc"``).
     estimator: ``"exact"``, ``"mc"`` or ``"empirical"``.
     num_samples: Monte-Carlo samples for ``"mc"``.
+    conv_approximation: ``"expand"`` or ``"reduce"`` (see
+      :func:`kfac_jax_lite.scale_by_kfac`).
+    dense_approximation: ``"expand"`` or ``"reduce"``.
 
   Returns:
     ``{name: {"A": [d_in(+1), d_in(+1)], "G": [d_out, d_out]}}`` keyed by the
-    ``keystr`` of each dense layer's weight path; ``F ≈ kron(A, G)`` for
-    ``θ = [W; b]`` flattened row-major.
+    ``keystr`` of each Kronecker layer's weight path; ``F ≈ kron(A, G)`` for
+    ``θ = [W; b]`` flattened row-major, ``W`` the ``[d_in, d_out]`` matrix
+    (for a convolution: ``d_in`` = input channels × filter positions,
+    channel-major).
   """
   check_estimator(estimator, num_samples)
-  tagged = tag(trace_loss(loss_fn, params, batch))
+  tagged = tag(trace_loss(loss_fn, params, batch), approximations(
+      conv=conv_approximation, dense=dense_approximation))
   return factor_estimate(tagged, params, batch, key, estimator=estimator,
                          num_samples=num_samples)

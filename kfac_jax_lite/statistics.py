@@ -1,15 +1,23 @@
 """Per-layer Kronecker factor estimates from one batch.
 
 This is where the tagging side (which jaxpr values are a layer's input and
-output) meets the curvature side (what to do with them). For each dense layer
-with activation rows ``a`` and output-derivative rows ``ds``:
+output) meets the curvature side (what to do with them). For each Kronecker
+layer with activation rows ``a[n, t]`` and output-derivative rows ``ds[s, n, t]``
+(``t`` runs over the axes the weight is shared over: sequence positions,
+spatial locations; one position for an MLP), ``"expand"`` (the default) is
 
-``A = (1/rows) sum a a^T``,  ``G = (1/N) sum_s sum_rows ds ds^T``
+``A = (1/(N T)) sum_{n,t} a a^T``,  ``G = (1/M) sum_{s,n,t} ds ds^T``
 
-where ``N`` is the number of cases the registered loss averages over. For an
-MLP (``rows = N``) this is the usual K-FAC estimate of the Fisher block
-``F ≈ A ⊗ G`` (Martens & Grosse 2015, eq. 1; Ba et al. 2017, §2); for weights
-shared over extra axes it is the "expand" variant (Eschenhagen et al. 2023).
+and ``"reduce"`` sums over ``t`` before the outer products,
+
+``A = (1/N) sum_n ā ā^T`` with ``ā = mean_t a``,  ``G = (1/M) sum_{s,n} d̄ d̄^T``
+with ``d̄ = sum_t ds``,
+
+where ``M`` is the number of cases the registered loss averages over. For an
+MLP both are the usual K-FAC estimate ``F ≈ A ⊗ G`` (Martens & Grosse 2015,
+eq. 1; Ba et al. 2017, §2); for convolutions "expand" is KFC (Grosse & Martens
+2016) and "reduce" Ba et al.'s Appendix A approximation; for sequences they
+are K-FAC-expand / -reduce (Eschenhagen et al. 2023).
 """
 
 from __future__ import annotations
@@ -31,9 +39,12 @@ Factors = dict[str, dict[str, jax.Array]]
 def _factors(tagged: TaggedLoss, inputs: dict[str, jax.Array],
              ds: dict[str, jax.Array], num_cases: int) -> Factors:
   out = {}
-  for layer in tagged.dense:
-    a = geometry.input_rows(layer, inputs[layer.name])
-    g = geometry.output_rows(layer, ds[layer.name].astype(jnp.float32))
+  for layer in tagged.kron:
+    a = geometry.input_rows(layer, inputs[layer.name])  # [N, T, d_in]
+    g = geometry.output_rows(layer, ds[layer.name])  # [S, N, T, d_out]
+    if layer.approximation == "reduce":
+      a, g = jnp.mean(a, axis=1), jnp.sum(g, axis=2)
+    a = a.reshape(-1, a.shape[-1])
     g = g.reshape(-1, g.shape[-1])
     out[layer.name] = {"A": a.T @ a / a.shape[0], "G": g.T @ g / num_cases}
   return out

@@ -90,6 +90,8 @@ def scale_by_kfac(
     kl_clip: float | jax.Array | None = None,
     learning_rate: ScalarOrSchedule | None = None,
     inverse_method: str = "eigh",
+    conv_approximation: str = "expand",
+    dense_approximation: str = "expand",
     seed: int = 0,
     axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -115,6 +117,10 @@ def scale_by_kfac(
     kl_clip: KL-divergence bound of one step; requires ``learning_rate``.
     learning_rate: η (float or optax schedule), used only for KL clipping.
     inverse_method: ``"eigh"`` (robust) or ``"cholesky"`` (faster).
+    conv_approximation: ``"expand"`` (KFC, Grosse & Martens 2016) or
+      ``"reduce"`` (Ba et al. 2017, Appendix A: cheaper, spatially averaged).
+    dense_approximation: ``"expand"`` or ``"reduce"`` for dense layers applied
+      over extra axes (sequence positions; Eschenhagen et al. 2023).
     seed: seed of the state's PRNG key.
     axis_name: a ``pmap`` / ``shard_map`` axis over which the factor
       statistics are averaged (the gradients are averaged by the caller).
@@ -136,6 +142,7 @@ def scale_by_kfac(
   if inverse_method not in kronecker.INVERSE_METHODS:
     raise ValueError(f"Unknown inverse_method {inverse_method!r}; use one of "
                      f"{', '.join(kronecker.INVERSE_METHODS)}.")
+  approximation = approximations(conv=conv_approximation, dense=dense_approximation)
   if kl_clip is not None and learning_rate is None:
     raise ValueError("kl_clip needs the learning_rate: pass learning_rate= "
                      "(the same value or schedule as the optimizer's).")
@@ -149,7 +156,7 @@ def scale_by_kfac(
     """Traces once per parameter/batch signature; checks the layers agree."""
     key = (_avals_key(params), _avals_key(batch))
     if key not in cache:
-      cache[key] = tag(trace_loss(loss_fn, params, batch))
+      cache[key] = tag(trace_loss(loss_fn, params, batch), approximation)
       ref_key = (key[0], _avals_key(sample_batch))
       if ref_key != key:
         if jax.tree_util.tree_structure(batch) != jax.tree_util.tree_structure(sample_batch):
@@ -174,7 +181,7 @@ def scale_by_kfac(
     tagged = tagged_for(params, sample_batch)
     factors = {l.name: {"A": jnp.zeros((l.d_in, l.d_in), jnp.float32),
                         "G": jnp.zeros((l.d_out, l.d_out), jnp.float32)}
-               for l in tagged.dense}
+               for l in tagged.kron}
     inverses = jax.tree.map(jnp.zeros_like, factors)
     return KfacState(zero, key, zero, factors, inverses, _diag_tree(tagged, params))
 
@@ -215,7 +222,7 @@ def scale_by_kfac(
     diag_leaves = treedef.flatten_up_to(state.diag)
     out = list(leaves)
     new_diag = list(diag_leaves)
-    for layer in tagged.dense:
+    for layer in tagged.kron:
       w, b = leaves[layer.weight_index], (
           None if layer.bias_index is None else leaves[layer.bias_index])
       mat = geometry.params_to_matrix(layer, w.astype(jnp.float32),
@@ -246,6 +253,14 @@ def scale_by_kfac(
     return jax.tree_util.tree_unflatten(treedef, out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def approximations(**by_kind: str) -> dict[str, str]:
+  """Validates ``"expand"`` / ``"reduce"`` choices per layer kind."""
+  for kind, choice in by_kind.items():
+    if choice not in ("expand", "reduce"):
+      raise ValueError(f"{kind}_approximation must be 'expand' or 'reduce', got {choice!r}.")
+  return dict(by_kind)
 
 
 def kl_scale(vg: jax.Array, learning_rate: jax.Array | float,

@@ -27,7 +27,7 @@ class Tapped:
     loss: the scalar loss.
     logits: the first operand of the registered loss (the model output).
     targets: the second operand of the registered loss.
-    inputs: layer name -> the activation operand of its ``dot_general``.
+    inputs: layer name -> the activation operand of its product equation.
   """
   loss: jax.Array
   logits: jax.Array
@@ -41,8 +41,8 @@ class _Taps:
   def __init__(self, tagged: TaggedLoss):
     self.capture: dict[tuple[int, ...], Layer] = {}
     self.perturb: dict[tuple[int, ...], Layer] = {}
-    for layer in tagged.dense:
-      self.capture[layer.match.dot_path] = layer
+    for layer in tagged.kron:
+      self.capture[layer.match.path] = layer
       self.perturb[layer.match.out_path] = layer
     self.marker = tagged.marker.path
     paths = list(self.capture) + list(self.perturb) + [self.marker]
@@ -100,5 +100,5 @@ def tapped_loss(tagged: TaggedLoss, param_leaves: Sequence[jax.Array],
 
 
 def zero_perturbations(tagged: TaggedLoss) -> dict[str, jax.Array]:
-  """Zero perturbations (float32) for every dense layer's output."""
-  return {l.name: jnp.zeros(l.match.out_shape, jnp.float32) for l in tagged.dense}
+  """Zero perturbations (float32) for every Kronecker layer's output."""
+  return {l.name: jnp.zeros(l.match.out_shape, jnp.float32) for l in tagged.kron}

@@ -8,13 +8,13 @@ Kronecker layers, how to read its inputs and output derivatives.
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 
 from kfac_jax_lite.losses import DISTRIBUTIONS
 from kfac_jax_lite.tagging import patterns
+from kfac_jax_lite.tagging.match import Match
 from kfac_jax_lite.tagging.trace import TracedLoss, trace_loss
 
 
@@ -25,13 +25,17 @@ class Layer:
   Attributes:
     name: ``jax.tree_util.keystr`` of the weight's path in ``params`` (the key
       used by :func:`kfac_jax_lite.estimate_curvature` and the optimizer state).
-    kind: ``"dense"`` (Kronecker-factored) or ``"diagonal"`` (the fallback).
+    kind: the layer family, Kronecker-factored (``"dense"``, ``"conv"``), or
+      ``"diagonal"`` (the fallback).
     weight_path: key path of the weight leaf (for ``"diagonal"``: the leaf).
     bias_path: key path of the bias leaf, or ``None``.
     note: why a parameter got the fallback (empty for detected layers).
     weight_index: flat index of the weight leaf in ``params``.
     bias_index: flat index of the bias leaf, or ``None``.
     match: how the layer appears in the jaxpr (``None`` for ``"diagonal"``).
+    approximation: ``"expand"`` or ``"reduce"`` for weights shared over extra
+      axes (sequence positions, spatial locations), see
+      :mod:`kfac_jax_lite.statistics`.
   """
 
   name: str
@@ -41,21 +45,20 @@ class Layer:
   note: str = ""
   weight_index: int = dataclasses.field(default=-1, repr=False)
   bias_index: int | None = dataclasses.field(default=None, repr=False)
-  match: patterns.DenseMatch | None = dataclasses.field(default=None, repr=False)
+  match: Match | None = dataclasses.field(default=None, repr=False)
+  approximation: str = dataclasses.field(default="expand", repr=False)
 
   @property
   def d_in(self) -> int:
     """Rows of the weight matrix, plus one for the bias (the ``A`` size)."""
     assert self.match is not None
-    m = self.match
-    base = math.prod(m.weight_shape[d] for d in m.weight_contract)
-    return base + (self.bias_index is not None)
+    return self.match.d_in + (self.bias_index is not None)
 
   @property
   def d_out(self) -> int:
     """Columns of the weight matrix (the ``G`` size)."""
     assert self.match is not None
-    return math.prod(self.match.weight_shape[d] for d in self.match.weight_free)
+    return self.match.d_out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,8 +69,9 @@ class TaggedLoss:
   marker: patterns.LossMarker
 
   @property
-  def dense(self) -> tuple[Layer, ...]:
-    return tuple(l for l in self.layers if l.kind == "dense")
+  def kron(self) -> tuple[Layer, ...]:
+    """The Kronecker-factored layers."""
+    return tuple(l for l in self.layers if l.match is not None)
 
   @property
   def diagonal(self) -> tuple[Layer, ...]:
@@ -78,17 +82,18 @@ def _describe(uses: list[str]) -> str:
   if not uses:
     return "not used by the loss: diagonal fallback"
   kinds = sorted({u.split("@")[0] for u in uses})
-  if len(uses) > 1 and "dense" in kinds:
+  if len(uses) > 1 and ("dense" in kinds or "conv" in kinds):
     return (f"used {len(uses)} times ({', '.join(kinds)}): a tied or shared "
             "weight is not one Kronecker layer: diagonal fallback")
   return f"used by {', '.join(kinds)}: no Kronecker pattern: diagonal fallback"
 
 
-def tag(traced: TracedLoss) -> TaggedLoss:
+def tag(traced: TracedLoss, approximation: Mapping[str, str] | None = None) -> TaggedLoss:
   """Assigns every parameter leaf of a traced loss to exactly one block.
 
   Args:
     traced: the output of :func:`trace_loss`.
+    approximation: layer kind -> ``"expand"`` | ``"reduce"`` (default expand).
 
   Returns:
     The :class:`TaggedLoss`.
@@ -115,18 +120,20 @@ def tag(traced: TracedLoss) -> TaggedLoss:
   keystr = jax.tree_util.keystr
   owned: set[int] = set()
   layers: list[Layer] = []
-  for m in found.dense:
-    if found.uses.get(m.weight_index) != [f"dense@{m.dot_path}"]:
+  approximation = dict(approximation or {})
+  for m in found.layers:
+    if found.uses.get(m.weight_index) != [f"{m.kind}@{m.path}"]:
       continue
     bias = m.bias_index
     if bias is not None and found.uses.get(bias) != [f"bias@{m.out_path}"]:
       bias = None
     layers.append(Layer(
-        name=keystr(paths[m.weight_index]), kind="dense",
+        name=keystr(paths[m.weight_index]), kind=m.kind,
         weight_path=paths[m.weight_index],
         bias_path=None if bias is None else paths[bias],
         weight_index=m.weight_index, bias_index=bias,
-        match=dataclasses.replace(m, bias_index=bias)))
+        match=dataclasses.replace(m, bias_index=bias),
+        approximation=approximation.get(m.kind, "expand")))
     owned.add(m.weight_index)
     if bias is not None:
       owned.add(bias)

@@ -2,10 +2,11 @@
 
 The walk tracks, for every jaxpr variable, whether it is a *view* of a single
 parameter leaf (reached only through reshape / transpose / dtype casts, or
-broadcasts for biases) and whether it depends on the batch. A ``dot_general``
-between a parameter view and a batch-dependent activation is a dense layer
-(Ba et al. 2017, Appendix B: a parameter whose gradient's immediate parent is a
-matrix product gets a Kronecker factorization); an ``add`` of a broadcast
+broadcasts for biases) and whether it depends on the batch. A product of a
+parameter view and a batch-dependent activation is a layer (Ba et al. 2017,
+Appendix B: a parameter whose gradient's immediate parent is a matrix product
+or a convolution gets a Kronecker factorization); each family's matcher lives
+in its own module (:mod:`.dense`, :mod:`.conv`). An ``add`` of a broadcast
 parameter to such a product's (otherwise unused) output is its bias. Every
 other use of a parameter is recorded, so a weight used twice (tied) or also
 elsewhere is never mistaken for an independent layer.
@@ -24,9 +25,9 @@ from typing import Any
 from jax.extend import core as jex_core
 
 from kfac_jax_lite.losses import MARKER_PREFIX
+from kfac_jax_lite.tagging import conv, dense
+from kfac_jax_lite.tagging.match import Match, ParamView, Path
 from kfac_jax_lite.tagging.trace import inlined_body
-
-Path = tuple[int, ...]
 
 # Value-preserving reshapes of a parameter: the weight is still "the weight".
 VIEW_PRIMITIVES = frozenset({
@@ -34,32 +35,8 @@ VIEW_PRIMITIVES = frozenset({
     "copy", "copy_p"})
 # Views that may only feed a bias (they repeat values).
 BROADCAST_PRIMITIVES = frozenset({"broadcast_in_dim"})
-
-
-@dataclasses.dataclass(frozen=True)
-class ParamView:
-  """A variable holding a parameter leaf seen through view equations."""
-  index: int
-  root_shape: tuple[int, ...]  # shape of the parameter leaf itself
-  chain: tuple[Any, ...] = ()  # the view equations, in order of application
-  broadcast: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
-class DenseMatch:
-  """A ``dot_general`` of a parameter view with an activation."""
-  dot_path: Path
-  weight_index: int
-  weight_operand: int  # 0 (lhs) or 1 (rhs) of the dot_general
-  weight_chain: tuple[Any, ...]
-  act_contract: tuple[int, ...]
-  weight_contract: tuple[int, ...]
-  weight_free: tuple[int, ...]
-  act_free: tuple[int, ...]
-  weight_shape: tuple[int, ...]  # shape of the dot_general's weight operand
-  out_path: Path  # equation whose output gets the perturbation
-  out_shape: tuple[int, ...]
-  bias_index: int | None = None
+# One matcher per layer family: primitive name -> matcher.
+MATCHERS = {"dot_general": dense.match, "conv_general_dilated": conv.match}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,11 +48,11 @@ class LossMarker:
 
 @dataclasses.dataclass
 class WalkResult:
-  """Everything the walk found: dense matches, loss markers, parameter uses."""
-  dense: list[DenseMatch] = dataclasses.field(default_factory=list)
+  """Everything the walk found: layer matches, loss markers, parameter uses."""
+  layers: list[Match] = dataclasses.field(default_factory=list)
   markers: list[LossMarker] = dataclasses.field(default_factory=list)
   # param index -> list of descriptions of each use ("dense@path", "bias@path",
-  # or the primitive name of an unrecognized use).
+  # or the primitive name (and why it was not matched) of any other use).
   uses: dict[int, list[str]] = dataclasses.field(default_factory=dict)
 
 
@@ -96,8 +73,8 @@ class _Walker:
 
   def __init__(self):
     self.result = WalkResult()
-    # Pending dense matches by id of their dot_general output variable.
-    self._pending: dict[int, DenseMatch] = {}
+    # Matches still looking for a bias, by id of their product's output variable.
+    self._pending: dict[int, Match] = {}
 
   def _use(self, view: ParamView, what: str) -> None:
     self.result.uses.setdefault(view.index, []).append(what)
@@ -160,9 +137,14 @@ class _Walker:
             pv.broadcast or name in BROADCAST_PRIMITIVES)
         continue
 
-      if name == "dot_general" and self._match_dense(eqn, path, in_views, in_data, counts):
+      matcher = MATCHERS.get(name)
+      found = matcher(eqn, path, in_views, in_data) if matcher else None
+      if isinstance(found, Match):
+        self._add_layer(found, in_views[found.weight_operand], eqn, counts)
         self._mark_data(eqn, data_env, True)
         continue
+      if isinstance(found, str):
+        name = f"{name} ({found})"
 
       if name == "add" and self._match_bias(eqn, path, in_views):
         self._mark_data(eqn, data_env, True)
@@ -186,33 +168,12 @@ class _Walker:
     if flag:
       data_env.update(eqn.outvars)
 
-  def _match_dense(self, eqn, path, in_views, in_data, counts) -> bool:
-    (contract, batch_dims) = eqn.params["dimension_numbers"]
-    if batch_dims[0] or batch_dims[1]:
-      return False
-    for w in (1, 0):
-      pv, act = in_views[w], 1 - w
-      if pv is None or pv.broadcast or in_views[act] is not None or not in_data[act]:
-        continue
-      w_shape = tuple(eqn.invars[w].aval.shape)
-      a_ndim = len(eqn.invars[act].aval.shape)
-      w_contract = tuple(contract[w])
-      a_contract = tuple(contract[act])
-      match = DenseMatch(
-          dot_path=path, weight_index=pv.index, weight_operand=w,
-          weight_chain=pv.chain, act_contract=a_contract,
-          weight_contract=w_contract,
-          weight_free=tuple(d for d in range(len(w_shape)) if d not in w_contract),
-          act_free=tuple(d for d in range(a_ndim) if d not in a_contract),
-          weight_shape=w_shape, out_path=path,
-          out_shape=tuple(eqn.outvars[0].aval.shape))
-      self._use(pv, f"dense@{path}")
-      if counts.get(eqn.outvars[0], 0) == 1:
-        self._pending[id(eqn.outvars[0])] = match
-      else:
-        self.result.dense.append(match)
-      return True
-    return False
+  def _add_layer(self, match: Match, pv: ParamView, eqn, counts) -> None:
+    self._use(pv, f"{match.kind}@{match.path}")
+    if counts.get(eqn.outvars[0], 0) == 1:  # the only consumer may be a bias add
+      self._pending[id(eqn.outvars[0])] = match
+    else:
+      self.result.layers.append(match)
 
   def _match_bias(self, eqn, path, in_views) -> bool:
     for k in (0, 1):
@@ -220,13 +181,12 @@ class _Walker:
       pv = in_views[1 - k]
       if match is None or pv is None:
         continue
-      d_out = math.prod(match.weight_shape[d] for d in match.weight_free)
       b_shape = tuple(eqn.invars[1 - k].aval.shape)
       if tuple(eqn.outvars[0].aval.shape) != match.out_shape or math.prod(
-          pv.root_shape) != d_out or not _bias_broadcasts(b_shape, match):
+          pv.root_shape) != match.d_out or not _bias_broadcasts(b_shape, match):
         continue
       del self._pending[id(eqn.invars[k])]
-      self.result.dense.append(dataclasses.replace(
+      self.result.layers.append(dataclasses.replace(
           match, out_path=path, bias_index=pv.index))
       self._use(pv, f"bias@{path}")
       return True
@@ -235,23 +195,21 @@ class _Walker:
   def _flush(self, prefix: Path) -> None:
     """Commits matches of this jaxpr that found no bias."""
     for key, match in list(self._pending.items()):
-      if match.dot_path[:len(prefix)] == prefix and len(match.dot_path) == len(prefix) + 1:
-        self.result.dense.append(match)
+      if match.path[:len(prefix)] == prefix and len(match.path) == len(prefix) + 1:
+        self.result.layers.append(match)
         del self._pending[key]
 
 
-def _bias_broadcasts(b_shape: tuple[int, ...], match: DenseMatch) -> bool:
-  """True if the added operand varies only along the weight's free axes."""
-  n_act_free = len(match.act_free)
-  out_free_w = (range(n_act_free, len(match.out_shape)) if match.weight_operand == 1
-                else range(len(match.weight_free)))
+def _bias_broadcasts(b_shape: tuple[int, ...], match: Match) -> bool:
+  """True if the added operand varies only along the output feature axes."""
   if len(b_shape) != len(match.out_shape):
     return False
-  return all(b_shape[d] == 1 for d in range(len(b_shape)) if d not in out_free_w)
+  return all(b_shape[d] == 1 for d in range(len(b_shape))
+             if d not in match.out_feature_axes)
 
 
 def walk(closed: jex_core.ClosedJaxpr, num_params: int) -> WalkResult:
-  """Finds dense matches, loss markers and all parameter uses.
+  """Finds layer matches, loss markers and all parameter uses.
 
   Args:
     closed: the traced loss; its first ``num_params`` inputs are parameters,

@@ -1,0 +1,90 @@
+"""Dense layers: a ``dot_general`` of a parameter view with an activation.
+
+Covers ``x @ W``, ``x @ W.T`` (Equinox), ``jnp.einsum`` / ``jnp.dot`` and
+Flax ``Dense`` / ``nnx.Linear``, also with extra leading activation axes
+(``[B, T, d_in] @ W``: the weight is shared over ``T``). The weight matrix is
+the operand with its contracting axes first; activation rows have the
+contracting axes last (Ba et al. 2017, Appendix B).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from kfac_jax_lite.tagging.match import Match, ParamView, Path
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseMatch(Match):
+  """A dense layer."""
+
+  kind = "dense"
+  act_contract: tuple[int, ...] = ()
+  act_free: tuple[int, ...] = ()
+  weight_contract: tuple[int, ...] = ()
+  weight_free: tuple[int, ...] = ()
+
+  @property
+  def d_in(self) -> int:
+    return math.prod(self.weight_shape[d] for d in self.weight_contract)
+
+  @property
+  def d_out(self) -> int:
+    return math.prod(self.weight_shape[d] for d in self.weight_free)
+
+  @property
+  def out_feature_axes(self) -> tuple[int, ...]:
+    n_w, n_a = len(self.weight_free), len(self.act_free)
+    return tuple(range(n_a, n_a + n_w)) if self.weight_operand == 1 else tuple(range(n_w))
+
+  def input_rows(self, x: jax.Array) -> jax.Array:
+    x = jnp.transpose(x, self.act_free + self.act_contract)
+    n = x.shape[0] if self.act_free else 1
+    return x.reshape(n, -1, self.d_in)
+
+  def output_rows(self, ds: jax.Array) -> jax.Array:
+    lead = ds.ndim - len(self.out_shape)
+    n_w, n_a = len(self.weight_free), len(self.act_free)
+    if self.weight_operand == 0:  # output axes are [w_free..., act_free...]
+      perm = tuple(range(lead)) + tuple(lead + n_w + k for k in range(n_a)) + tuple(
+          lead + k for k in range(n_w))
+      ds = jnp.transpose(ds, perm)
+    n = ds.shape[lead] if n_a else 1
+    return ds.reshape(*ds.shape[:lead], n, -1, self.d_out)
+
+  def operand_to_matrix(self, w: jax.Array) -> jax.Array:
+    w = jnp.transpose(w, self.weight_contract + self.weight_free)
+    return w.reshape(self.d_in, self.d_out)
+
+
+def match(eqn: Any, path: Path, in_views: Sequence[ParamView | None],
+          in_data: Sequence[bool]) -> DenseMatch | str | None:
+  """A :class:`DenseMatch` for a ``dot_general`` of a weight and an activation.
+
+  Returns:
+    The match; or a reason string when a parameter is used in a way this
+    family cannot precondition; or ``None`` when no parameter is involved.
+  """
+  contract, batch_dims = eqn.params["dimension_numbers"]
+  for w in (1, 0):
+    pv, act = in_views[w], 1 - w
+    if pv is None or pv.broadcast or in_views[act] is not None or not in_data[act]:
+      continue
+    if batch_dims[0] or batch_dims[1]:
+      return "dot_general with batch dimensions"
+    w_shape = tuple(eqn.invars[w].aval.shape)
+    a_ndim = len(eqn.invars[act].aval.shape)
+    return DenseMatch(
+        path=path, weight_index=pv.index, weight_operand=w,
+        weight_chain=pv.chain, weight_shape=w_shape,
+        out_shape=tuple(eqn.outvars[0].aval.shape), out_path=path,
+        act_contract=tuple(contract[act]),
+        act_free=tuple(d for d in range(a_ndim) if d not in contract[act]),
+        weight_contract=tuple(contract[w]),
+        weight_free=tuple(d for d in range(len(w_shape)) if d not in contract[w]))
+  return None
