@@ -38,16 +38,9 @@ Factors = dict[str, dict[str, jax.Array]]
 
 def _factors(tagged: TaggedLoss, inputs: dict[str, jax.Array],
              ds: dict[str, jax.Array], num_cases: int) -> Factors:
-  out = {}
-  for layer in tagged.kron:
-    a = geometry.input_rows(layer, inputs[layer.name])  # [N, T, d_in]
-    g = geometry.output_rows(layer, ds[layer.name])  # [S, N, T, d_out]
-    if layer.approximation == "reduce":
-      a, g = jnp.mean(a, axis=1), jnp.sum(g, axis=2)
-    a = a.reshape(-1, a.shape[-1])
-    g = g.reshape(-1, g.shape[-1])
-    out[layer.name] = {"A": a.T @ a / a.shape[0], "G": g.T @ g / num_cases}
-  return out
+  return {l.name: {"A": geometry.input_factor(l, inputs[l.name]),
+                   "G": geometry.output_factor(l, ds[l.name], num_cases)}
+          for l in tagged.kron}
 
 
 def value_grad_and_factors(

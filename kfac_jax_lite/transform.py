@@ -179,8 +179,8 @@ def scale_by_kfac(
     if not jax.tree_util.tree_leaves(params):
       return KfacState(zero, key, zero, _NotParams(), _NotParams(), params)
     tagged = tagged_for(params, sample_batch)
-    factors = {l.name: {"A": jnp.zeros((l.d_in, l.d_in), jnp.float32),
-                        "G": jnp.zeros((l.d_out, l.d_out), jnp.float32)}
+    factors = {l.name: {k: jnp.zeros(shape, jnp.float32)
+                        for k, shape in l.factor_shapes.items()}
                for l in tagged.kron}
     inverses = jax.tree.map(jnp.zeros_like, factors)
     return KfacState(zero, key, zero, factors, inverses, _diag_tree(tagged, params))

@@ -19,14 +19,17 @@ _TINY = 1e-12
 
 
 def _mean_eig(m: jax.Array) -> jax.Array:
-  return jnp.maximum(jnp.trace(m) / m.shape[0], _TINY)
+  """``tr m / dim m``; a vector stands for a diagonal matrix."""
+  diag = m if m.ndim == 1 else jnp.diagonal(m)
+  return jnp.maximum(jnp.mean(diag), _TINY)
 
 
 def pi_factors(factors: Sequence[jax.Array]) -> list[jax.Array]:
   """The ``π_i`` of Ba et al. eq. 12 for ``k = len(factors)`` factors.
 
   Args:
-    factors: square symmetric positive semi-definite matrices.
+    factors: square symmetric positive semi-definite matrices (a vector is
+      the diagonal of a diagonal factor).
 
   Returns:
     One scalar per factor; their product is 1.

@@ -26,7 +26,8 @@ def damped_inverse(m: jax.Array, shift: jax.Array, method: str) -> jax.Array:
   """``(m + shift I)^{-1}`` for a symmetric PSD ``m``, in float32.
 
   Args:
-    m: square symmetric positive semi-definite matrix.
+    m: square symmetric positive semi-definite matrix, or the diagonal (a
+      vector) of a diagonal factor.
     shift: positive scalar added to the diagonal.
     method: ``"eigh"`` (eigenvalues clipped at 0 first: robust to a slightly
       indefinite estimate) or ``"cholesky"`` (faster).
@@ -35,6 +36,8 @@ def damped_inverse(m: jax.Array, shift: jax.Array, method: str) -> jax.Array:
     The symmetric inverse.
   """
   m = m.astype(jnp.float32)
+  if m.ndim == 1:
+    return 1.0 / (jnp.maximum(m, 0.0) + shift)
   m = 0.5 * (m + m.T)
   if method == "eigh":
     evals, evecs = jnp.linalg.eigh(m)
@@ -52,5 +55,10 @@ def inverses(a: jax.Array, g: jax.Array, damping: jax.Array,
 
 
 def precondition(a_inv: jax.Array, g_inv: jax.Array, grad: jax.Array) -> jax.Array:
-  """``A^{-1} grad G^{-1}`` for ``grad`` of shape ``[d_in, d_out]``."""
-  return a_inv @ grad.astype(jnp.float32) @ g_inv
+  """``A^{-1} grad G^{-1}`` for ``grad`` of shape ``[d_in, d_out]``.
+
+  A vector ``a_inv`` is the diagonal of a diagonal ``A^{-1}``.
+  """
+  grad = grad.astype(jnp.float32)
+  left = a_inv[:, None] * grad if a_inv.ndim == 1 else a_inv @ grad
+  return left @ g_inv

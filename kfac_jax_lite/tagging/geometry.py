@@ -2,8 +2,8 @@
 
 Each layer family (:mod:`.dense`, :mod:`.conv`) knows how its activations and
 output derivatives become rows ``[N, T, d]``; this module adds what all
-families share: the bias (``[W; b]`` is ``[d_in + 1, d_out]`` and activation
-rows get a trailing 1, Martens & Grosse 2015, §A), the parameter's view
+families share: the factors of one batch, the bias (``[W; b]`` is
+``[d_in + 1, d_out]``, Martens & Grosse 2015, §A), the parameter's view
 equations (a weight stored transposed or reshaped), and the way back from the
 preconditioned matrix to the parameter leaves.
 """
@@ -17,17 +17,19 @@ from kfac_jax_lite.tagging.layers import Layer
 from kfac_jax_lite.tagging.trace import bind_eqn
 
 
-def input_rows(layer: Layer, x: jax.Array) -> jax.Array:
-  """Activation operand -> ``[N, T, d_in(+1)]`` float32 (ones column for a bias)."""
-  rows = layer.match.input_rows(x.astype(jnp.float32))
-  if layer.bias_index is not None:
-    rows = jnp.concatenate([rows, jnp.ones((*rows.shape[:-1], 1), rows.dtype)], axis=-1)
-  return rows
+def input_factor(layer: Layer, x: jax.Array) -> jax.Array:
+  """One batch's input factor ``A`` of a layer (``[d_in]`` if diagonal)."""
+  return layer.match.input_factor(x, bias=layer.bias_index is not None,
+                                  reduce=layer.approximation == "reduce")
 
 
-def output_rows(layer: Layer, ds: jax.Array) -> jax.Array:
-  """Output derivative ``[..., *out_shape]`` -> ``[..., N, T, d_out]`` float32."""
-  return layer.match.output_rows(ds.astype(jnp.float32))
+def output_factor(layer: Layer, ds: jax.Array, num_cases: int) -> jax.Array:
+  """One batch's output factor ``G`` from ``ds`` of shape ``[S, *out_shape]``."""
+  g = layer.match.output_rows(ds.astype(jnp.float32))  # [S, N, T, d_out]
+  if layer.approximation == "reduce":
+    g = jnp.sum(g, axis=2)
+  g = g.reshape(-1, g.shape[-1])
+  return g.T @ g / num_cases
 
 
 def _leaf_to_matrix(layer: Layer, w: jax.Array) -> jax.Array:

@@ -25,7 +25,8 @@ class Layer:
   Attributes:
     name: ``jax.tree_util.keystr`` of the weight's path in ``params`` (the key
       used by :func:`kfac_jax_lite.estimate_curvature` and the optimizer state).
-    kind: the layer family, Kronecker-factored (``"dense"``, ``"conv"``), or
+    kind: the layer family, Kronecker-factored (``"dense"``, ``"conv"``,
+      ``"embedding"``: its input factor is diagonal), or
       ``"diagonal"`` (the fallback).
     weight_path: key path of the weight leaf (for ``"diagonal"``: the leaf).
     bias_path: key path of the bias leaf, or ``None``.
@@ -55,6 +56,13 @@ class Layer:
     return self.match.d_in + (self.bias_index is not None)
 
   @property
+  def factor_shapes(self) -> dict[str, tuple[int, ...]]:
+    """Shapes of the ``A`` and ``G`` factors (``A`` is a vector if diagonal)."""
+    assert self.match is not None
+    a = (self.d_in,) if self.match.diagonal_input else (self.d_in, self.d_in)
+    return {"A": a, "G": (self.d_out, self.d_out)}
+
+  @property
   def d_out(self) -> int:
     """Columns of the weight matrix (the ``G`` size)."""
     assert self.match is not None
@@ -82,7 +90,7 @@ def _describe(uses: list[str]) -> str:
   if not uses:
     return "not used by the loss: diagonal fallback"
   kinds = sorted({u.split("@")[0] for u in uses})
-  if len(uses) > 1 and ("dense" in kinds or "conv" in kinds):
+  if len(uses) > 1 and set(kinds) & {"dense", "conv", "embedding"}:
     return (f"used {len(uses)} times ({', '.join(kinds)}): a tied or shared "
             "weight is not one Kronecker layer: diagonal fallback")
   return f"used by {', '.join(kinds)}: no Kronecker pattern: diagonal fallback"

@@ -16,6 +16,7 @@ import dataclasses
 from typing import Any, ClassVar
 
 import jax
+import jax.numpy as jnp
 
 Path = tuple[int, ...]
 
@@ -34,6 +35,10 @@ class Match:
   """A layer's product equation with a parameter weight (abstract)."""
 
   kind: ClassVar[str] = ""
+  # A family whose input factor is diagonal (embeddings: token counts).
+  diagonal_input: ClassVar[bool] = False
+  # Whether an added broadcast parameter may be taken as this layer's bias.
+  takes_bias: ClassVar[bool] = True
   path: Path
   weight_index: int
   weight_operand: int  # operand position of the weight in the equation
@@ -69,3 +74,22 @@ class Match:
   def operand_to_matrix(self, w: jax.Array) -> jax.Array:
     """Weight operand (as the equation sees it) -> ``[d_in, d_out]``."""
     raise NotImplementedError
+
+  def input_factor(self, x: jax.Array, *, bias: bool, reduce: bool) -> jax.Array:
+    """The input factor ``A`` of one batch (see :mod:`kfac_jax_lite.statistics`).
+
+    Args:
+      x: the activation operand.
+      bias: append a constant 1 to every row (the layer has a bias).
+      reduce: average the rows over the shared axis ``T`` first.
+
+    Returns:
+      ``[d_in(+1), d_in(+1)]`` float32 (``[d_in]`` if ``diagonal_input``).
+    """
+    rows = self.input_rows(x.astype(jnp.float32))
+    if bias:
+      rows = jnp.concatenate([rows, jnp.ones((*rows.shape[:-1], 1), rows.dtype)], -1)
+    if reduce:
+      rows = jnp.mean(rows, axis=1)
+    rows = rows.reshape(-1, rows.shape[-1])
+    return rows.T @ rows / rows.shape[0]

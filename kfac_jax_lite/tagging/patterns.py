@@ -6,7 +6,7 @@ broadcasts for biases) and whether it depends on the batch. A product of a
 parameter view and a batch-dependent activation is a layer (Ba et al. 2017,
 Appendix B: a parameter whose gradient's immediate parent is a matrix product
 or a convolution gets a Kronecker factorization); each family's matcher lives
-in its own module (:mod:`.dense`, :mod:`.conv`). An ``add`` of a broadcast
+in its own module (:mod:`.dense`, :mod:`.conv`, :mod:`.embedding`). An ``add`` of a broadcast
 parameter to such a product's (otherwise unused) output is its bias. Every
 other use of a parameter is recorded, so a weight used twice (tied) or also
 elsewhere is never mistaken for an independent layer.
@@ -25,7 +25,7 @@ from typing import Any
 from jax.extend import core as jex_core
 
 from kfac_jax_lite.losses import MARKER_PREFIX
-from kfac_jax_lite.tagging import conv, dense
+from kfac_jax_lite.tagging import conv, dense, embedding
 from kfac_jax_lite.tagging.match import Match, ParamView, Path
 from kfac_jax_lite.tagging.trace import inlined_body
 
@@ -36,7 +36,8 @@ VIEW_PRIMITIVES = frozenset({
 # Views that may only feed a bias (they repeat values).
 BROADCAST_PRIMITIVES = frozenset({"broadcast_in_dim"})
 # One matcher per layer family: primitive name -> matcher.
-MATCHERS = {"dot_general": dense.match, "conv_general_dilated": conv.match}
+MATCHERS = {"dot_general": dense.match, "conv_general_dilated": conv.match,
+            "gather": embedding.match}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,7 +171,7 @@ class _Walker:
 
   def _add_layer(self, match: Match, pv: ParamView, eqn, counts) -> None:
     self._use(pv, f"{match.kind}@{match.path}")
-    if counts.get(eqn.outvars[0], 0) == 1:  # the only consumer may be a bias add
+    if match.takes_bias and counts.get(eqn.outvars[0], 0) == 1:  # a bias add may follow
       self._pending[id(eqn.outvars[0])] = match
     else:
       self.result.layers.append(match)
