@@ -10,7 +10,6 @@ from kfac_jax_lite.curvature.estimators import check_estimator
 from kfac_jax_lite.statistics import factor_estimate
 from kfac_jax_lite.tagging.layers import tag
 from kfac_jax_lite.tagging.trace import trace_loss
-from kfac_jax_lite.transform import approximations
 
 
 def estimate_curvature(loss_fn: Callable[[Any, Any], jax.Array], params: Any,
@@ -40,7 +39,7 @@ def estimate_curvature(loss_fn: Callable[[Any, Any], jax.Array], params: Any,
     channel-major).
   """
   check_estimator(estimator, num_samples)
-  tagged = tag(trace_loss(loss_fn, params, batch), approximations(
-      conv=conv_approximation, dense=dense_approximation))
+  tagged = tag(trace_loss(loss_fn, params, batch),
+               {"conv": conv_approximation, "dense": dense_approximation})
   return factor_estimate(tagged, params, batch, key, estimator=estimator,
                          num_samples=num_samples)

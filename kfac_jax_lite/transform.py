@@ -16,7 +16,7 @@ Non-finite statistics or inverses are never committed to the state.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import chex
 import jax
@@ -27,7 +27,7 @@ from kfac_jax_lite.curvature import diagonal, kronecker
 from kfac_jax_lite.curvature.estimators import check_estimator
 from kfac_jax_lite.statistics import factor_estimate
 from kfac_jax_lite.tagging import geometry
-from kfac_jax_lite.tagging.layers import TaggedLoss, tag
+from kfac_jax_lite.tagging.layers import TaggedLoss, check_options, tag
 from kfac_jax_lite.tagging.trace import abstractify, trace_loss
 
 ScalarOrSchedule = float | jax.Array | optax.Schedule
@@ -92,6 +92,7 @@ def scale_by_kfac(
     inverse_method: str = "eigh",
     conv_approximation: str = "expand",
     dense_approximation: str = "expand",
+    blocks: Mapping[str, str] | None = None,
     seed: int = 0,
     axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -121,6 +122,9 @@ def scale_by_kfac(
       ``"reduce"`` (Ba et al. 2017, Appendix A: cheaper, spatially averaged).
     dense_approximation: ``"expand"`` or ``"reduce"`` for dense layers applied
       over extra axes (sequence positions; Eschenhagen et al. 2023).
+    blocks: overrides of the detected blocks: regex (searched in the
+      ``keystr`` of a parameter's path) -> ``"kron"`` | ``"diag"`` | ``"none"``
+      (see :func:`kfac_jax_lite.tagging.tag`).
     seed: seed of the state's PRNG key.
     axis_name: a ``pmap`` / ``shard_map`` axis over which the factor
       statistics are averaged (the gradients are averaged by the caller).
@@ -142,7 +146,9 @@ def scale_by_kfac(
   if inverse_method not in kronecker.INVERSE_METHODS:
     raise ValueError(f"Unknown inverse_method {inverse_method!r}; use one of "
                      f"{', '.join(kronecker.INVERSE_METHODS)}.")
-  approximation = approximations(conv=conv_approximation, dense=dense_approximation)
+  approximation = {"conv": conv_approximation, "dense": dense_approximation}
+  blocks = dict(blocks or {})
+  check_options(approximation, blocks)
   if kl_clip is not None and learning_rate is None:
     raise ValueError("kl_clip needs the learning_rate: pass learning_rate= "
                      "(the same value or schedule as the optimizer's).")
@@ -156,7 +162,7 @@ def scale_by_kfac(
     """Traces once per parameter/batch signature; checks the layers agree."""
     key = (_avals_key(params), _avals_key(batch))
     if key not in cache:
-      cache[key] = tag(trace_loss(loss_fn, params, batch), approximation)
+      cache[key] = tag(trace_loss(loss_fn, params, batch), approximation, blocks)
       ref_key = (key[0], _avals_key(sample_batch))
       if ref_key != key:
         if jax.tree_util.tree_structure(batch) != jax.tree_util.tree_structure(sample_batch):
@@ -253,14 +259,6 @@ def scale_by_kfac(
     return jax.tree_util.tree_unflatten(treedef, out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def approximations(**by_kind: str) -> dict[str, str]:
-  """Validates ``"expand"`` / ``"reduce"`` choices per layer kind."""
-  for kind, choice in by_kind.items():
-    if choice not in ("expand", "reduce"):
-      raise ValueError(f"{kind}_approximation must be 'expand' or 'reduce', got {choice!r}.")
-  return dict(by_kind)
 
 
 def kl_scale(vg: jax.Array, learning_rate: jax.Array | float,

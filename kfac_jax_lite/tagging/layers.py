@@ -8,12 +8,14 @@ Kronecker layers, how to read its inputs and output derivatives.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from typing import Any, Callable, Mapping
 
 import jax
 
 from kfac_jax_lite.losses import DISTRIBUTIONS
-from kfac_jax_lite.tagging import patterns
+from kfac_jax_lite.tagging import patterns, report
 from kfac_jax_lite.tagging.match import Match
 from kfac_jax_lite.tagging.trace import TracedLoss, trace_loss
 
@@ -26,8 +28,8 @@ class Layer:
     name: ``jax.tree_util.keystr`` of the weight's path in ``params`` (the key
       used by :func:`kfac_jax_lite.estimate_curvature` and the optimizer state).
     kind: the layer family, Kronecker-factored (``"dense"``, ``"conv"``,
-      ``"embedding"``: its input factor is diagonal), or
-      ``"diagonal"`` (the fallback).
+      ``"embedding"``: its input factor is diagonal), ``"diagonal"`` (the
+      fallback) or ``"none"`` (not preconditioned, by a ``blocks`` override).
     weight_path: key path of the weight leaf (for ``"diagonal"``: the leaf).
     bias_path: key path of the bias leaf, or ``None``.
     note: why a parameter got the fallback (empty for detected layers).
@@ -85,6 +87,11 @@ class TaggedLoss:
   def diagonal(self) -> tuple[Layer, ...]:
     return tuple(l for l in self.layers if l.kind == "diagonal")
 
+  @property
+  def identity(self) -> tuple[Layer, ...]:
+    """Leaves a ``blocks`` override leaves unpreconditioned."""
+    return tuple(l for l in self.layers if l.kind == "none")
+
 
 def _describe(uses: list[str]) -> str:
   if not uses:
@@ -96,18 +103,52 @@ def _describe(uses: list[str]) -> str:
   return f"used by {', '.join(kinds)}: no Kronecker pattern: diagonal fallback"
 
 
-def tag(traced: TracedLoss, approximation: Mapping[str, str] | None = None) -> TaggedLoss:
+BLOCK_CHOICES = ("kron", "diag", "none")
+
+
+def _match_override(name: str, blocks: Mapping[str, str]) -> str | None:
+  for pattern, choice in blocks.items():
+    if re.search(pattern, name):
+      return choice
+  return None
+
+
+def check_options(approximation: Mapping[str, str], blocks: Mapping[str, str]) -> None:
+  """Raises ``ValueError`` for an unknown approximation or block override."""
+  for kind, choice in approximation.items():
+    if choice not in ("expand", "reduce"):
+      raise ValueError(f"{kind}_approximation must be 'expand' or 'reduce', got {choice!r}.")
+  for pattern, choice in blocks.items():
+    if choice not in BLOCK_CHOICES:
+      raise ValueError(f"blocks[{pattern!r}] = {choice!r}: use one of "
+                       f"{', '.join(BLOCK_CHOICES)}.")
+    re.compile(pattern)
+
+
+def _fallback(path: tuple[Any, ...], index: int, note: str, kind: str = "diagonal") -> Layer:
+  return Layer(name=jax.tree_util.keystr(path), kind=kind, weight_path=path,
+               bias_path=None, note=note, weight_index=index)
+
+
+def tag(traced: TracedLoss, approximation: Mapping[str, str] | None = None,
+        blocks: Mapping[str, str] | None = None) -> TaggedLoss:
   """Assigns every parameter leaf of a traced loss to exactly one block.
 
   Args:
     traced: the output of :func:`trace_loss`.
     approximation: layer kind -> ``"expand"`` | ``"reduce"`` (default expand).
+    blocks: user overrides, regex (searched in the ``keystr`` of a leaf's
+      path) -> ``"kron"`` (must be a detected layer), ``"diag"`` (diagonal
+      fallback) or ``"none"`` (gradient passed through unpreconditioned). The
+      first matching pattern wins; a bias follows its own pattern, else its
+      weight's.
 
   Returns:
     The :class:`TaggedLoss`.
 
   Raises:
-    ValueError: if the loss registers no predictive distribution, or several.
+    ValueError: if the loss registers no predictive distribution, or several,
+      or an override asks for a Kronecker block where no layer was detected.
   """
   found = patterns.walk(traced.jaxpr, traced.num_params)
   if not found.markers:
@@ -124,52 +165,87 @@ def tag(traced: TracedLoss, approximation: Mapping[str, str] | None = None) -> T
   marker = found.markers[0]
   if marker.distribution not in DISTRIBUTIONS:
     raise ValueError(f"Unknown registered loss {marker.distribution!r}.")
+  blocks = dict(blocks or {})
+  approximation = dict(approximation or {})
+  check_options(approximation, blocks)
   paths = traced.param_paths
   keystr = jax.tree_util.keystr
-  owned: set[int] = set()
-  layers: list[Layer] = []
-  approximation = dict(approximation or {})
+  layers: dict[int, Layer] = {}
   for m in found.layers:
-    if found.uses.get(m.weight_index) != [f"{m.kind}@{m.path}"]:
+    name = keystr(paths[m.weight_index])
+    choice = _match_override(name, blocks)
+    if found.uses.get(m.weight_index) != [f"{m.kind}@{m.path}"] or choice in ("diag", "none"):
       continue
     bias = m.bias_index
-    if bias is not None and found.uses.get(bias) != [f"bias@{m.out_path}"]:
+    if bias is not None and (found.uses.get(bias) != [f"bias@{m.out_path}"] or
+                             _match_override(keystr(paths[bias]), blocks) not in (None, "kron")):
       bias = None
-    layers.append(Layer(
-        name=keystr(paths[m.weight_index]), kind=m.kind,
-        weight_path=paths[m.weight_index],
+    layers[m.weight_index] = Layer(
+        name=name, kind=m.kind, weight_path=paths[m.weight_index],
         bias_path=None if bias is None else paths[bias],
         weight_index=m.weight_index, bias_index=bias,
         match=dataclasses.replace(m, bias_index=bias),
-        approximation=approximation.get(m.kind, "expand")))
-    owned.add(m.weight_index)
+        approximation=approximation.get(m.kind, "expand"))
     if bias is not None:
-      owned.add(bias)
+      layers[bias] = layers[m.weight_index]
   for i, path in enumerate(paths):
-    if i not in owned:
-      layers.append(Layer(
-          name=keystr(path), kind="diagonal", weight_path=path, bias_path=None,
-          note=_describe(found.uses.get(i, [])), weight_index=i))
-  order = {i: k for k, i in enumerate(range(len(paths)))}
-  layers.sort(key=lambda l: order[l.weight_index])
-  return TaggedLoss(traced=traced, layers=tuple(layers), marker=marker)
+    if i in layers:
+      continue
+    choice = _match_override(keystr(path), blocks)
+    if choice == "kron":
+      raise ValueError(
+          f"blocks asks for a Kronecker block for {keystr(path)}, but no layer "
+          f"was detected there ({_describe(found.uses.get(i, []))}).")
+    layers[i] = (_fallback(path, i, "blocks override: not preconditioned", "none")
+                 if choice == "none" else _fallback(
+                     path, i, "blocks override: diagonal" if choice == "diag"
+                     else _describe(found.uses.get(i, []))))
+  unique = {id(l): l for l in layers.values()}.values()
+  return TaggedLoss(traced=traced, layers=tuple(sorted(unique, key=lambda l: l.weight_index)),
+                    marker=marker)
+
+
+class LayerList(list):
+  """What :func:`find_layers` returns: a list of :class:`Layer` that prints as a table."""
+
+  def __init__(self, layers: list[Layer], leaf_sizes: Mapping[int, int]):
+    super().__init__(layers)
+    self.leaf_sizes = dict(leaf_sizes)
+
+  def total_bytes(self) -> int:
+    """Optimizer-state bytes of all blocks (factors + inverses, diagonal ``v``)."""
+    return sum(report.state_bytes(l, self.leaf_sizes.get(l.weight_index, 0)) for l in self)
+
+  def __str__(self) -> str:
+    return report.format_table(self, self.leaf_sizes)
 
 
 def find_layers(loss_fn: Callable[[Any, Any], jax.Array], params: Any,
-                batch: Any) -> list[Layer]:
+                batch: Any, *, blocks: Mapping[str, str] | None = None,
+                conv_approximation: str = "expand",
+                dense_approximation: str = "expand") -> LayerList:
   """Lists the blocks K-FAC will use, one record per block.
 
   Every parameter leaf appears in exactly one record: as the weight or bias of
-  a ``"dense"`` layer, or as a ``"diagonal"`` fallback with a ``note`` saying
-  why. Nothing is run on data: the loss is traced on abstract values.
+  a Kronecker layer (``"dense"``, ``"conv"``, ``"embedding"``), or as a
+  ``"diagonal"`` fallback (or ``"none"``) with a ``note`` saying why. Nothing
+  is run on data: the loss is traced on abstract values. ``print`` the result
+  for a table of blocks, factor shapes and optimizer-state memory.
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar`` built with a
       :mod:`kfac_jax_lite.losses` function.
     params: the parameter pytree (arrays or ``jax.ShapeDtypeStruct``).
     batch: a batch pytree (arrays or ``jax.ShapeDtypeStruct``).
+    blocks: per-parameter overrides, as in :func:`kfac_jax_lite.scale_by_kfac`.
+    conv_approximation: ``"expand"`` or ``"reduce"``.
+    dense_approximation: ``"expand"`` or ``"reduce"``.
 
   Returns:
-    The list of :class:`Layer` records, in parameter order.
+    The :class:`LayerList` of records, in parameter order.
   """
-  return list(tag(trace_loss(loss_fn, params, batch)).layers)
+  tagged = tag(trace_loss(loss_fn, params, batch),
+               {"conv": conv_approximation, "dense": dense_approximation}, blocks)
+  sizes = {i: math.prod(jax.numpy.shape(l))
+           for i, l in enumerate(jax.tree_util.tree_leaves(params))}
+  return LayerList(list(tagged.layers), sizes)
