@@ -16,6 +16,7 @@ Non-finite statistics or inverses are never committed to the state.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping, NamedTuple
 
 import chex
@@ -93,6 +94,7 @@ def scale_by_kfac(
     conv_approximation: str = "expand",
     dense_approximation: str = "expand",
     blocks: Mapping[str, str] | None = None,
+    staggered_inverses: bool = False,
     seed: int = 0,
     axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -125,6 +127,11 @@ def scale_by_kfac(
     blocks: overrides of the detected blocks: regex (searched in the
       ``keystr`` of a parameter's path) -> ``"kron"`` | ``"diag"`` | ``"none"``
       (see :func:`kfac_jax_lite.tagging.tag`).
+    staggered_inverses: instead of refreshing every inverse on one step in
+      ``inverse_every`` (a latency spike), refresh a cost-balanced
+      ``1/inverse_every`` share of the layers on every step (the functional
+      analogue of Ba et al. 2017, §3's asynchronous inverses); all are
+      computed on the first step. Needs a Python-int ``inverse_every``.
     seed: seed of the state's PRNG key.
     axis_name: a ``pmap`` / ``shard_map`` axis over which the factor
       statistics are averaged (the gradients are averaged by the caller).
@@ -152,6 +159,9 @@ def scale_by_kfac(
   if kl_clip is not None and learning_rate is None:
     raise ValueError("kl_clip needs the learning_rate: pass learning_rate= "
                      "(the same value or schedule as the optimizer's).")
+  if staggered_inverses and not isinstance(inverse_every, int):
+    raise ValueError("staggered_inverses needs a Python-int inverse_every (under "
+                     "optax.inject_hyperparams, list it in static_args).")
   if not isinstance(num_samples, int):
     raise ValueError("num_samples must be a Python int (under "
                      "optax.inject_hyperparams, list it in static_args).")
@@ -216,13 +226,22 @@ def scale_by_kfac(
         stats_every, state.count, new_factors,
         lambda: (state.factors, state.stats_count))
 
-    def new_inverses():
-      inv = {n: dict(zip("AG", kronecker.inverses(f["A"], f["G"], damping, inverse_method)))
-             for n, f in factors.items()}
-      return _select(_all_finite(inv), inv, state.inverses)
+    def refresh(names: tuple[str, ...]) -> dict[str, dict[str, jax.Array]]:
+      fresh = {n: dict(zip("AG", kronecker.inverses(
+          factors[n]["A"], factors[n]["G"], damping, inverse_method))) for n in names}
+      fresh = _select(_all_finite(fresh), fresh, {n: state.inverses[n] for n in names})
+      return {**state.inverses, **fresh}
 
-    inverses = _every(inverse_every, state.count, new_inverses,
-                      lambda: state.inverses)
+    everything = tuple(factors)
+    if staggered_inverses:
+      groups = balanced_groups(tagged, inverse_every)
+      inverses = jax.lax.cond(
+          state.count == 0, lambda: refresh(everything),
+          lambda: jax.lax.switch(state.count % inverse_every,
+                                 [functools.partial(refresh, g) for g in groups]))
+    else:
+      inverses = _every(inverse_every, state.count, lambda: refresh(everything),
+                        lambda: state.inverses)
 
     leaves, treedef = jax.tree_util.tree_flatten(updates)
     diag_leaves = treedef.flatten_up_to(state.diag)
@@ -277,6 +296,31 @@ def kl_scale(vg: jax.Array, learning_rate: jax.Array | float,
   eff = jnp.sqrt(kl_clip / jnp.maximum(vg, 1e-30))
   ok = jnp.isfinite(vg) & (vg > 0)
   return jnp.where(ok, jnp.minimum(1.0, eff / lr), 1.0)
+
+
+def balanced_groups(tagged: TaggedLoss, num_groups: int) -> list[tuple[str, ...]]:
+  """Splits the Kronecker layers into groups of about equal inversion cost.
+
+  Greedy longest-processing-time assignment by ``d_A^3 + d_G^3`` (the cost of
+  an eigendecomposition or Cholesky factorization of each factor).
+
+  Args:
+    tagged: the tagged loss.
+    num_groups: number of groups (some may be empty).
+
+  Returns:
+    ``num_groups`` tuples of layer names.
+  """
+  def cost(layer):
+    return sum(s[0] ** 3 if len(s) == 2 else s[0] for s in layer.factor_shapes.values())
+
+  groups: list[list[str]] = [[] for _ in range(num_groups)]
+  loads = [0] * num_groups
+  for layer in sorted(tagged.kron, key=cost, reverse=True):
+    k = loads.index(min(loads))
+    groups[k].append(layer.name)
+    loads[k] += cost(layer)
+  return [tuple(g) for g in groups]
 
 
 def _every(period: int | jax.Array, count: jax.Array, due: Callable[[], Any],
