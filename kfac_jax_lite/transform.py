@@ -17,6 +17,7 @@ Non-finite statistics or inverses are never committed to the state.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, Mapping, NamedTuple
 
 import chex
@@ -95,6 +96,7 @@ def scale_by_kfac(
     dense_approximation: str = "expand",
     blocks: Mapping[str, str] | None = None,
     staggered_inverses: bool = False,
+    stats_batch_fraction: float = 1.0,
     seed: int = 0,
     axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -132,6 +134,10 @@ def scale_by_kfac(
       ``1/inverse_every`` share of the layers on every step (the functional
       analogue of Ba et al. 2017, §3's asynchronous inverses); all are
       computed on the first step. Needs a Python-int ``inverse_every``.
+    stats_batch_fraction: estimate the factors on this leading fraction of
+      every batch leaf's first axis (curvature needs fewer samples than the
+      gradient). At 1.0 inside one ``jit`` with ``stats_every=1``, XLA shares
+      the statistics pass's forward computation with the gradient's.
     seed: seed of the state's PRNG key.
     axis_name: a ``pmap`` / ``shard_map`` axis over which the factor
       statistics are averaged (the gradients are averaged by the caller).
@@ -159,6 +165,8 @@ def scale_by_kfac(
   if kl_clip is not None and learning_rate is None:
     raise ValueError("kl_clip needs the learning_rate: pass learning_rate= "
                      "(the same value or schedule as the optimizer's).")
+  if not 0.0 < stats_batch_fraction <= 1.0:
+    raise ValueError(f"stats_batch_fraction must be in (0, 1], got {stats_batch_fraction}.")
   if staggered_inverses and not isinstance(inverse_every, int):
     raise ValueError("staggered_inverses needs a Python-int inverse_every (under "
                      "optax.inject_hyperparams, list it in static_args).")
@@ -213,8 +221,12 @@ def scale_by_kfac(
       subkey = jax.random.fold_in(subkey, jax.lax.axis_index(axis_name))
 
     def new_factors():
-      est = factor_estimate(tagged, params, batch, subkey,
-                            estimator=estimator, num_samples=num_samples)
+      stats_batch = batch
+      if stats_batch_fraction < 1.0:
+        stats_batch = jax.tree.map(
+            lambda x: x[:max(1, math.ceil(stats_batch_fraction * x.shape[0]))], batch)
+      est = factor_estimate(tagged_for(params, stats_batch), params, stats_batch,
+                            subkey, estimator=estimator, num_samples=num_samples)
       if axis_name is not None:
         est = jax.lax.pmean(est, axis_name)
       decay = jnp.where(state.stats_count == 0, 0.0, ema_decay)
