@@ -25,7 +25,7 @@ def input_factor(layer: Layer, x: jax.Array) -> jax.Array:
 
 def output_factor(layer: Layer, ds: jax.Array, num_cases: int) -> jax.Array:
   """One batch's output factor ``G`` from ``ds`` of shape ``[S, *out_shape]``."""
-  g = layer.match.output_rows(ds.astype(jnp.float32))  # [S, N, T, d_out]
+  g = layer.match.output_rows(layer.match.unpermute(ds.astype(jnp.float32)))  # [S, N, T, d_out]
   if layer.approximation == "reduce":
     g = jnp.sum(g, axis=2)
   g = g.reshape(-1, g.shape[-1])

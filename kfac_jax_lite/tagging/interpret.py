@@ -101,4 +101,4 @@ def tapped_loss(tagged: TaggedLoss, param_leaves: Sequence[jax.Array],
 
 def zero_perturbations(tagged: TaggedLoss) -> dict[str, jax.Array]:
   """Zero perturbations (float32) for every Kronecker layer's output."""
-  return {l.name: jnp.zeros(l.match.out_shape, jnp.float32) for l in tagged.kron}
+  return {l.name: jnp.zeros(l.match.perturbed_shape, jnp.float32) for l in tagged.kron}

@@ -47,6 +47,24 @@ class Match:
   out_shape: tuple[int, ...]
   out_path: Path = ()  # equation whose output is perturbed (the bias add, if any)
   bias_index: int | None = None
+  # Permutation from the product's output to the perturbed output (transposes
+  # between a product and its bias add): perturbed axis i = product axis perm[i].
+  out_perm: tuple[int, ...] | None = None
+
+  @property
+  def perturbed_shape(self) -> tuple[int, ...]:
+    """Shape of the perturbed output (``out_shape`` permuted by ``out_perm``)."""
+    if self.out_perm is None:
+      return self.out_shape
+    return tuple(self.out_shape[d] for d in self.out_perm)
+
+  def unpermute(self, ds: jax.Array) -> jax.Array:
+    """Derivative w.r.t. the perturbed output -> layout of the product output."""
+    if self.out_perm is None:
+      return ds
+    lead = ds.ndim - len(self.out_perm)
+    return jnp.transpose(ds, tuple(range(lead)) + tuple(
+        lead + self.out_perm.index(d) for d in range(len(self.out_perm))))
 
   @property
   def d_in(self) -> int:

@@ -75,7 +75,9 @@ class _Walker:
   def __init__(self):
     self.result = WalkResult()
     # Matches still looking for a bias, by id of their product's output variable.
-    self._pending: dict[int, Match] = {}
+    # Each entry also holds the permutation of transposes between the product
+    # and the current variable (``jax.vmap(lambda x: W @ x + b)`` transposes).
+    self._pending: dict[int, tuple[Match, tuple[int, ...] | None]] = {}
 
   def _use(self, view: ParamView, what: str) -> None:
     self.result.uses.setdefault(view.index, []).append(what)
@@ -138,6 +140,15 @@ class _Walker:
             pv.broadcast or name in BROADCAST_PRIMITIVES)
         continue
 
+      if name == "transpose" and id(eqn.invars[0]) in self._pending and counts.get(
+          eqn.outvars[0], 0) == 1:
+        match, perm = self._pending.pop(id(eqn.invars[0]))
+        step = tuple(eqn.params["permutation"])
+        self._pending[id(eqn.outvars[0])] = (
+            match, step if perm is None else tuple(perm[i] for i in step))
+        self._mark_data(eqn, data_env, True)
+        continue
+
       matcher = MATCHERS.get(name)
       found = matcher(eqn, path, in_views, in_data) if matcher else None
       if isinstance(found, Match):
@@ -172,18 +183,19 @@ class _Walker:
   def _add_layer(self, match: Match, pv: ParamView, eqn, counts) -> None:
     self._use(pv, f"{match.kind}@{match.path}")
     if match.takes_bias and counts.get(eqn.outvars[0], 0) == 1:  # a bias add may follow
-      self._pending[id(eqn.outvars[0])] = match
+      self._pending[id(eqn.outvars[0])] = (match, None)
     else:
       self.result.layers.append(match)
 
   def _match_bias(self, eqn, path, in_views) -> bool:
     for k in (0, 1):
-      match = self._pending.get(id(eqn.invars[k]))
+      pending = self._pending.get(id(eqn.invars[k]))
       pv = in_views[1 - k]
-      if match is None or pv is None:
+      if pending is None or pv is None:
         continue
+      match = dataclasses.replace(pending[0], out_perm=pending[1])
       b_shape = tuple(eqn.invars[1 - k].aval.shape)
-      if tuple(eqn.outvars[0].aval.shape) != match.out_shape or math.prod(
+      if tuple(eqn.outvars[0].aval.shape) != match.perturbed_shape or math.prod(
           pv.root_shape) != match.d_out or not _bias_broadcasts(b_shape, match):
         continue
       del self._pending[id(eqn.invars[k])]
@@ -195,7 +207,7 @@ class _Walker:
 
   def _flush(self, prefix: Path) -> None:
     """Commits matches of this jaxpr that found no bias."""
-    for key, match in list(self._pending.items()):
+    for key, (match, _) in list(self._pending.items()):
       if match.path[:len(prefix)] == prefix and len(match.path) == len(prefix) + 1:
         self.result.layers.append(match)
         del self._pending[key]
@@ -203,10 +215,11 @@ class _Walker:
 
 def _bias_broadcasts(b_shape: tuple[int, ...], match: Match) -> bool:
   """True if the added operand varies only along the output feature axes."""
-  if len(b_shape) != len(match.out_shape):
+  perm = match.out_perm or tuple(range(len(match.out_shape)))
+  if len(b_shape) != len(perm):
     return False
   return all(b_shape[d] == 1 for d in range(len(b_shape))
-             if d not in match.out_feature_axes)
+             if perm[d] not in match.out_feature_axes)
 
 
 def walk(closed: jex_core.ClosedJaxpr, num_params: int) -> WalkResult:
