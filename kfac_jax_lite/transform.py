@@ -96,7 +96,7 @@ def scale_by_kfac(
     dense_approximation: str = "expand",
     blocks: Mapping[str, str] | None = None,
     staggered_inverses: bool = False,
-    stats_batch_fraction: float = 1.0,
+    stats_batch_fraction: float | None = None,
     seed: int = 0,
     axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -134,10 +134,12 @@ def scale_by_kfac(
       ``1/inverse_every`` share of the layers on every step (the functional
       analogue of Ba et al. 2017, §3's asynchronous inverses); all are
       computed on the first step. Needs a Python-int ``inverse_every``.
-    stats_batch_fraction: estimate the factors on this leading fraction of
-      every batch leaf's first axis (curvature needs fewer samples than the
-      gradient). At 1.0 inside one ``jit`` with ``stats_every=1``, XLA shares
-      the statistics pass's forward computation with the gradient's.
+    stats_batch_fraction: estimate the factors on this leading fraction in
+      ``(0, 1]`` of every batch leaf's first axis (curvature needs fewer
+      samples than the gradient); ``None`` uses the whole batch, and then,
+      inside one ``jit`` with ``stats_every=1``, XLA shares the statistics
+      pass's forward computation with the gradient's. Static: under
+      ``optax.inject_hyperparams`` list it in ``static_args``.
     seed: seed of the state's PRNG key.
     axis_name: a ``pmap`` / ``shard_map`` axis over which the factor
       statistics are averaged (the gradients are averaged by the caller).
@@ -165,8 +167,11 @@ def scale_by_kfac(
   if kl_clip is not None and learning_rate is None:
     raise ValueError("kl_clip needs the learning_rate: pass learning_rate= "
                      "(the same value or schedule as the optimizer's).")
-  if not 0.0 < stats_batch_fraction <= 1.0:
-    raise ValueError(f"stats_batch_fraction must be in (0, 1], got {stats_batch_fraction}.")
+  if stats_batch_fraction is not None and not (
+      isinstance(stats_batch_fraction, (int, float)) and 0.0 < stats_batch_fraction <= 1.0):
+    raise ValueError("stats_batch_fraction must be None or a Python float in (0, 1] "
+                     f"(under optax.inject_hyperparams, list it in static_args), got "
+                     f"{stats_batch_fraction}.")
   if staggered_inverses and not isinstance(inverse_every, int):
     raise ValueError("staggered_inverses needs a Python-int inverse_every (under "
                      "optax.inject_hyperparams, list it in static_args).")
@@ -202,6 +207,7 @@ def scale_by_kfac(
     zero = jnp.zeros([], jnp.int32)
     if not jax.tree_util.tree_leaves(params):
       return KfacState(zero, key, zero, _NotParams(), _NotParams(), params)
+    _check_not_masked(params)
     tagged = tagged_for(params, sample_batch)
     factors = {l.name: {k: jnp.zeros(shape, jnp.float32)
                         for k, shape in l.factor_shapes.items()}
@@ -215,6 +221,7 @@ def scale_by_kfac(
     if params is None or batch is None:
       raise ValueError("scale_by_kfac.update needs params and batch: call "
                        "tx.update(grads, state, params, batch=batch).")
+    _check_not_masked(params)
     tagged = tagged_for(params, batch)
     key, subkey = jax.random.split(jax.random.wrap_key_data(state.key))
     if axis_name is not None:
@@ -222,7 +229,7 @@ def scale_by_kfac(
 
     def new_factors():
       stats_batch = batch
-      if stats_batch_fraction < 1.0:
+      if stats_batch_fraction is not None:
         stats_batch = jax.tree.map(
             lambda x: x[:max(1, math.ceil(stats_batch_fraction * x.shape[0]))], batch)
       est = factor_estimate(tagged_for(params, stats_batch), params, stats_batch,
@@ -345,6 +352,19 @@ def _every(period: int | jax.Array, count: jax.Array, due: Callable[[], Any],
   if isinstance(period, int) and period == 1:
     return due()
   return jax.lax.cond(count % period == 0, due, skip)
+
+
+def _check_not_masked(params: Any) -> None:
+  """K-FAC runs the model, so it must see every parameter (not optax.masked's)."""
+  is_masked = lambda x: isinstance(x, optax.MaskedNode)
+  if any(is_masked(x) for x in jax.tree_util.tree_leaves(params, is_leaf=is_masked)):
+    raise ValueError(
+        "scale_by_kfac got parameters with optax.MaskedNode leaves: it cannot "
+        "run inside optax.masked / optax.partition, because estimating "
+        "curvature runs the model on all parameters. To leave parameters out "
+        "of K-FAC preconditioning, use scale_by_kfac(..., blocks={regex: "
+        "'none'}) (or 'diag'), and mask the other transforms of your chain "
+        "instead.")
 
 
 def _diag_tree(tagged: TaggedLoss, params: Any) -> Any:

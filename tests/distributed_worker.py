@@ -1,0 +1,389 @@
+"""Runs K-FAC data-parallel on 8 fake CPU devices for ``test_distributed.py``.
+
+Run as ``python distributed_worker.py OUT_DIR [MODE ...]`` with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (the flag must be set
+before jax is imported, which is why this is a separate process). Every mode
+trains the same tiny MLP (6 -> 8 -> 3, softmax cross-entropy) for
+``NUM_STEPS`` steps on the same global batches of ``GLOBAL_BATCH`` examples,
+distributed in a different way, and writes:
+
+* ``OUT_DIR/results.npz``: ``"{mode}|{kind}|{name}"`` arrays (final
+  parameters, factors and inverses, and per-mode extras);
+* ``OUT_DIR/meta.json``: ``{mode: {"ok", "error", "traceback", "seconds",
+  "cpu_seconds", ...}}``; a mode that raises is recorded, not fatal.
+
+The module is also imported by the test (in a 1-device process) for the model,
+the data and the single-device reference run, so it must not need 8 devices at
+import time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import kfac_jax_lite as kfl
+
+NUM_DEVICES = 8
+AXIS = "batch"
+GLOBAL_BATCH = 16
+NUM_STEPS = 3
+D_IN, D_HIDDEN, D_OUT = 6, 8, 3
+LEARNING_RATE = 0.1
+DAMPING = 1e-2
+EMA_DECAY = 0.95
+MC_SEED = 3
+
+Arrays = dict[str, np.ndarray]
+Batch = dict[str, np.ndarray]
+
+def init_params(seed: int = 0) -> dict[str, dict[str, jax.Array]]:
+  """Initial MLP parameters (``x @ kernel + bias`` layers)."""
+  k0, k1, k2 = jax.random.split(jax.random.key(seed), 3)
+  return {
+      "l0": {"kernel": jax.random.normal(k0, (D_IN, D_HIDDEN)) / np.sqrt(D_IN),
+             "bias": 0.1 * jax.random.normal(k2, (D_HIDDEN,))},
+      "l1": {"kernel": jax.random.normal(k1, (D_HIDDEN, D_OUT)) / np.sqrt(D_HIDDEN),
+             "bias": jnp.zeros((D_OUT,))},
+  }
+
+
+def apply_mlp(params: Any, x: jax.Array) -> jax.Array:
+  """The MLP's outputs (logits)."""
+  h = jnp.tanh(x @ params["l0"]["kernel"] + params["l0"]["bias"])
+  return h @ params["l1"]["kernel"] + params["l1"]["bias"]
+
+
+def loss_fn(params: Any, batch: Any) -> jax.Array:
+  """Mean softmax cross-entropy of the MLP over the (local) batch."""
+  return kfl.losses.softmax_cross_entropy(apply_mlp(params, batch["x"]), batch["y"])
+
+
+def regression_loss_fn(params: Any, batch: Any) -> jax.Array:
+  """Squared error to one-hot targets (Gaussian model: continuous MC samples)."""
+  targets = jax.nn.one_hot(batch["y"], D_OUT)
+  return kfl.losses.squared_error(apply_mlp(params, batch["x"]), targets)
+
+
+def make_batches() -> list[Batch]:
+  """``NUM_STEPS`` fixed global batches of ``GLOBAL_BATCH`` examples."""
+  rng = np.random.default_rng(0)
+  return [{"x": rng.normal(size=(GLOBAL_BATCH, D_IN)).astype(np.float32),
+           "y": rng.integers(0, D_OUT, GLOBAL_BATCH).astype(np.int32)}
+          for _ in range(NUM_STEPS)]
+
+
+def local_batch(batch: Batch, n: int = NUM_DEVICES) -> Batch:
+  """The first of ``n`` equal shards of a global batch (for shapes only)."""
+  return jax.tree.map(lambda a: a[:a.shape[0] // n], batch)
+
+
+def make_optimizer(sample_batch: Any,
+                   axis_name: str | None = None) -> optax.GradientTransformationExtraArgs:
+  """The K-FAC optimizer every mode uses (exact Fisher: no sampling noise)."""
+  return kfl.kfac(loss_fn, sample_batch, LEARNING_RATE, damping=DAMPING,
+                  ema_decay=EMA_DECAY, estimator="exact", inverse_every=1,
+                  axis_name=axis_name)
+
+
+def snapshot(params: Any, opt_state: Any, prefix: str = "") -> Arrays:
+  """Final parameters, factors and inverses as ``"{kind}|{name}"`` arrays."""
+  kstate: kfl.KfacState = opt_state[0]
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    out[f"{prefix}params|{jax.tree_util.keystr(path)}"] = np.asarray(leaf)
+  for kind, tree in (("factors", kstate.factors), ("inverses", kstate.inverses)):
+    for name, fac in tree.items():
+      for which, leaf in fac.items():
+        out[f"{prefix}{kind}|{name}|{which}"] = np.asarray(leaf)
+  return out
+
+
+def _sgd_step(tx: optax.GradientTransformationExtraArgs,
+              grads_fn: Callable[[Any, Any], Any]) -> Callable[..., Any]:
+  """``(params, state, batch) -> (params, state)`` with the given gradients."""
+
+  def step(params: Any, state: Any, batch: Any) -> tuple[Any, Any]:
+    grads = grads_fn(params, batch)
+    updates, state = tx.update(grads, state, params, batch=batch)
+    return optax.apply_updates(params, updates), state
+
+  return step
+
+
+def run_reference() -> Arrays:
+  """The single-device run on the full global batches (the oracle run)."""
+  batches = make_batches()
+  tx = make_optimizer(batches[0])
+  params = init_params()
+  state = tx.init(params)
+  step = jax.jit(_sgd_step(tx, jax.grad(loss_fn)))
+  for batch in batches:
+    params, state = step(params, state, batch)
+  return snapshot(params, state)
+
+
+def _replicate(tree: Any) -> Any:
+  """Stacks ``NUM_DEVICES`` copies of every leaf, placed one per device.
+
+  jax 0.10.2's ``pmap`` returns arrays with this sharding; giving the first
+  call the same one keeps the second call from compiling again.
+  """
+  mesh = jax.make_mesh((NUM_DEVICES,), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+  return jax.tree.map(
+      lambda a: jax.device_put(np.broadcast_to(np.asarray(a), (NUM_DEVICES, *np.shape(a))),
+                               NamedSharding(mesh, P(AXIS))), tree)
+
+
+def _split(batch: Batch) -> Batch:
+  return jax.tree.map(lambda a: a.reshape(NUM_DEVICES, -1, *a.shape[1:]), batch)
+
+
+def run_pmap() -> tuple[Arrays, dict[str, Any]]:
+  """``jax.pmap``: per-device batch of 2, the user ``pmean``s the gradients.
+
+  K-FAC averages its factor statistics itself through ``axis_name``. The
+  arrays keep the device axis so the test can check the replicas agree.
+  """
+  batches = make_batches()
+  tx = make_optimizer(local_batch(batches[0]), axis_name=AXIS)
+
+  def grads_fn(params: Any, batch: Any) -> Any:
+    return jax.lax.pmean(jax.grad(loss_fn)(params, batch), AXIS)
+
+  step = jax.pmap(_sgd_step(tx, grads_fn), axis_name=AXIS)
+  params = _replicate(init_params())
+  state = _replicate(tx.init(init_params()))
+  for batch in batches:
+    params, state = step(params, state, _split(batch))
+  return snapshot(params, state), {}
+
+
+def run_shard_map(check_vma: bool) -> tuple[Arrays, dict[str, Any]]:
+  """Top-level ``jax.shard_map`` over a 1-D ``"batch"`` mesh.
+
+  What jax 0.10.2 does with the gradient of a replicated parameter (``P()``
+  in_spec) of a loss computed on the local shard (checked by the
+  ``shard_map_grads`` mode and its test):
+
+  * ``check_vma=True`` (the default): the parameter is "invariant", the loss is
+    "varying", and the transpose of the implicit invariant->varying cast is a
+    ``psum``, so ``jax.grad(loss_fn)`` of the LOCAL mean is already SUMMED
+    over the axis (8x the global-mean gradient), and ``pmean`` of it is a
+    no-op (it stays 8x). The right pattern is to differentiate the global
+    mean, ``jax.grad(lambda p: lax.pmean(loss_fn(p, b), axis))``, which
+    yields the global-mean gradient directly (no pmean of grads).
+  * ``check_vma=False``: the gradient is the local-shard gradient, exactly as
+    under ``pmap``; ``lax.pmean(grads, axis)`` gives the global-mean gradient.
+    (Differentiating ``pmean(loss)`` here would NOT: it gives the local
+    gradient.)
+
+  Args:
+    check_vma: passed to ``jax.shard_map``.
+
+  Returns:
+    ``(snapshot, meta)``.
+  """
+  batches = make_batches()
+  mesh = jax.make_mesh((NUM_DEVICES,), (AXIS,))
+  tx = make_optimizer(local_batch(batches[0]), axis_name=AXIS)
+
+  if check_vma:
+    def grads_fn(params: Any, batch: Any) -> Any:
+      return jax.grad(lambda p: jax.lax.pmean(loss_fn(p, batch), AXIS))(params)
+  else:
+    def grads_fn(params: Any, batch: Any) -> Any:
+      return jax.lax.pmean(jax.grad(loss_fn)(params, batch), AXIS)
+
+  step = jax.jit(jax.shard_map(
+      _sgd_step(tx, grads_fn), mesh=mesh, in_specs=(P(), P(), P(AXIS)),
+      out_specs=(P(), P()), check_vma=check_vma))
+  replicated = NamedSharding(mesh, P())
+  # The default (Explicit) mesh makes shard_map check the in_specs against
+  # the arguments' shardings, so the inputs must be placed accordingly.
+  params = jax.device_put(init_params(), replicated)
+  state = jax.device_put(tx.init(init_params()), replicated)
+  for batch in batches:
+    params, state = step(params, state,
+                         jax.device_put(batch, NamedSharding(mesh, P(AXIS))))
+  return snapshot(params, state), {"axis_types": str(mesh.axis_types)}
+
+
+def run_gspmd(axis_type: jax.sharding.AxisType | None) -> tuple[Arrays, dict[str, Any]]:
+  """``jax.jit`` on a batch sharded over the mesh; no ``axis_name``.
+
+  Args:
+    axis_type: the mesh axis type, or ``None`` for ``jax.make_mesh``'s
+      default (Explicit in jax 0.10.2).
+
+  Returns:
+    ``(snapshot, meta)``; meta holds the number of traces and backend
+    compilations of each call and the output state's shardings per step.
+  """
+  batches = make_batches()
+  axis_types = None if axis_type is None else (axis_type,)
+  mesh = jax.make_mesh((NUM_DEVICES,), (AXIS,), axis_types=axis_types)
+  tx = make_optimizer(batches[0])
+  traces = []
+  compiles = []
+
+  def on_event(event: str, duration: float, **kwargs: Any) -> None:
+    del duration, kwargs
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(event)
+
+  body = _sgd_step(tx, jax.grad(loss_fn))
+
+  def counted(params: Any, state: Any, batch: Any) -> tuple[Any, Any]:
+    traces.append(1)
+    return body(params, state, batch)
+
+  step = jax.jit(counted)
+  replicated = NamedSharding(mesh, P())
+  params = jax.device_put(init_params(), replicated)
+  state = jax.device_put(tx.init(init_params()), replicated)
+  meta: dict[str, Any] = {"axis_types": str(mesh.axis_types), "traces": [],
+                          "compiles": [], "state_shardings": [],
+                          "factors_replicated": []}
+  jax.monitoring.register_event_duration_secs_listener(on_event)
+  try:
+    for batch in batches:
+      sharded = jax.device_put(batch, NamedSharding(mesh, P(AXIS)))
+      n_traces, n_compiles = len(traces), len(compiles)
+      params, state = step(params, state, sharded)
+      jax.block_until_ready((params, state))
+      meta["traces"].append(len(traces) - n_traces)
+      meta["compiles"].append(len(compiles) - n_compiles)
+      leaves = jax.tree_util.tree_flatten_with_path(state[0])[0]
+      meta["state_shardings"].append(
+          {jax.tree_util.keystr(p): str(leaf.sharding) for p, leaf in leaves})
+      meta["factors_replicated"].append(all(
+          leaf.sharding.is_fully_replicated
+          for leaf in jax.tree.leaves(state[0].factors)))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(on_event)
+  return snapshot(params, state), meta
+
+
+def run_pmap_mc() -> tuple[Arrays, dict[str, Any]]:
+  """``pmap`` with the Monte-Carlo estimator, the SAME batch on every device.
+
+  With identical data the per-device estimates differ only by their samples,
+  so the averaged factor shows whether devices drew different targets. The
+  squared-error loss makes the samples continuous, so different keys give
+  different estimates. One update: its factors are the first estimate.
+  """
+  batch = local_batch(make_batches()[0])
+  tx = kfl.scale_by_kfac(regression_loss_fn, batch, damping=DAMPING,
+                         estimator="mc", seed=MC_SEED, axis_name=AXIS)
+
+  def step(params: Any, state: Any, batch: Any) -> Any:
+    grads = jax.lax.pmean(jax.grad(regression_loss_fn)(params, batch), AXIS)
+    return tx.update(grads, state, params, batch=batch)[1]
+
+  state = jax.pmap(step, axis_name=AXIS)(
+      _replicate(init_params()), _replicate(tx.init(init_params())),
+      _replicate(batch))
+  out = {}
+  for name, fac in state.factors.items():
+    for which, leaf in fac.items():
+      out[f"factors|{name}|{which}"] = np.asarray(leaf)
+  return out, {}
+
+
+def run_shard_map_grads() -> tuple[Arrays, dict[str, Any]]:
+  """Plain-jax gradients of the MLP loss under ``shard_map`` (no K-FAC).
+
+  For both ``check_vma`` settings, the gradient of the replicated parameters
+  with three patterns: ``grad`` of the local loss, ``pmean`` of that, and
+  ``grad`` of the ``pmean``-ed loss. The test compares them with the global
+  batch gradient.
+  """
+  batch = make_batches()[0]
+  mesh = jax.make_mesh((NUM_DEVICES,), (AXIS,))
+  patterns = {
+      "grad_local": lambda p, b: jax.grad(loss_fn)(p, b),
+      "pmean_grad_local": lambda p, b: jax.lax.pmean(jax.grad(loss_fn)(p, b), AXIS),
+      "grad_pmean_loss": lambda p, b: jax.grad(
+          lambda q: jax.lax.pmean(loss_fn(q, b), AXIS))(p),
+  }
+  params = jax.device_put(init_params(), NamedSharding(mesh, P()))
+  sharded = jax.device_put(batch, NamedSharding(mesh, P(AXIS)))
+
+  def all_patterns(p: Any, b: Any) -> dict[str, Any]:
+    return {name: fn(p, b) for name, fn in patterns.items()}
+
+  out = {}
+  for check_vma in (True, False):
+    # out_specs=P(): with check_vma=False jax does not check replication and
+    # returns one shard's value (device 0's local gradient for grad_local).
+    grads = jax.jit(jax.shard_map(all_patterns, mesh=mesh, in_specs=(P(), P(AXIS)),
+                                  out_specs=P(), check_vma=check_vma))(params, sharded)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(grads)[0]:
+      name, rest = path[0].key, jax.tree_util.keystr(path[1:])
+      out[f"vma={check_vma}|{name}|{rest}"] = np.asarray(leaf)
+  return out, {}
+
+
+RUNNERS: dict[str, Callable[[], tuple[Arrays, dict[str, Any]]]] = {
+    "pmap": run_pmap,
+    "shard_map_novma": lambda: run_shard_map(check_vma=False),
+    "shard_map_vma": lambda: run_shard_map(check_vma=True),
+    "gspmd_auto": lambda: run_gspmd(jax.sharding.AxisType.Auto),
+    "gspmd_explicit": lambda: run_gspmd(None),
+    "pmap_mc": run_pmap_mc,
+    "shard_map_grads": run_shard_map_grads,
+}
+
+
+def _short_traceback(exc: BaseException) -> str:
+  """The traceback frames in kfac_jax_lite / this file, plus the error."""
+  frames = [f for f in traceback.extract_tb(exc.__traceback__)
+            if "kfac_jax_lite" in f.filename or f.filename == __file__]
+  lines = traceback.format_list(frames)
+  return "".join(lines) + f"{type(exc).__name__}: {exc}"
+
+
+def main(argv: list[str]) -> int:
+  """Runs the requested modes (all by default) and writes the results."""
+  out_dir = argv[1]
+  modes = argv[2:] or list(RUNNERS)
+  if jax.device_count() != NUM_DEVICES:
+    raise SystemExit(f"need {NUM_DEVICES} devices (XLA_FLAGS="
+                     f"--xla_force_host_platform_device_count={NUM_DEVICES}), "
+                     f"got {jax.devices()}")
+  arrays: Arrays = {}
+  meta: dict[str, Any] = {}
+  for mode in modes:
+    start, cpu_start = time.perf_counter(), time.process_time()
+    try:
+      result, info = RUNNERS[mode]()
+      arrays.update({f"{mode}|{k}": v for k, v in result.items()})
+      meta[mode] = {"ok": True, "error": None, "traceback": None, **info}
+    except Exception as exc:  # pylint: disable=broad-except
+      meta[mode] = {"ok": False, "error": f"{type(exc).__name__}: {exc}",
+                    "traceback": _short_traceback(exc)}
+    meta[mode]["seconds"] = round(time.perf_counter() - start, 2)
+    meta[mode]["cpu_seconds"] = round(time.process_time() - cpu_start, 2)
+  np.savez(os.path.join(out_dir, "results.npz"), **arrays)
+  with open(os.path.join(out_dir, "meta.json"), "w", encoding="utf-8") as f:
+    json.dump(meta, f, indent=1)
+  for m, v in meta.items():
+    print(f"{m}: ok={v['ok']} wall={v['seconds']}s cpu={v['cpu_seconds']}s "
+          f"{v['error'] or ''}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv))
