@@ -36,7 +36,8 @@ class Distribution:
     sample: ``(key, z, n) -> y`` of shape ``(n, *z.shape)``, targets drawn from
       ``p(.|z)`` in the same encoding as ``mean(z)`` (one-hot for classes).
     fisher_sqrt: ``z -> C`` of shape ``(k, *z.shape)`` with
-      ``sum_k C_k C_k^T = F_z`` for each case; ``k`` is the output size.
+      ``sum_k C_k C_k^T = F_z``, the output Fisher of each example (block
+      diagonal over its cases); ``k`` is the number of outputs per example.
     num_cases: number of independent cases the loss averages over.
     targets: maps the loss's target argument to the encoding of ``mean(z)``.
   """
@@ -74,18 +75,24 @@ def _categorical_sample(key: jax.Array, z: jax.Array, n: int) -> jax.Array:
 
 
 def _softmax_fisher_sqrt(z: jax.Array) -> jax.Array:
-  # F = diag(p) - p p^T = sum_c p_c (e_c - p)(e_c - p)^T.
+  # Per case, F = diag(p) - p p^T = sum_c p_c (e_c - p)(e_c - p)^T. Cases at
+  # different positions are independent, so each column lives at one position:
+  # column (t, c) is sqrt(p_tc) (e_c - p_t) at position t and zero elsewhere.
   p = jax.nn.softmax(z.astype(jnp.float32), axis=-1)
-  eye = jnp.eye(z.shape[-1], dtype=p.dtype)
-  cols = jnp.sqrt(p)[..., :, None] * (eye - p[..., None, :])  # [..., c, out]
-  return jnp.moveaxis(cols, -2, 0)
+  batch, k = p.shape[0], p.shape[-1]
+  p = p.reshape(batch, -1, k)  # [B, T, K]
+  cols = jnp.sqrt(p)[..., :, None] * (jnp.eye(k, dtype=p.dtype) - p[..., None, :])
+  eye_t = jnp.eye(p.shape[1], dtype=p.dtype)
+  cols = jnp.einsum("tu,btcj->tcbuj", eye_t, cols)  # [T, K, B, T, K]
+  return cols.reshape(-1, *z.shape)
 
 
 def _diag_fisher_sqrt(scale: jax.Array) -> jax.Array:
-  # F = diag(scale^2): column k is scale_k e_k.
-  out = scale.shape[-1]
-  cols = scale[..., None, :] * jnp.eye(out, dtype=scale.dtype)
-  return jnp.moveaxis(cols, -2, 0)
+  # F = diag(scale^2) over every output of an example: column k is
+  # scale_k e_k, one column per output element.
+  flat = scale.reshape(scale.shape[0], -1)  # [B, D]
+  cols = jnp.eye(flat.shape[1], dtype=flat.dtype)[:, None, :] * flat[None]
+  return cols.reshape(-1, *scale.shape)
 
 
 def _leading_cases(shape: tuple[int, ...]) -> int:
