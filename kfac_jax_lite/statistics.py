@@ -25,13 +25,13 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from kfac_jax_lite.curvature.estimators import output_cotangents
 from kfac_jax_lite.losses import DISTRIBUTIONS
 from kfac_jax_lite.tagging import geometry
 from kfac_jax_lite.tagging.interpret import tapped_loss, zero_perturbations
 from kfac_jax_lite.tagging.layers import TaggedLoss
+from kfac_jax_lite.tagging.trace import varying_axes
 
 Factors = dict[str, dict[str, jax.Array]]
 
@@ -43,14 +43,25 @@ def _factors(tagged: TaggedLoss, inputs: dict[str, jax.Array],
           for l in tagged.kron}
 
 
-def value_grad_and_factors(
-    tagged: TaggedLoss, params: Any, batch: Any, key: jax.Array, *,
-    estimator: str, num_samples: int = 1,
-) -> tuple[jax.Array, Any, Factors]:
-  """Loss, gradients and one factor estimate from a single forward pass.
+def _varying_like(perturbations: Factors, batch_leaves: list[Any]) -> Factors:
+  """Under ``shard_map``, makes perturbations vary over the batch's axes.
 
-  One forward pass is shared by two backward passes: the gradient of the loss,
-  and the output derivatives for the sampled (or exact) Fisher cotangents.
+  Otherwise their cotangents (the per-shard output derivatives) would be
+  summed across the axes by the transpose of the implicit broadcast.
+  """
+  axes = frozenset().union(*(varying_axes(x) for x in batch_leaves))
+  if not axes:
+    return perturbations
+  return jax.tree.map(
+      lambda z: jax.lax.pcast(z, tuple(sorted(axes)), to="varying"), perturbations)
+
+
+def factor_estimate(tagged: TaggedLoss, params: Any, batch: Any, key: jax.Array,
+                    *, estimator: str, num_samples: int = 1) -> Factors:
+  """One estimate of every Kronecker layer's factors from one batch.
+
+  One forward pass with zero perturbations on the layer outputs, then one
+  backward pass per cotangent column of the estimator (vectorized).
 
   Args:
     tagged: the tagged loss (static).
@@ -61,29 +72,8 @@ def value_grad_and_factors(
     num_samples: Monte-Carlo samples for ``"mc"``.
 
   Returns:
-    ``(loss, grads, factors)`` with ``factors[name] = {"A": ..., "G": ...}``.
+    ``{name: {"A": ..., "G": ...}}`` (float32).
   """
-  param_leaves = jax.tree_util.tree_leaves(params)
-  batch_leaves = jax.tree_util.tree_leaves(batch)
-  dist = DISTRIBUTIONS[tagged.marker.distribution]
-
-  def run(leaves, perts):
-    t = tapped_loss(tagged, leaves, batch_leaves, perts)
-    return (t.loss, t.logits), (t.inputs, t.targets)
-
-  (loss, logits), vjp_fn, (inputs, targets) = jax.vjp(
-      run, param_leaves, zero_perturbations(tagged), has_aux=True)
-  grad_leaves, _ = vjp_fn((jnp.ones_like(loss), jnp.zeros_like(logits)))
-  cot = output_cotangents(dist, logits, targets, key, estimator, num_samples)
-  _, ds = jax.vmap(lambda c: vjp_fn((jnp.zeros_like(loss), c.astype(logits.dtype))))(cot)
-  grads = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), grad_leaves)
-  factors = _factors(tagged, inputs, ds, dist.num_cases(tuple(logits.shape)))
-  return loss, grads, factors
-
-
-def factor_estimate(tagged: TaggedLoss, params: Any, batch: Any, key: jax.Array,
-                    *, estimator: str, num_samples: int = 1) -> Factors:
-  """One factor estimate (no gradient of the loss is computed)."""
   param_leaves = jax.tree_util.tree_leaves(params)
   batch_leaves = jax.tree_util.tree_leaves(batch)
   dist = DISTRIBUTIONS[tagged.marker.distribution]
@@ -94,7 +84,7 @@ def factor_estimate(tagged: TaggedLoss, params: Any, batch: Any, key: jax.Array,
     return t.logits, (t.inputs, t.targets)
 
   logits, vjp_fn, (inputs, targets) = jax.vjp(
-      run, zero_perturbations(tagged), has_aux=True)
+      run, _varying_like(zero_perturbations(tagged), batch_leaves), has_aux=True)
   cot = output_cotangents(dist, logits, targets, key, estimator, num_samples)
   (ds,) = jax.vmap(lambda c: vjp_fn(c.astype(logits.dtype)))(cot)
   return _factors(tagged, inputs, ds, dist.num_cases(tuple(logits.shape)))

@@ -30,7 +30,7 @@ from kfac_jax_lite.curvature.estimators import check_estimator
 from kfac_jax_lite.statistics import factor_estimate
 from kfac_jax_lite.tagging import geometry
 from kfac_jax_lite.tagging.layers import TaggedLoss, check_options, tag
-from kfac_jax_lite.tagging.trace import abstractify, trace_loss
+from kfac_jax_lite.tagging.trace import abstractify, trace_loss, type_key
 
 ScalarOrSchedule = float | jax.Array | optax.Schedule
 
@@ -61,11 +61,6 @@ class _NotParams:
   ``optax.tree_utils.tree_map_params`` calls ``init`` on a leafless
   placeholder; a leaf here keeps the factor dicts out of the mapping.
   """
-
-
-def _avals_key(tree: Any) -> tuple[Any, ...]:
-  leaves, treedef = jax.tree_util.tree_flatten(abstractify(tree))
-  return treedef, tuple((l.shape, str(l.dtype)) for l in leaves)
 
 
 def _structure(tagged: TaggedLoss) -> tuple[Any, ...]:
@@ -183,10 +178,10 @@ def scale_by_kfac(
 
   def tagged_for(params: Any, batch: Any) -> TaggedLoss:
     """Traces once per parameter/batch signature; checks the layers agree."""
-    key = (_avals_key(params), _avals_key(batch))
+    key = (type_key(params), type_key(batch))
     if key not in cache:
       cache[key] = tag(trace_loss(loss_fn, params, batch), approximation, blocks)
-      ref_key = (key[0], _avals_key(sample_batch))
+      ref_key = (key[0], type_key(sample_batch))
       if ref_key != key:
         if jax.tree_util.tree_structure(batch) != jax.tree_util.tree_structure(sample_batch):
           raise ValueError(
@@ -197,8 +192,8 @@ def scale_by_kfac(
         if _structure(cache[key]) != _structure(reference):
           raise ValueError(
               "batch changes the layers K-FAC detected for sample_batch "
-              f"(batch {_avals_key(batch)[1]} vs sample_batch "
-              f"{_avals_key(sample_batch)[1]}); pass a sample_batch with the "
+              f"(batch {type_key(batch)[1]} vs sample_batch "
+              f"{type_key(sample_batch)[1]}); pass a sample_batch with the "
               "shapes and dtypes of your training batches.")
     return cache[key]
 

@@ -13,7 +13,7 @@ Modes (see ``distributed_worker.py`` for each one's code):
   statistics averaged by K-FAC through ``axis_name``.
 * ``shard_map``: top-level ``jax.shard_map`` with ``check_vma=False`` (the
   ``pmap`` pattern) and with ``check_vma=True`` (the default; gradient of the
-  ``pmean``-ed loss). The latter fails inside the library (xfail).
+  ``pmean``-ed loss).
 * ``gspmd``: ``jax.jit`` on a batch sharded with ``NamedSharding``, no
   ``axis_name``, on an Auto mesh and on the default (Explicit) mesh; the
   latter fails inside the library (xfail).
@@ -134,10 +134,6 @@ def test_pmap_matches_single_device(results: Results):
   _assert_matches_reference({k: v[0] for k, v in got.items()}, results.reference)
 
 
-_VMA_BUG = ("library bug: under shard_map(check_vma=True) the tagger replays a "
-            "jaxpr traced outside the manual context, so dot_general(batch "
-            "{V:batch}, kernel {}) fails: 'Primitive dot_general requires "
-            "varying manual axes to match'")
 _EXPLICIT_BUG = ("library bug: on an Explicit mesh statistics._factors computes "
                  "a.T @ a with the batch axis sharded: ShardingTypeError "
                  "'Contracting dimensions are sharded ... specify out_sharding'")
@@ -145,7 +141,7 @@ _EXPLICIT_BUG = ("library bug: on an Explicit mesh statistics._factors computes 
 
 @pytest.mark.parametrize("mode", [
     "shard_map_novma",
-    pytest.param("shard_map_vma", marks=pytest.mark.xfail(strict=True, reason=_VMA_BUG)),
+    "shard_map_vma",
 ])
 def test_shard_map_matches_single_device(results: Results, mode: str):
   # shard_map_novma: check_vma=False, grads = pmean(grad(local mean loss)).

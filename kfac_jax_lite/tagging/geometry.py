@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from kfac_jax_lite.tagging.layers import Layer
-from kfac_jax_lite.tagging.trace import bind_eqn
+from kfac_jax_lite.tagging.trace import TYPE_ONLY_PRIMITIVES, bind_eqn
 
 
 def input_factor(layer: Layer, x: jax.Array) -> jax.Array:
@@ -34,7 +34,7 @@ def output_factor(layer: Layer, ds: jax.Array, num_cases: int) -> jax.Array:
 
 def _leaf_to_matrix(layer: Layer, w: jax.Array) -> jax.Array:
   for eqn in layer.match.weight_chain:
-    if eqn.primitive.name != "convert_element_type":
+    if eqn.primitive.name not in TYPE_ONLY_PRIMITIVES:
       (w,) = bind_eqn(eqn, [w])
   return layer.match.operand_to_matrix(w)
 

@@ -27,12 +27,12 @@ from jax.extend import core as jex_core
 from kfac_jax_lite.losses import MARKER_PREFIX
 from kfac_jax_lite.tagging import conv, dense, embedding
 from kfac_jax_lite.tagging.match import Match, ParamView, Path
-from kfac_jax_lite.tagging.trace import inlined_body
+from kfac_jax_lite.tagging.trace import TYPE_ONLY_PRIMITIVES, inlined_body
 
 # Value-preserving reshapes of a parameter: the weight is still "the weight".
 VIEW_PRIMITIVES = frozenset({
     "reshape", "transpose", "convert_element_type", "squeeze", "expand_dims",
-    "copy", "copy_p"})
+    "copy", "copy_p"}) | frozenset(TYPE_ONLY_PRIMITIVES)
 # Views that may only feed a bias (they repeat values).
 BROADCAST_PRIMITIVES = frozenset({"broadcast_in_dim"})
 # One matcher per layer family: primitive name -> matcher.

@@ -25,6 +25,12 @@ INLINED_CALLS: dict[str, str] = {
 }
 
 
+# Equations that change only a value's type, not its values: dtype casts and
+# shard_map's invariant -> varying casts. Replaying a weight's view chain on a
+# gradient skips them (the gradient has its own dtype and is not varying).
+TYPE_ONLY_PRIMITIVES = ("convert_element_type", "pvary", "pcast")
+
+
 @dataclasses.dataclass(frozen=True)
 class TracedLoss:
   """A loss traced once on abstract values.
@@ -56,6 +62,29 @@ def abstractify(tree: Any) -> Any:
       tree)
 
 
+def _traceable(x: Any) -> Any:
+  return x if isinstance(x, (jax.Array, jax.ShapeDtypeStruct)) else abstractify(x)
+
+
+def type_key(tree: Any) -> tuple[Any, ...]:
+  """Hashable signature of a pytree's leaf types (shape, dtype, varying axes).
+
+  Two trees with equal keys trace ``loss_fn`` to the same jaxpr.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  return treedef, tuple((tuple(jax.numpy.shape(x)), str(jax.numpy.result_type(x)),
+                         tuple(sorted(varying_axes(x)))) for x in leaves)
+
+
+def varying_axes(x: Any) -> frozenset[str]:
+  """The ``shard_map`` axes a value varies over (empty outside ``shard_map``)."""
+  if not isinstance(x, jax.Array):
+    return frozenset()
+  aval = jax.typeof(x)
+  manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10
+  return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
+
+
 def trace_loss(loss_fn: Callable[[Any, Any], jax.Array], params: Any,
                batch: Any) -> TracedLoss:
   """Traces ``loss_fn(params, batch)`` on abstract values (no model is run).
@@ -69,8 +98,11 @@ def trace_loss(loss_fn: Callable[[Any, Any], jax.Array], params: Any,
     The :class:`TracedLoss`.
   """
   path_leaves, param_treedef = jax.tree_util.tree_flatten_with_path(params)
-  batch_leaves, batch_treedef = jax.tree_util.tree_flatten(abstractify(batch))
-  param_avals = [abstractify(leaf) for _, leaf in path_leaves]
+  batch_leaves, batch_treedef = jax.tree_util.tree_flatten(batch)
+  # Arrays and tracers are passed as they are, so that their full type (e.g.
+  # which shard_map axes they vary over) shapes the trace; nothing is run.
+  batch_leaves = [_traceable(x) for x in batch_leaves]
+  param_avals = [_traceable(leaf) for _, leaf in path_leaves]
 
   def flat_loss(*leaves):
     p = jax.tree_util.tree_unflatten(param_treedef, leaves[:len(param_avals)])
@@ -87,7 +119,7 @@ def trace_loss(loss_fn: Callable[[Any, Any], jax.Array], params: Any,
       param_paths=tuple(path for path, _ in path_leaves),
       param_treedef=param_treedef,
       batch_treedef=batch_treedef,
-      batch_avals=tuple(batch_leaves))
+      batch_avals=tuple(abstractify(batch_leaves)))
 
 
 def inlined_body(eqn: jex_core.JaxprEqn) -> tuple[jex_core.Jaxpr, Sequence[Any]] | None:
