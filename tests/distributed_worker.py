@@ -261,7 +261,10 @@ def run_gspmd(axis_type: jax.sharding.AxisType | None) -> tuple[Arrays, dict[str
     for batch in batches:
       sharded = jax.device_put(batch, NamedSharding(mesh, P(AXIS)))
       n_traces, n_compiles = len(traces), len(compiles)
-      params, state = step(params, state, sharded)
+      # The mesh context, as JAX asks for Explicit axes: the user's own
+      # gradient contracts the sharded batch axis.
+      with jax.set_mesh(mesh):
+        params, state = step(params, state, sharded)
       jax.block_until_ready((params, state))
       meta["traces"].append(len(traces) - n_traces)
       meta["compiles"].append(len(compiles) - n_compiles)

@@ -15,8 +15,8 @@ Modes (see ``distributed_worker.py`` for each one's code):
   ``pmap`` pattern) and with ``check_vma=True`` (the default; gradient of the
   ``pmean``-ed loss).
 * ``gspmd``: ``jax.jit`` on a batch sharded with ``NamedSharding``, no
-  ``axis_name``, on an Auto mesh and on the default (Explicit) mesh; the
-  latter fails inside the library (xfail).
+  ``axis_name``, on an Auto mesh and on the default (Explicit) mesh (used
+  under ``jax.set_mesh``).
 * ``pmap_mc``: the Monte-Carlo estimator draws different targets per device.
 """
 
@@ -134,11 +134,6 @@ def test_pmap_matches_single_device(results: Results):
   _assert_matches_reference({k: v[0] for k, v in got.items()}, results.reference)
 
 
-_EXPLICIT_BUG = ("library bug: on an Explicit mesh statistics._factors computes "
-                 "a.T @ a with the batch axis sharded: ShardingTypeError "
-                 "'Contracting dimensions are sharded ... specify out_sharding'")
-
-
 @pytest.mark.parametrize("mode", [
     "shard_map_novma",
     "shard_map_vma",
@@ -178,7 +173,7 @@ def test_shard_map_gradient_patterns(results: Results):
 
 _GSPMD = [
     "gspmd_auto",
-    pytest.param("gspmd_explicit", marks=pytest.mark.xfail(strict=True, reason=_EXPLICIT_BUG)),
+    "gspmd_explicit",
 ]
 
 

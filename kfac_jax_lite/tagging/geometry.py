@@ -13,6 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kfac_jax_lite.gram import gram
 from kfac_jax_lite.tagging.layers import Layer
 from kfac_jax_lite.tagging.trace import TYPE_ONLY_PRIMITIVES, bind_eqn
 
@@ -28,8 +29,7 @@ def output_factor(layer: Layer, ds: jax.Array, num_cases: int) -> jax.Array:
   g = layer.match.output_rows(layer.match.unpermute(ds.astype(jnp.float32)))  # [S, N, T, d_out]
   if layer.approximation == "reduce":
     g = jnp.sum(g, axis=2)
-  g = g.reshape(-1, g.shape[-1])
-  return g.T @ g / num_cases
+  return gram(g.reshape(-1, g.shape[-1])) / num_cases
 
 
 def _leaf_to_matrix(layer: Layer, w: jax.Array) -> jax.Array:

@@ -18,6 +18,8 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
+from kfac_jax_lite.gram import gram
+
 Path = tuple[int, ...]
 
 
@@ -106,8 +108,8 @@ class Match:
     """
     rows = self.input_rows(x.astype(jnp.float32))
     if bias:
-      rows = jnp.concatenate([rows, jnp.ones((*rows.shape[:-1], 1), rows.dtype)], -1)
+      rows = jnp.concatenate([rows, jnp.ones_like(rows[..., :1])], -1)
     if reduce:
       rows = jnp.mean(rows, axis=1)
     rows = rows.reshape(-1, rows.shape[-1])
-    return rows.T @ rows / rows.shape[0]
+    return gram(rows) / rows.shape[0]
