@@ -8,6 +8,7 @@ References:
 
 from kfac_jax_lite import losses
 from kfac_jax_lite import tagging
+from kfac_jax_lite.accumulate import AccumulateState, accumulate
 from kfac_jax_lite.alias import kfac
 from kfac_jax_lite.curvature_api import estimate_curvature
 from kfac_jax_lite.tagging.layers import find_layers
@@ -16,6 +17,6 @@ from kfac_jax_lite.transform import KfacState, kl_scale, scale_by_kfac
 __version__ = "0.1.0"
 
 __all__ = [
-    "KfacState", "estimate_curvature", "find_layers", "kfac", "kl_scale",
+    "AccumulateState", "KfacState", "accumulate", "estimate_curvature", "find_layers", "kfac", "kl_scale",
     "losses", "scale_by_kfac", "tagging",
 ]

@@ -46,6 +46,9 @@ class KfacState(NamedTuple):
     inverses: layer name -> ``{"A": ..., "G": ...}`` damped inverses (float32).
     diag: parameter-shaped tree: squared-gradient moving average for leaves
       under the diagonal fallback, ``None`` for Kronecker-owned leaves.
+    pending: with ``accumulate_statistics``, ``{"count": n, "sums": factors}``:
+      estimates of the micro-batches of the step being accumulated (see
+      :func:`kfac_jax_lite.accumulate`); ``None`` otherwise.
   """
   count: jax.Array
   key: jax.Array
@@ -53,6 +56,7 @@ class KfacState(NamedTuple):
   factors: dict[str, dict[str, jax.Array]]
   inverses: dict[str, dict[str, jax.Array]]
   diag: Any
+  pending: Any = None
 
 
 class _NotParams:
@@ -92,6 +96,7 @@ def scale_by_kfac(
     blocks: Mapping[str, str] | None = None,
     staggered_inverses: bool = False,
     stats_batch_fraction: float | None = None,
+    accumulate_statistics: bool = False,
     seed: int = 0,
     axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -135,6 +140,11 @@ def scale_by_kfac(
       inside one ``jit`` with ``stats_every=1``, XLA shares the statistics
       pass's forward computation with the gradient's. Static: under
       ``optax.inject_hyperparams`` list it in ``static_args``.
+    accumulate_statistics: keep a buffer of micro-batch estimates in the
+      state, for gradient accumulation with :func:`kfac_jax_lite.accumulate`
+      (``update(..., kfac_accumulate_only=True)`` adds a micro-batch's
+      estimate to it; the next ordinary update averages them all with its
+      own before the moving average).
     seed: seed of the state's PRNG key.
     axis_name: a ``pmap`` / ``shard_map`` axis over which the factor
       statistics are averaged (the gradients are averaged by the caller).
@@ -208,11 +218,18 @@ def scale_by_kfac(
                         for k, shape in l.factor_shapes.items()}
                for l in tagged.kron}
     inverses = jax.tree.map(jnp.zeros_like, factors)
-    return KfacState(zero, key, zero, factors, inverses, _diag_tree(tagged, params))
+    pending = ({"count": zero, "sums": jax.tree.map(jnp.zeros_like, factors)}
+               if accumulate_statistics else None)
+    return KfacState(zero, key, zero, factors, inverses, _diag_tree(tagged, params),
+                     pending)
 
   def update_fn(updates: Any, state: KfacState, params: Any = None, *,
-                batch: Any = None, **extra_args: Any) -> tuple[Any, KfacState]:
+                batch: Any = None, kfac_accumulate_only: bool = False,
+                **extra_args: Any) -> tuple[Any, KfacState]:
     del extra_args
+    if kfac_accumulate_only and not accumulate_statistics:
+      raise ValueError("kfac_accumulate_only needs scale_by_kfac(..., "
+                       "accumulate_statistics=True) (kfl.accumulate sets it up).")
     if params is None or batch is None:
       raise ValueError("scale_by_kfac.update needs params and batch: call "
                        "tx.update(grads, state, params, batch=batch).")
@@ -222,15 +239,30 @@ def scale_by_kfac(
     if axis_name is not None:
       subkey = jax.random.fold_in(subkey, jax.lax.axis_index(axis_name))
 
-    def new_factors():
+    def estimate():
       stats_batch = batch
       if stats_batch_fraction is not None:
         stats_batch = jax.tree.map(
             lambda x: x[:max(1, math.ceil(stats_batch_fraction * x.shape[0]))], batch)
       est = factor_estimate(tagged_for(params, stats_batch), params, stats_batch,
                             subkey, estimator=estimator, num_samples=num_samples)
-      if axis_name is not None:
-        est = jax.lax.pmean(est, axis_name)
+      return jax.lax.pmean(est, axis_name) if axis_name is not None else est
+
+    if kfac_accumulate_only:
+      def add_pending():
+        est = estimate()
+        ok = _all_finite(est)
+        sums = jax.tree.map(jnp.add, state.pending["sums"], est)
+        return {"count": state.pending["count"] + ok,
+                "sums": _select(ok, sums, state.pending["sums"])}
+      pending = _every(stats_every, state.count, add_pending, lambda: state.pending)
+      return updates, state._replace(key=jax.random.key_data(key), pending=pending)
+
+    def new_factors():
+      est = estimate()
+      if accumulate_statistics:
+        n = state.pending["count"]
+        est = jax.tree.map(lambda s, e: (s + e) / (n + 1.0), state.pending["sums"], est)
       decay = jnp.where(state.stats_count == 0, 0.0, ema_decay)
       avg = jax.tree.map(lambda o, n: kronecker.ema(o, n, decay), state.factors, est)
       ok = _all_finite(avg)
@@ -288,7 +320,8 @@ def scale_by_kfac(
     new_state = KfacState(
         count=optax.safe_increment(state.count), key=jax.random.key_data(key),
         stats_count=stats_count, factors=factors, inverses=inverses,
-        diag=jax.tree_util.tree_unflatten(treedef, new_diag))
+        diag=jax.tree_util.tree_unflatten(treedef, new_diag),
+        pending=None if state.pending is None else jax.tree.map(jnp.zeros_like, state.pending))
     return jax.tree_util.tree_unflatten(treedef, out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
