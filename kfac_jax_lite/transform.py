@@ -20,12 +20,12 @@ import functools
 import math
 from typing import Any, Callable, Mapping, NamedTuple
 
-import chex
 import jax
 import jax.numpy as jnp
 import optax
 
-from kfac_jax_lite.curvature import diagonal, kronecker
+from kfac_jax_lite import guard, schedule
+from kfac_jax_lite.curvature import diagonal, kl_clip as kl_clip_lib, kronecker
 from kfac_jax_lite.curvature.estimators import check_estimator
 from kfac_jax_lite.statistics import factor_estimate
 from kfac_jax_lite.tagging import geometry
@@ -251,11 +251,11 @@ def scale_by_kfac(
     if kfac_accumulate_only:
       def add_pending():
         est = estimate()
-        ok = _all_finite(est)
+        ok = guard.all_finite(est)
         sums = jax.tree.map(jnp.add, state.pending["sums"], est)
         return {"count": state.pending["count"] + ok,
-                "sums": _select(ok, sums, state.pending["sums"])}
-      pending = _every(stats_every, state.count, add_pending, lambda: state.pending)
+                "sums": guard.select(ok, sums, state.pending["sums"])}
+      pending = schedule.every(stats_every, state.count, add_pending, lambda: state.pending)
       return updates, state._replace(key=jax.random.key_data(key), pending=pending)
 
     def new_factors():
@@ -265,28 +265,28 @@ def scale_by_kfac(
         est = jax.tree.map(lambda s, e: (s + e) / (n + 1.0), state.pending["sums"], est)
       decay = jnp.where(state.stats_count == 0, 0.0, ema_decay)
       avg = jax.tree.map(lambda o, n: kronecker.ema(o, n, decay), state.factors, est)
-      ok = _all_finite(avg)
-      return _select(ok, avg, state.factors), state.stats_count + ok
+      ok = guard.all_finite(avg)
+      return guard.select(ok, avg, state.factors), state.stats_count + ok
 
-    factors, stats_count = _every(
+    factors, stats_count = schedule.every(
         stats_every, state.count, new_factors,
         lambda: (state.factors, state.stats_count))
 
     def refresh(names: tuple[str, ...]) -> dict[str, dict[str, jax.Array]]:
       fresh = {n: dict(zip("AG", kronecker.inverses(
           factors[n]["A"], factors[n]["G"], damping, inverse_method))) for n in names}
-      fresh = _select(_all_finite(fresh), fresh, {n: state.inverses[n] for n in names})
+      fresh = guard.select(guard.all_finite(fresh), fresh, {n: state.inverses[n] for n in names})
       return {**state.inverses, **fresh}
 
     everything = tuple(factors)
     if staggered_inverses:
-      groups = balanced_groups(tagged, inverse_every)
+      groups = schedule.balanced_groups(tagged, inverse_every)
       inverses = jax.lax.cond(
           state.count == 0, lambda: refresh(everything),
           lambda: jax.lax.switch(state.count % inverse_every,
                                  [functools.partial(refresh, g) for g in groups]))
     else:
-      inverses = _every(inverse_every, state.count, lambda: refresh(everything),
+      inverses = schedule.every(inverse_every, state.count, lambda: refresh(everything),
                         lambda: state.inverses)
 
     leaves, treedef = jax.tree_util.tree_flatten(updates)
@@ -307,14 +307,14 @@ def scale_by_kfac(
       i = layer.weight_index
       v = diagonal.update_second_moment(diag_leaves[i], leaves[i], ema_decay,
                                         state.count == 0)
-      new_diag[i] = _select(_all_finite(v), v, diag_leaves[i])
+      new_diag[i] = guard.select(guard.all_finite(v), v, diag_leaves[i])
       out[i] = diagonal.precondition(v, leaves[i], damping).astype(leaves[i].dtype)
 
     if kl_clip is not None:
       vg = sum(jnp.vdot(o.astype(jnp.float32), g.astype(jnp.float32))
                for o, g in zip(out, leaves))
       lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-      scale = kl_scale(vg, lr, kl_clip)
+      scale = kl_clip_lib.kl_scale(vg, lr, kl_clip)
       out = [(o * scale).astype(o.dtype) for o in out]
 
     new_state = KfacState(
@@ -326,60 +326,6 @@ def scale_by_kfac(
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
-
-def kl_scale(vg: jax.Array, learning_rate: jax.Array | float,
-             kl_clip: jax.Array | float) -> jax.Array:
-  """``η_eff / η`` with ``η_eff = min(η, sqrt(kl_clip / v·g))`` (Ba et al. eq. 14).
-
-  Args:
-    vg: inner product of the preconditioned update and the gradient.
-    learning_rate: η.
-    kl_clip: the KL bound.
-
-  Returns:
-    A scalar in ``(0, 1]`` (1 when ``v·g`` is not positive and finite).
-  """
-  lr = jnp.asarray(learning_rate, jnp.float32)
-  eff = jnp.sqrt(kl_clip / jnp.maximum(vg, 1e-30))
-  ok = jnp.isfinite(vg) & (vg > 0)
-  return jnp.where(ok, jnp.minimum(1.0, eff / lr), 1.0)
-
-
-def balanced_groups(tagged: TaggedLoss, num_groups: int) -> list[tuple[str, ...]]:
-  """Splits the Kronecker layers into groups of about equal inversion cost.
-
-  Greedy longest-processing-time assignment by ``d_A^3 + d_G^3`` (the cost of
-  an eigendecomposition or Cholesky factorization of each factor).
-
-  Args:
-    tagged: the tagged loss.
-    num_groups: number of groups (some may be empty).
-
-  Returns:
-    ``num_groups`` tuples of layer names.
-  """
-  def cost(layer):
-    return sum(s[0] ** 3 if len(s) == 2 else s[0] for s in layer.factor_shapes.values())
-
-  groups: list[list[str]] = [[] for _ in range(num_groups)]
-  loads = [0] * num_groups
-  for layer in sorted(tagged.kron, key=cost, reverse=True):
-    k = loads.index(min(loads))
-    groups[k].append(layer.name)
-    loads[k] += cost(layer)
-  return [tuple(g) for g in groups]
-
-
-def _every(period: int | jax.Array, count: jax.Array, due: Callable[[], Any],
-           skip: Callable[[], Any]) -> Any:
-  """``due()`` on steps where ``count % period == 0``, else ``skip()``.
-
-  A static period of 1 calls ``due`` unconditionally, which lets XLA share the
-  statistics pass's forward computation with the caller's gradient pass.
-  """
-  if isinstance(period, int) and period == 1:
-    return due()
-  return jax.lax.cond(count % period == 0, due, skip)
 
 
 def _check_not_masked(params: Any) -> None:
@@ -403,10 +349,4 @@ def _diag_tree(tagged: TaggedLoss, params: Any) -> Any:
       for i, x in enumerate(leaves)])
 
 
-def _all_finite(tree: Any) -> jax.Array:
-  leaves = jax.tree_util.tree_leaves(tree)
-  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in leaves] or [True]))
 
-
-def _select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
-  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
