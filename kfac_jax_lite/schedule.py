@@ -9,30 +9,33 @@ import jax
 from kfac_jax_lite.tagging.layers import TaggedLoss
 
 
-def balanced_groups(tagged: TaggedLoss, num_groups: int) -> list[tuple[str, ...]]:
-  """Splits the Kronecker layers into groups of about equal inversion cost.
+def inversion_costs(tagged: TaggedLoss) -> dict[str, int]:
+  """Layer name -> ``d_A^3 + d_G^3``, the cost of inverting its factors
+  (a diagonal factor costs its length)."""
+  return {l.name: sum(s[0] ** 3 if len(s) == 2 else s[0]
+                      for s in l.factor_shapes.values()) for l in tagged.kron}
 
-  Greedy longest-processing-time assignment by ``d_A^3 + d_G^3`` (the cost of
-  an eigendecomposition or Cholesky factorization of each factor).
+
+def balanced_groups(costs: dict[str, int], num_groups: int) -> list[tuple[str, ...]]:
+  """Splits layers into groups of about equal inversion cost.
+
+  Greedy longest-processing-time assignment (each layer, costliest first,
+  goes to the least loaded group).
 
   Args:
-    tagged: the tagged loss.
+    costs: layer name -> cost (see :func:`inversion_costs`).
     num_groups: number of groups (some may be empty).
 
   Returns:
     ``num_groups`` tuples of layer names.
   """
-  def cost(layer):
-    return sum(s[0] ** 3 if len(s) == 2 else s[0] for s in layer.factor_shapes.values())
-
   groups: list[list[str]] = [[] for _ in range(num_groups)]
   loads = [0] * num_groups
-  for layer in sorted(tagged.kron, key=cost, reverse=True):
+  for name in sorted(costs, key=lambda n: (-costs[n], n)):
     k = loads.index(min(loads))
-    groups[k].append(layer.name)
-    loads[k] += cost(layer)
+    groups[k].append(name)
+    loads[k] += costs[name]
   return [tuple(g) for g in groups]
-
 
 
 def every(period: int | jax.Array, count: jax.Array, due: Callable[[], Any],

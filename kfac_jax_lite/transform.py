@@ -97,6 +97,7 @@ def scale_by_kfac(
     staggered_inverses: bool = False,
     stats_batch_fraction: float | None = None,
     accumulate_statistics: bool = False,
+    distribute_inverses: bool = False,
     seed: int = 0,
     axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -145,6 +146,11 @@ def scale_by_kfac(
       (``update(..., kfac_accumulate_only=True)`` adds a micro-batch's
       estimate to it; the next ordinary update averages them all with its
       own before the moving average).
+    distribute_inverses: with ``axis_name``, every device inverts only a
+      cost-balanced share of the layers and a ``psum`` gathers the inverses,
+      so each inverse is computed once per step across devices instead of on
+      every device (KAISA's COMM-OPT placement: all devices keep all
+      inverses).
     seed: seed of the state's PRNG key.
     axis_name: a ``pmap`` / ``shard_map`` axis over which the factor
       statistics are averaged (the gradients are averaged by the caller).
@@ -177,6 +183,9 @@ def scale_by_kfac(
     raise ValueError("stats_batch_fraction must be None or a Python float in (0, 1] "
                      f"(under optax.inject_hyperparams, list it in static_args), got "
                      f"{stats_batch_fraction}.")
+  if distribute_inverses and axis_name is None:
+    raise ValueError("distribute_inverses needs axis_name (the pmap / shard_map "
+                     "axis to spread the inversions over).")
   if staggered_inverses and not isinstance(inverse_every, int):
     raise ValueError("staggered_inverses needs a Python-int inverse_every (under "
                      "optax.inject_hyperparams, list it in static_args).")
@@ -272,22 +281,37 @@ def scale_by_kfac(
         stats_every, state.count, new_factors,
         lambda: (state.factors, state.stats_count))
 
-    def refresh(names: tuple[str, ...]) -> dict[str, dict[str, jax.Array]]:
-      fresh = {n: dict(zip("AG", kronecker.inverses(
+    costs = schedule.inversion_costs(tagged)
+
+    def compute(names: tuple[str, ...]) -> dict[str, dict[str, jax.Array]]:
+      return {n: dict(zip("AG", kronecker.inverses(
           factors[n]["A"], factors[n]["G"], damping, inverse_method))) for n in names}
+
+    def compute_spread(names: tuple[str, ...]) -> dict[str, dict[str, jax.Array]]:
+      """Each device inverts a cost-balanced share; a psum gathers them all."""
+      shares = schedule.balanced_groups({n: costs[n] for n in names},
+                                        jax.lax.psum(1, axis_name))
+      zero = {n: jax.tree.map(jnp.zeros_like, state.inverses[n]) for n in names}
+      mine = jax.lax.switch(jax.lax.axis_index(axis_name), [
+          functools.partial(lambda share: {**zero, **compute(share)}, share)
+          for share in shares])
+      return jax.lax.psum(mine, axis_name)
+
+    def refresh(names: tuple[str, ...]) -> dict[str, dict[str, jax.Array]]:
+      fresh = compute_spread(names) if distribute_inverses else compute(names)
       fresh = guard.select(guard.all_finite(fresh), fresh, {n: state.inverses[n] for n in names})
       return {**state.inverses, **fresh}
 
     everything = tuple(factors)
     if staggered_inverses:
-      groups = schedule.balanced_groups(tagged, inverse_every)
+      groups = schedule.balanced_groups(costs, inverse_every)
       inverses = jax.lax.cond(
           state.count == 0, lambda: refresh(everything),
           lambda: jax.lax.switch(state.count % inverse_every,
                                  [functools.partial(refresh, g) for g in groups]))
     else:
       inverses = schedule.every(inverse_every, state.count, lambda: refresh(everything),
-                        lambda: state.inverses)
+                                lambda: state.inverses)
 
     leaves, treedef = jax.tree_util.tree_flatten(updates)
     diag_leaves = treedef.flatten_up_to(state.diag)

@@ -89,12 +89,12 @@ def local_batch(batch: Batch, n: int = NUM_DEVICES) -> Batch:
   return jax.tree.map(lambda a: a[:a.shape[0] // n], batch)
 
 
-def make_optimizer(sample_batch: Any,
-                   axis_name: str | None = None) -> optax.GradientTransformationExtraArgs:
+def make_optimizer(sample_batch: Any, axis_name: str | None = None,
+                   **kwargs: Any) -> optax.GradientTransformationExtraArgs:
   """The K-FAC optimizer every mode uses (exact Fisher: no sampling noise)."""
   return kfl.kfac(loss_fn, sample_batch, LEARNING_RATE, damping=DAMPING,
                   ema_decay=EMA_DECAY, estimator="exact", inverse_every=1,
-                  axis_name=axis_name)
+                  axis_name=axis_name, **kwargs)
 
 
 def snapshot(params: Any, opt_state: Any, prefix: str = "") -> Arrays:
@@ -150,14 +150,16 @@ def _split(batch: Batch) -> Batch:
   return jax.tree.map(lambda a: a.reshape(NUM_DEVICES, -1, *a.shape[1:]), batch)
 
 
-def run_pmap() -> tuple[Arrays, dict[str, Any]]:
+def run_pmap(**kwargs: Any) -> tuple[Arrays, dict[str, Any]]:
   """``jax.pmap``: per-device batch of 2, the user ``pmean``s the gradients.
 
   K-FAC averages its factor statistics itself through ``axis_name``. The
   arrays keep the device axis so the test can check the replicas agree.
+  ``kwargs`` go to the optimizer (``distribute_inverses=True`` for the mode
+  that spreads the inversions over the devices).
   """
   batches = make_batches()
-  tx = make_optimizer(local_batch(batches[0]), axis_name=AXIS)
+  tx = make_optimizer(local_batch(batches[0]), axis_name=AXIS, **kwargs)
 
   def grads_fn(params: Any, batch: Any) -> Any:
     return jax.lax.pmean(jax.grad(loss_fn)(params, batch), AXIS)
@@ -341,6 +343,7 @@ def run_shard_map_grads() -> tuple[Arrays, dict[str, Any]]:
 
 RUNNERS: dict[str, Callable[[], tuple[Arrays, dict[str, Any]]]] = {
     "pmap": run_pmap,
+    "pmap_spread": lambda: run_pmap(distribute_inverses=True),
     "shard_map_novma": lambda: run_shard_map(check_vma=False),
     "shard_map_vma": lambda: run_shard_map(check_vma=True),
     "gspmd_auto": lambda: run_gspmd(jax.sharding.AxisType.Auto),

@@ -125,8 +125,10 @@ def test_reference_first_layer_input_factor_is_brute_force_ema(results: Results)
                        - np.asarray(init["l1"]["kernel"]))) > 1e-3
 
 
-def test_pmap_matches_single_device(results: Results):
-  got = results.mode("pmap")
+@pytest.mark.parametrize("mode", ["pmap", "pmap_spread"])
+def test_pmap_matches_single_device(results: Results, mode: str):
+  # pmap_spread: distribute_inverses=True, each device inverts a share.
+  got = results.mode(mode)
   for key, stacked in got.items():
     assert stacked.shape[0] == worker.NUM_DEVICES, key
     for d in range(1, worker.NUM_DEVICES):  # every replica holds the same state
