@@ -244,6 +244,23 @@ def test_inject_hyperparams_damping_changes_without_recompiling(
   assert_trees_close(u_large, expected, rtol=2e-3, atol=1e-6)
 
 
+def test_inject_hyperparams_around_the_kfac_alias(params: Params, batch: Batch,
+                                                  grads: Params):
+  """The ready optimizer too: its learning rate becomes a state hyperparameter."""
+  make = optax.inject_hyperparams(kfl.kfac, static_args=("loss_fn", "num_samples"))
+  tx = make(loss_fn, batch, learning_rate=0.1, damping=1e-2, inverse_every=1)
+  update = make_update(tx)
+  s0 = tx.init(params)
+  u1, s1 = update(grads, s0, params, batch)
+  hp = dict(s1.hyperparams)
+  hp["learning_rate"] = jnp.full_like(hp["learning_rate"], 0.0)
+  u2, _ = update(grads, s1._replace(hyperparams=hp), params, batch)
+  assert update._cache_size() == 1
+  assert all_finite(u1) and trees_differ(u1, jax.tree.map(jnp.zeros_like, u1))
+  # A zero learning rate gives a zero step (momentum is scaled by it too).
+  assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(u2))
+
+
 # ----------------------------------------------------------------------------
 # 3. optax.masked.
 # ----------------------------------------------------------------------------
