@@ -30,7 +30,7 @@ from kfac_jax_lite.curvature.estimators import check_estimator
 from kfac_jax_lite.statistics import factor_estimate
 from kfac_jax_lite.tagging import geometry
 from kfac_jax_lite.tagging.layers import TaggedLoss, check_options, tag
-from kfac_jax_lite.tagging.trace import abstractify, trace_loss, type_key
+from kfac_jax_lite.tagging.trace import abstractify, trace_loss, type_key, varying_axes
 
 ScalarOrSchedule = float | jax.Array | optax.Schedule
 
@@ -243,6 +243,12 @@ def scale_by_kfac(
       raise ValueError("scale_by_kfac.update needs params and batch: call "
                        "tx.update(grads, state, params, batch=batch).")
     _check_not_masked(params)
+    varying = frozenset().union(*map(varying_axes, jax.tree_util.tree_leaves(batch)))
+    if varying and axis_name is None:
+      raise ValueError(
+          f"batch varies over the shard_map axes {sorted(varying)}, but "
+          "scale_by_kfac has no axis_name: pass axis_name= (one of them) so the "
+          "factor statistics are averaged over the devices.")
     tagged = tagged_for(params, batch)
     key, subkey = jax.random.split(jax.random.wrap_key_data(state.key))
     if axis_name is not None:

@@ -233,3 +233,25 @@ def test_pmap_mc_devices_draw_different_samples(results: Results):
     assert np.max(np.abs(g[0] - np.asarray(unfolded[name]["G"]))) > 1e-4
     np.testing.assert_allclose(got[f"factors|{name}|A"][0],
                                np.asarray(unfolded[name]["A"]), rtol=1e-5, atol=1e-6)
+
+
+def test_shard_map_without_axis_name_is_a_clear_error():
+  """Under shard_map the batch varies over the mesh axis: K-FAC must be told."""
+  mesh = jax.make_mesh((1,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
+  params = {"w": jnp.ones((3, 2))}
+  batch = {"x": jnp.ones((4, 3)), "y": jnp.ones((4, 2))}
+
+  def loss(p, b):
+    return kfl.losses.squared_error(b["x"] @ p["w"], b["y"])
+
+  tx = kfl.scale_by_kfac(loss, batch, damping=1e-2)
+
+  def step(p, s, b):
+    g = jax.grad(lambda q: jax.lax.pmean(loss(q, b), "batch"))(p)
+    return tx.update(g, s, p, batch=b)
+
+  spec = jax.sharding.PartitionSpec
+  sharded = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(spec(), spec(), spec("batch")),
+                                  out_specs=(spec(), spec())))
+  with pytest.raises(ValueError, match="axis_name"):
+    sharded(params, tx.init(params), batch)
