@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import jax
@@ -11,9 +12,9 @@ from kfac_jax_lite.tagging.layers import TaggedLoss
 
 def inversion_costs(tagged: TaggedLoss) -> dict[str, int]:
   """Layer name -> ``d_A^3 + d_G^3``, the cost of inverting its factors
-  (a diagonal factor costs its length)."""
-  return {l.name: sum(s[0] ** 3 if len(s) == 2 else s[0]
-                      for s in l.factor_shapes.values()) for l in tagged.kron}
+  (a diagonal factor or a diagonal Fisher costs its size)."""
+  return {l.name: sum(math.prod(s) if len(s) == 1 or k == "F" else s[0] ** 3
+                      for k, s in l.factor_shapes.items()) for l in tagged.factored}
 
 
 def balanced_groups(costs: dict[str, int], num_groups: int) -> list[tuple[str, ...]]:

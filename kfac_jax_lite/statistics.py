@@ -38,9 +38,14 @@ Factors = dict[str, dict[str, jax.Array]]
 
 def _factors(tagged: TaggedLoss, inputs: dict[str, jax.Array],
              ds: dict[str, jax.Array], num_cases: int) -> Factors:
-  return {l.name: {"A": geometry.input_factor(l, inputs[l.name]),
-                   "G": geometry.output_factor(l, ds[l.name], num_cases)}
-          for l in tagged.kron}
+  out = {}
+  for l in tagged.factored:
+    if l.match.block == "diag":
+      out[l.name] = {"F": geometry.diagonal_fisher(l, inputs[l.name], ds[l.name], num_cases)}
+    else:
+      out[l.name] = {"A": geometry.input_factor(l, inputs[l.name]),
+                     "G": geometry.output_factor(l, ds[l.name], num_cases)}
+  return out
 
 
 def _varying_like(perturbations: Factors, batch_leaves: list[Any]) -> Factors:

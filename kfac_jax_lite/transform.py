@@ -225,7 +225,7 @@ def scale_by_kfac(
     tagged = tagged_for(params, sample_batch)
     factors = {l.name: {k: jnp.zeros(shape, jnp.float32)
                         for k, shape in l.factor_shapes.items()}
-               for l in tagged.kron}
+               for l in tagged.factored}
     inverses = jax.tree.map(jnp.zeros_like, factors)
     pending = ({"count": zero, "sums": jax.tree.map(jnp.zeros_like, factors)}
                if accumulate_statistics else None)
@@ -290,8 +290,10 @@ def scale_by_kfac(
     costs = schedule.inversion_costs(tagged)
 
     def compute(names: tuple[str, ...]) -> dict[str, dict[str, jax.Array]]:
-      return {n: dict(zip("AG", kronecker.inverses(
-          factors[n]["A"], factors[n]["G"], damping, inverse_method))) for n in names}
+      return {n: ({"F": diagonal.damped_inverse(factors[n]["F"], damping)}
+                  if "F" in factors[n] else dict(zip("AG", kronecker.inverses(
+                      factors[n]["A"], factors[n]["G"], damping, inverse_method))))
+              for n in names}
 
     def compute_spread(names: tuple[str, ...]) -> dict[str, dict[str, jax.Array]]:
       """Each device inverts a cost-balanced share; a psum gathers them all."""
@@ -323,13 +325,14 @@ def scale_by_kfac(
     diag_leaves = treedef.flatten_up_to(state.diag)
     out = list(leaves)
     new_diag = list(diag_leaves)
-    for layer in tagged.kron:
+    for layer in tagged.factored:
       w, b = leaves[layer.weight_index], (
           None if layer.bias_index is None else leaves[layer.bias_index])
       mat = geometry.params_to_matrix(layer, w.astype(jnp.float32),
                                       None if b is None else b.astype(jnp.float32))
       inv = inverses[layer.name]
-      pre = kronecker.precondition(inv["A"], inv["G"], mat)
+      pre = (inv["F"] * mat if "F" in inv
+             else kronecker.precondition(inv["A"], inv["G"], mat))
       out[layer.weight_index], b_out = geometry.matrix_to_params(layer, pre, w, b)
       if b is not None:
         out[layer.bias_index] = b_out

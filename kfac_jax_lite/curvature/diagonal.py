@@ -1,4 +1,7 @@
-"""The diagonal fallback block for parameters outside any Kronecker layer.
+"""Diagonal blocks: the fallback for unrecognized parameters, and the inverse
+of an exact diagonal Fisher (scale-and-shift parameters).
+
+The fallback block is for parameters outside any detected layer.
 
 Its curvature estimate is a moving average ``v`` of the squared batch gradient
 (a diagonal empirical-Fisher proxy, as in RMSProp); the update is the
@@ -23,3 +26,8 @@ def update_second_moment(v: jax.Array, grad: jax.Array, decay: jax.Array,
 def precondition(v: jax.Array, grad: jax.Array, damping: jax.Array) -> jax.Array:
   """``g / (v + λ)`` in float32."""
   return grad.astype(jnp.float32) / (v + damping)
+
+
+def damped_inverse(fisher: jax.Array, damping: jax.Array) -> jax.Array:
+  """``1 / (F + λ)`` for a diagonal Fisher ``F`` (clipped at 0)."""
+  return 1.0 / (jnp.maximum(fisher.astype(jnp.float32), 0.0) + damping)

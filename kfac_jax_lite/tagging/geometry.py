@@ -32,6 +32,23 @@ def output_factor(layer: Layer, ds: jax.Array, num_cases: int) -> jax.Array:
   return gram(g.reshape(-1, g.shape[-1])) / num_cases
 
 
+def diagonal_fisher(layer: Layer, x: jax.Array, ds: jax.Array, num_cases: int) -> jax.Array:
+  """The diagonal Fisher ``F`` of ``[W; b]`` from per-example gradients.
+
+  Args:
+    layer: a layer whose ``match.block == "diag"``.
+    x: the activation operand.
+    ds: output derivatives ``[S, *out_shape]``.
+    num_cases: number of cases the loss averages over.
+
+  Returns:
+    ``[d_in(+1), d_out]`` float32: ``Σ_{s,n} g ⊙ g / num_cases``.
+  """
+  g = layer.match.per_example_grads(x, layer.match.unpermute(ds.astype(jnp.float32)),
+                                    bias=layer.bias_index is not None)
+  return jnp.sum(jnp.square(g), axis=(0, 1)) / num_cases
+
+
 def _leaf_to_matrix(layer: Layer, w: jax.Array) -> jax.Array:
   for eqn in layer.match.weight_chain:
     if eqn.primitive.name not in TYPE_ONLY_PRIMITIVES:

@@ -41,7 +41,7 @@ class _Taps:
   def __init__(self, tagged: TaggedLoss):
     self.capture: dict[tuple[int, ...], Layer] = {}
     self.perturb: dict[tuple[int, ...], Layer] = {}
-    for layer in tagged.kron:
+    for layer in tagged.factored:
       self.capture[layer.match.path] = layer
       self.perturb[layer.match.out_path] = layer
     self.marker = tagged.marker.path
@@ -101,4 +101,4 @@ def tapped_loss(tagged: TaggedLoss, param_leaves: Sequence[jax.Array],
 
 def zero_perturbations(tagged: TaggedLoss) -> dict[str, jax.Array]:
   """Zero perturbations (float32) for every Kronecker layer's output."""
-  return {l.name: jnp.zeros(l.match.perturbed_shape, jnp.float32) for l in tagged.kron}
+  return {l.name: jnp.zeros(l.match.perturbed_shape, jnp.float32) for l in tagged.factored}

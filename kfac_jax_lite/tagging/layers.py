@@ -59,8 +59,11 @@ class Layer:
 
   @property
   def factor_shapes(self) -> dict[str, tuple[int, ...]]:
-    """Shapes of the ``A`` and ``G`` factors (``A`` is a vector if diagonal)."""
+    """Shapes of the factors: ``A`` and ``G`` of a Kronecker block (``A`` a
+    vector if diagonal), or ``F``, the diagonal Fisher of ``[W; b]``."""
     assert self.match is not None
+    if self.match.block == "diag":
+      return {"F": (self.d_in, self.d_out)}
     a = (self.d_in,) if self.match.diagonal_input else (self.d_in, self.d_in)
     return {"A": a, "G": (self.d_out, self.d_out)}
 
@@ -79,8 +82,8 @@ class TaggedLoss:
   marker: patterns.LossMarker
 
   @property
-  def kron(self) -> tuple[Layer, ...]:
-    """The Kronecker-factored layers."""
+  def factored(self) -> tuple[Layer, ...]:
+    """The layers with curvature factors (Kronecker, or per-example diagonal)."""
     return tuple(l for l in self.layers if l.match is not None)
 
   @property

@@ -37,6 +37,9 @@ class Match:
   """A layer's product equation with a parameter weight (abstract)."""
 
   kind: ClassVar[str] = ""
+  # "kron": a Kronecker-factored block; "diag": the exact diagonal of the
+  # Fisher from per-example gradients (scale-and-shift parameters).
+  block: ClassVar[str] = "kron"
   # A family whose input factor is diagonal (embeddings: token counts).
   diagonal_input: ClassVar[bool] = False
   # Whether an added broadcast parameter may be taken as this layer's bias.
@@ -93,6 +96,10 @@ class Match:
 
   def operand_to_matrix(self, w: jax.Array) -> jax.Array:
     """Weight operand (as the equation sees it) -> ``[d_in, d_out]``."""
+    raise NotImplementedError
+
+  def per_example_grads(self, x: jax.Array, ds: jax.Array, *, bias: bool) -> jax.Array:
+    """``[S, N, d_in(+1), d_out]`` per-example gradients (``"diag"`` blocks)."""
     raise NotImplementedError
 
   def input_factor(self, x: jax.Array, *, bias: bool, reduce: bool) -> jax.Array:

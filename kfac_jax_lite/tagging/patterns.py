@@ -6,7 +6,8 @@ broadcasts for biases) and whether it depends on the batch. A product of a
 parameter view and a batch-dependent activation is a layer (Ba et al. 2017,
 Appendix B: a parameter whose gradient's immediate parent is a matrix product
 or a convolution gets a Kronecker factorization); each family's matcher lives
-in its own module (:mod:`.dense`, :mod:`.conv`, :mod:`.embedding`). An ``add`` of a broadcast
+in its own module (:mod:`.dense`, :mod:`.conv`, :mod:`.embedding`,
+:mod:`.scale` for scale-and-shift parameters). An ``add`` of a broadcast
 parameter to such a product's (otherwise unused) output is its bias. Every
 other use of a parameter is recorded, so a weight used twice (tied) or also
 elsewhere is never mistaken for an independent layer.
@@ -25,7 +26,7 @@ from typing import Any
 from jax.extend import core as jex_core
 
 from kfac_jax_lite.losses import MARKER_PREFIX
-from kfac_jax_lite.tagging import conv, dense, embedding
+from kfac_jax_lite.tagging import conv, dense, embedding, scale
 from kfac_jax_lite.tagging.match import Match, ParamView, Path
 from kfac_jax_lite.tagging.trace import TYPE_ONLY_PRIMITIVES, inlined_body
 
@@ -37,7 +38,7 @@ VIEW_PRIMITIVES = frozenset({
 BROADCAST_PRIMITIVES = frozenset({"broadcast_in_dim"})
 # One matcher per layer family: primitive name -> matcher.
 MATCHERS = {"dot_general": dense.match, "conv_general_dilated": conv.match,
-            "gather": embedding.match}
+            "gather": embedding.match, "mul": scale.match_scale, "add": scale.match_shift}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +150,10 @@ class _Walker:
         self._mark_data(eqn, data_env, True)
         continue
 
+      if name == "add" and self._match_bias(eqn, path, in_views):
+        self._mark_data(eqn, data_env, True)
+        continue
+
       matcher = MATCHERS.get(name)
       found = matcher(eqn, path, in_views, in_data) if matcher else None
       if isinstance(found, Match):
@@ -157,10 +162,6 @@ class _Walker:
         continue
       if isinstance(found, str):
         name = f"{name} ({found})"
-
-      if name == "add" and self._match_bias(eqn, path, in_views):
-        self._mark_data(eqn, data_env, True)
-        continue
 
       for pv in in_views:
         if pv is not None:

@@ -12,9 +12,11 @@ _BYTES = 4  # factors and inverses are float32
 
 
 def block_type(layer: Layer) -> str:
-  """``"kron"``, ``"kron(diag A)"``, ``"diag"`` or ``"none"``."""
+  """``"kron"``, ``"kron(diag A)"``, ``"diag fisher"``, ``"diag"`` or ``"none"``."""
   if layer.match is None:
     return "diag" if layer.kind == "diagonal" else "none"
+  if layer.match.block == "diag":
+    return "diag fisher"
   return "kron(diag A)" if layer.match.diagonal_input else "kron"
 
 

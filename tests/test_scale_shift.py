@@ -1,0 +1,114 @@
+"""Scale-and-shift parameters get the exact diagonal Fisher from per-example gradients.
+
+Oracle: per-example Jacobians of every class's log-probability (exact
+expectation over the softmax), computed with ``jax.jacobian`` on a forward
+pass written here, independent of the library.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kfac_jax_lite as kfl
+
+B, D_IN, D, K = 6, 3, 4, 3
+
+
+class LnNet(nn.Module):
+  """Dense -> LayerNorm (scale and bias) -> tanh -> Dense."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.LayerNorm()(nn.Dense(D)(x))
+    return nn.Dense(K)(jnp.tanh(h))
+
+
+def rms_forward(p: Any, x: jax.Array) -> jax.Array:
+  """Plain-JAX RMSNorm with a scale only, then a dense head."""
+  h = x @ p["w1"]
+  h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + 1e-6) * p["gamma"]
+  return jnp.tanh(h) @ p["w2"]
+
+
+@pytest.fixture(scope="module")
+def data() -> dict[str, jax.Array]:
+  rng = np.random.default_rng(0)
+  return {"x": jnp.asarray(rng.normal(size=(B, D_IN)), jnp.float32),
+          "y": jnp.asarray(rng.integers(0, K, B))}
+
+
+def _oracle_diag_fisher(logits_fn, params, x, leaf_paths):
+  """(1/N) Σ_n Σ_y p(y|x_n) g_{n,y}² for the named leaves."""
+  def logp(p, xn):
+    return jax.nn.log_softmax(logits_fn(p, xn[None])[0])
+  out = {}
+  for n in range(x.shape[0]):
+    probs = np.exp(np.asarray(logp(params, x[n]), np.float64))
+    jac = jax.jacobian(logp)(params, x[n])  # leaves [K, *leaf]
+    for path, leaf in jax.tree_util.tree_flatten_with_path(jac)[0]:
+      name = jax.tree_util.keystr(path)
+      if name in leaf_paths:
+        g = np.asarray(leaf, np.float64).reshape(K, -1)
+        out[name] = out.get(name, 0.0) + (probs[:, None] * g * g).sum(0) / x.shape[0]
+  return out
+
+
+def test_layernorm_scale_and_bias_detected(data):
+  model = LnNet()
+  params = model.init(jax.random.key(0), data["x"])["params"]
+  loss = lambda p, b: kfl.losses.softmax_cross_entropy(model.apply({"params": p}, b["x"]), b["y"])
+  kinds = {l.name: (l.kind, l.bias_path is not None) for l in kfl.find_layers(loss, params, data)}
+  assert kinds["['LayerNorm_0']['scale']"] == ("scale", False)
+  assert kinds["['LayerNorm_0']['bias']"] == ("shift", False)
+  assert kinds["['Dense_0']['kernel']"] == ("dense", True)
+
+
+def test_layernorm_diagonal_fisher_matches_oracle(data):
+  model = LnNet()
+  params = jax.tree.map(lambda v: v + 0.1 * jnp.arange(v.size, dtype=v.dtype).reshape(v.shape) / v.size,
+                        model.init(jax.random.key(0), data["x"])["params"])
+  loss = lambda p, b: kfl.losses.softmax_cross_entropy(model.apply({"params": p}, b["x"]), b["y"])
+  got = kfl.estimate_curvature(loss, params, data, key=jax.random.key(0), estimator="exact")
+  names = {"['LayerNorm_0']['scale']", "['LayerNorm_0']['bias']"}
+  want = _oracle_diag_fisher(lambda p, x: model.apply({"params": p}, x), params, data["x"], names)
+  for name in names:
+    np.testing.assert_allclose(np.asarray(got[name]["F"]).reshape(-1), want[name],
+                               rtol=1e-4, atol=1e-7)
+
+
+def test_rmsnorm_scale_update_is_damped_diagonal_solve(data):
+  rng = np.random.default_rng(1)
+  params = {"w1": jnp.asarray(rng.normal(size=(D_IN, D)), jnp.float32),
+            "gamma": jnp.asarray(1 + 0.1 * rng.normal(size=(D,)), jnp.float32),
+            "w2": jnp.asarray(rng.normal(size=(D, K)), jnp.float32)}
+  loss = lambda p, b: kfl.losses.softmax_cross_entropy(rms_forward(p, b["x"]), b["y"])
+  kinds = {l.name: l.kind for l in kfl.find_layers(loss, params, data)}
+  assert kinds == {"['w1']": "dense", "['gamma']": "scale", "['w2']": "dense"}
+  lam = 1e-2
+  tx = kfl.scale_by_kfac(loss, data, damping=lam, estimator="exact", ema_decay=0.0,
+                         inverse_every=1)
+  grads = jax.grad(loss)(params, data)
+  updates, _ = tx.update(grads, tx.init(params), params, batch=data)
+  fisher = _oracle_diag_fisher(rms_forward, params, data["x"], {"['gamma']"})["['gamma']"]
+  np.testing.assert_allclose(np.asarray(updates["gamma"]),
+                             np.asarray(grads["gamma"], np.float64) / (fisher + lam),
+                             rtol=1e-4, atol=1e-7)
+
+
+def test_scale_used_twice_is_not_a_scale_block(data):
+  rng = np.random.default_rng(2)
+  params = {"w1": jnp.asarray(rng.normal(size=(D_IN, D)), jnp.float32),
+            "gamma": jnp.ones((D,)), "w2": jnp.asarray(rng.normal(size=(D, K)), jnp.float32)}
+
+  def loss(p, b):
+    h = jnp.tanh((b["x"] @ p["w1"]) * p["gamma"]) * p["gamma"]
+    return kfl.losses.softmax_cross_entropy(h @ p["w2"], b["y"])
+
+  kinds = {l.name: l.kind for l in kfl.find_layers(loss, params, data)}
+  assert kinds["['gamma']"] == "diagonal"
