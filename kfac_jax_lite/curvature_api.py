@@ -17,7 +17,7 @@ def estimate_curvature(loss_fn: Callable[[Any, Any], jax.Array], params: Any,
                        num_samples: int = 1, conv_approximation: str = "expand",
                        dense_approximation: str = "expand",
                        ) -> dict[str, dict[str, jax.Array]]:
-  """One estimate of every Kronecker layer's factors (no moving average).
+  """One estimate of every detected layer's curvature factors (no moving average).
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar`` built with a
@@ -36,7 +36,9 @@ def estimate_curvature(loss_fn: Callable[[Any, Any], jax.Array], params: Any,
     ``keystr`` of each Kronecker layer's weight path; ``F ≈ kron(A, G)`` for
     ``θ = [W; b]`` flattened row-major, ``W`` the ``[d_in, d_out]`` matrix
     (for a convolution: ``d_in`` = input channels × filter positions,
-    channel-major).
+    channel-major; for an embedding ``A`` is the vector of token
+    frequencies). Scale-and-shift layers give ``{"F": [1(+1), d]}``, the
+    diagonal Fisher of ``[γ; β]``.
   """
   check_estimator(estimator, num_samples)
   tagged = tag(trace_loss(loss_fn, params, batch),

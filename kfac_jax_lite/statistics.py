@@ -1,4 +1,4 @@
-"""Per-layer Kronecker factor estimates from one batch.
+"""Per-layer curvature factor estimates from one batch.
 
 This is where the tagging side (which jaxpr values are a layer's input and
 output) meets the curvature side (what to do with them). For each Kronecker
@@ -17,7 +17,9 @@ where ``M`` is the number of cases the registered loss averages over. For an
 MLP both are the usual K-FAC estimate ``F ≈ A ⊗ G`` (Martens & Grosse 2015,
 eq. 1; Ba et al. 2017, §2); for convolutions "expand" is KFC (Grosse & Martens
 2016) and "reduce" Ba et al.'s Appendix A approximation; for sequences they
-are K-FAC-expand / -reduce (Eschenhagen et al. 2023).
+are K-FAC-expand / -reduce (Eschenhagen et al. 2023). Scale-and-shift
+parameters get ``F = (1/M) sum_{s,n} g ⊙ g``, the exact diagonal Fisher from
+the per-example gradients ``g`` those same output derivatives give.
 """
 
 from __future__ import annotations
