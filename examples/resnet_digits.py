@@ -1,0 +1,436 @@
+"""Every layer of a real network: K-FAC vs Adam on a small ResNet with BatchNorm.
+
+A Flax ``linen`` ResNet on scikit-learn's 8x8 digits images (NHWC
+``[B, 8, 8, 1]``, the 1437-image training split of ``digits_data``): a 3x3
+conv stem (16 channels), two residual blocks (conv-BatchNorm-relu-conv-BatchNorm
+plus the skip connection; the second block has stride 2, 32 channels and a 1x1
+projection conv on the skip path), global average pooling and a dense head
+with 10 logits, trained with softmax cross-entropy. Nothing in the model is
+written for K-FAC: ``kfl.find_layers`` finds the six convolutions (Kronecker
+blocks, KFC: one row of patches per output location) and the dense head; the
+BatchNorm offsets get the exact diagonal Fisher of a shift, and the BatchNorm
+scales (multiplied by the batch's own rsqrt(variance), so no per-example
+gradient can be read) the diagonal fallback. The table is printed at the start.
+
+Three runs from the same initialization on the same batch sequence: K-FAC with
+``conv_approximation="expand"`` (Grosse & Martens 2016), K-FAC with
+``"reduce"`` (Ba et al. 2017, Appendix A: patches averaged over locations
+before the outer products) and ``optax.adam``.
+
+BatchNorm. ``batch_stats`` (the running averages) is a second variable
+collection, not a parameter: K-FAC preconditions the ``params`` collection
+only. In training mode (``use_running_average=False``) BatchNorm normalizes
+with the statistics of the batch itself and only *writes* the running
+averages, so the training loss does not depend on their values. Hence the
+pattern used here:
+
+* ``train_loss(params, batch_stats, batch) -> (loss, new_batch_stats)``
+  applies the model with ``mutable=["batch_stats"]``; the train step
+  differentiates it with ``has_aux=True`` and carries the new running averages
+  forward (one forward pass gives the gradient and the new statistics);
+* K-FAC's ``loss_fn(params, batch) -> scalar`` is the same function with the
+  running averages closed over (any value gives the same loss and the same
+  layers; we close over the initial ones) and the new ones dropped;
+* evaluation applies the model with ``train=False`` (running averages).
+
+The loss reported is the full training-set loss in evaluation mode (running
+averages, as the model would be deployed), evaluated every ``steps / 100``
+steps outside the timed region; the final test-set accuracy is printed too.
+Wall-clock time counts only the train steps (the first call, which compiles,
+is reported on its own).
+
+Hyperparameters: a sweep at 300 steps, batch 128, seed 0, scored by the
+training loss at steps 100 and 300 (see ``ADAM_LR`` and ``KFAC_HPARAMS``):
+
+* Adam: learning rate in {1e-3, 3e-3, 1e-2, 3e-2}.
+* K-FAC (both approximations): learning rate in {0.1, 0.3}, damping in
+  {1e-3, 1e-2, 1e-1}, ``kl_clip`` in {1e-3, 1e-2}; momentum 0.9,
+  ``stats_every=1``, ``inverse_every=10``, ``ema_decay=0.95``, one-sample MC
+  Fisher.
+
+Run ``python examples/resnet_digits.py`` (``--steps``, ``--out``, ``--quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import os
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # Before jax/scipy load BLAS.
+
+import flax.linen as nn  # pylint: disable=wrong-import-position
+import jax  # pylint: disable=wrong-import-position
+import jax.numpy as jnp  # pylint: disable=wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+import optax  # pylint: disable=wrong-import-position
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import digits_data  # pylint: disable=wrong-import-position
+
+import kfac_jax_lite as kfl  # pylint: disable=wrong-import-position
+
+IMAGE_SHAPE = (8, 8, 1)
+BATCH_SIZE = 128
+BN_MOMENTUM = 0.9
+
+# Tuned settings (see the module docstring).
+ADAM_LR = 1e-2
+KFAC_HPARAMS = dict(learning_rate=0.3, damping=1e-2, kl_clip=1e-3)
+OPTIMIZERS = {"K-FAC expand": ("kfac", "expand"), "K-FAC reduce": ("kfac", "reduce"),
+              "Adam": ("adam", None)}
+
+# --quick: XLA's optimizations cost more compile time than they save in 20 steps.
+FAST_COMPILE = {"xla_backend_optimization_level": 0,
+                "xla_llvm_disable_expensive_passes": True}
+
+Batch = dict[str, np.ndarray]
+Variables = tuple[Any, Any]  # (params, batch_stats)
+TrainLoss = Callable[[Any, Any, Batch], tuple[jax.Array, Any]]
+EvalFn = Callable[[Variables, Batch], tuple[jax.Array, jax.Array]]
+TrainStep = Callable[[Any, Any, Any, Batch], tuple[Any, Any, Any, jax.Array]]
+
+
+class ResidualBlock(nn.Module):
+  """conv-BN-relu-conv-BN plus the skip (projected when the shape changes).
+
+  Attributes:
+    features: output channels.
+    strides: stride of the first conv (and of the projection).
+  """
+  features: int
+  strides: int = 1
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+                             momentum=BN_MOMENTUM)
+    y = nn.Conv(self.features, (3, 3), strides=self.strides, use_bias=False)(x)
+    y = nn.relu(norm()(y))
+    y = nn.Conv(self.features, (3, 3), use_bias=False)(y)
+    y = norm()(y)
+    if x.shape[-1] != self.features or self.strides != 1:
+      x = nn.Conv(self.features, (1, 1), strides=self.strides, use_bias=False)(x)
+      x = norm()(x)
+    return nn.relu(x + y)
+
+
+class ResNet(nn.Module):
+  """Conv stem, residual blocks, global average pool, dense head.
+
+  Attributes:
+    widths: channels of the stem and of each residual block.
+    num_classes: number of logits.
+  """
+  widths: Sequence[int] = (16, 16, 32)
+  num_classes: int = digits_data.NUM_CLASSES
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    x = nn.Conv(self.widths[0], (3, 3), use_bias=False)(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM)(x))
+    for i, width in enumerate(self.widths[1:]):
+      x = ResidualBlock(width, strides=1 if i == 0 else 2)(x, train)
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes)(x)
+
+
+def load_images() -> tuple[Batch, Batch]:
+  """The digits train/test split of ``digits_data`` as ``[n, 8, 8, 1]`` images."""
+  train, test = digits_data.load_split()
+  return tuple({"x": d["x"].reshape(-1, *IMAGE_SHAPE), "y": d["y"]}
+               for d in (train, test))
+
+
+def init_variables(model: nn.Module, seed: int = 0) -> Variables:
+  """``(params, batch_stats)`` drawn with numpy (``model.init`` compiles slowly).
+
+  Flax's defaults: kernels LeCun normal (variance ``1 / fan_in`` with ``fan_in``
+  the product of all but the last axis, truncated at two standard deviations
+  and rescaled), zero biases, BatchNorm scales 1 and shifts 0, running means 0
+  and variances 1.
+
+  Args:
+    model: the :class:`ResNet`.
+    seed: seed of the numpy generator.
+
+  Returns:
+    The ``params`` and ``batch_stats`` collections (float32 jax arrays).
+  """
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                             jnp.zeros((1, *IMAGE_SHAPE)), train=False))
+  rng = np.random.default_rng(seed)
+
+  def draw(path: tuple[Any, ...], leaf: jax.ShapeDtypeStruct) -> jax.Array:
+    name = path[-1].key
+    if name == "kernel":
+      z = rng.standard_normal(leaf.shape)
+      while np.any(bad := np.abs(z) > 2.0):
+        z[bad] = rng.standard_normal(int(bad.sum()))
+      std = np.sqrt(1.0 / np.prod(leaf.shape[:-1])) / 0.87962566103423978
+      return jnp.asarray(z * std, np.float32)
+    fill = 1.0 if name in ("scale", "var") else 0.0
+    return jnp.full(leaf.shape, fill, np.float32)
+
+  variables = jax.tree_util.tree_map_with_path(draw, shapes)
+  return variables["params"], variables["batch_stats"]
+
+
+def make_losses(model: nn.Module, batch_stats: Any
+                ) -> tuple[TrainLoss, digits_data.LossFn, EvalFn]:
+  """The training loss, K-FAC's loss and the evaluation loss.
+
+  Args:
+    model: the :class:`ResNet`.
+    batch_stats: any running averages of the right structure (K-FAC's loss
+      closes over them; in training mode their values are not read).
+
+  Returns:
+    ``(train_loss, kfac_loss, eval_loss)``: ``train_loss(params, batch_stats,
+    batch) -> (loss, new_batch_stats)`` in training mode;
+    ``kfac_loss(params, batch) -> loss``, the same loss as a function of the
+    parameters only; ``evaluate((params, batch_stats), batch) -> (loss,
+    accuracy)`` with the running averages.
+  """
+  def train_loss(params: Any, stats: Any, batch: Batch) -> tuple[jax.Array, Any]:
+    logits, updated = model.apply({"params": params, "batch_stats": stats},
+                                  batch["x"], train=True, mutable=["batch_stats"])
+    return kfl.losses.softmax_cross_entropy(logits, batch["y"]), updated["batch_stats"]
+
+  def kfac_loss(params: Any, batch: Batch) -> jax.Array:
+    return train_loss(params, batch_stats, batch)[0]
+
+  def evaluate(variables: Variables, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    params, stats = variables
+    logits = model.apply({"params": params, "batch_stats": stats}, batch["x"], train=False)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+    return loss, jnp.mean(jnp.argmax(logits, -1) == batch["y"])
+
+  return train_loss, kfac_loss, evaluate
+
+
+def make_optimizer(name: str, loss_fn: digits_data.LossFn, sample_batch: Batch,
+                   approximation: str | None = None, **overrides: Any
+                   ) -> optax.GradientTransformationExtraArgs:
+  """The tuned ``"kfac"`` or ``"adam"`` optimizer.
+
+  Args:
+    name: ``"kfac"`` or ``"adam"``.
+    loss_fn: K-FAC's loss (params, batch) -> scalar.
+    sample_batch: a training batch (for K-FAC's tracing).
+    approximation: K-FAC's ``conv_approximation``, ``"expand"`` or ``"reduce"``.
+    **overrides: replace tuned settings (``learning_rate``, ``damping``,
+      ``kl_clip``; other keys go to ``scale_by_kfac``).
+
+  Returns:
+    The optimizer (``update`` accepts ``batch=``).
+  """
+  if name == "adam":
+    return optax.with_extra_args_support(
+        optax.adam(overrides.get("learning_rate", ADAM_LR)))
+  if name != "kfac":
+    raise ValueError(f"Unknown optimizer {name!r}.")
+  settings = {"stats_every": 1, "inverse_every": 10, **KFAC_HPARAMS, **overrides}
+  return kfl.kfac(loss_fn, sample_batch, settings.pop("learning_rate"), momentum=0.9,
+                  conv_approximation=approximation or "expand", **settings)
+
+
+def make_train_step(train_loss: TrainLoss,
+                    tx: optax.GradientTransformationExtraArgs) -> TrainStep:
+  """A jitted ``(params, batch_stats, opt_state, batch) -> (..., loss)``."""
+  def step(params: Any, stats: Any, opt_state: Any,
+           batch: Batch) -> tuple[Any, Any, Any, jax.Array]:
+    (loss, stats), grads = jax.value_and_grad(train_loss, has_aux=True)(
+        params, stats, batch)
+    updates, opt_state = tx.update(grads, opt_state, params, batch=batch)
+    return optax.apply_updates(params, updates), stats, opt_state, loss
+  return jax.jit(step)
+
+
+@dataclasses.dataclass
+class Run:
+  """One training run.
+
+  Attributes:
+    steps: steps at which the training loss was evaluated (0 = init).
+    loss: full training-set loss (evaluation mode) at those steps.
+    seconds: cumulative train-step wall-clock time at those steps.
+    compile_s: compile time of the train step, excluded above.
+    test_accuracy: test-set accuracy at the end.
+  """
+  steps: list[int]
+  loss: list[float]
+  seconds: list[float]
+  compile_s: float
+  test_accuracy: float = float("nan")
+
+
+def train(label: str, num_steps: int, *, train_data: Batch, test_data: Batch,
+          batch_size: int = BATCH_SIZE, seed: int = 0, eval_every: int | None = None,
+          widths: Sequence[int] = (16, 16, 32), progress: bool = True,
+          compiler_options: dict[str, Any] | None = None, **overrides: Any) -> Run:
+  """Trains the ResNet with one optimizer, timing only the train steps.
+
+  Args:
+    label: a key of ``OPTIMIZERS``.
+    num_steps: number of train steps.
+    train_data: the training set (also used for the reported loss).
+    test_data: the test set (accuracy at the end).
+    batch_size: minibatch size.
+    seed: seed of the initialization and of the batch order.
+    eval_every: evaluate every this many steps (default ``num_steps // 100``).
+    widths: channels of the stem and the residual blocks.
+    progress: show a tqdm progress bar.
+    compiler_options: XLA options of the compilations.
+    **overrides: optimizer settings, see :func:`make_optimizer`.
+
+  Returns:
+    The :class:`Run`.
+  """
+  model = ResNet(widths=tuple(widths))
+  params, stats = init_variables(model, seed)
+  train_loss, kfac_loss, evaluate = make_losses(model, stats)
+  it = digits_data.batches(train_data, batch_size, seed)
+  batch = next(it)
+  name, approximation = OPTIMIZERS[label]
+  tx = make_optimizer(name, kfac_loss, batch, approximation, **overrides)
+  opt_state = tx.init(params)
+  start = time.perf_counter()
+  step = make_train_step(train_loss, tx).lower(params, stats, opt_state, batch).compile(
+      compiler_options)
+  compile_s = time.perf_counter() - start
+  full, test = ({k: jnp.asarray(v) for k, v in d.items()} for d in (train_data, test_data))
+  evaluate = jax.jit(evaluate)
+
+  def full_loss(variables: Variables) -> float:
+    return float(evaluate(variables, full)[0])
+  eval_every = eval_every or max(1, num_steps // 100)
+
+  run = Run([0], [full_loss((params, stats))], [0.0], compile_s)
+  bar = _progress(num_steps, label, progress)
+  elapsed = 0.0
+  start = time.perf_counter()
+  for i in range(1, num_steps + 1):
+    params, stats, opt_state, _ = step(params, stats, opt_state, batch)
+    batch = next(it)
+    if i % eval_every == 0 or i == num_steps:
+      jax.block_until_ready(params)
+      elapsed += time.perf_counter() - start
+      loss = full_loss((params, stats))
+      run.steps.append(i)
+      run.loss.append(loss)
+      run.seconds.append(elapsed)
+      bar.set_postfix(loss=f"{loss:.4f}")
+      bar.update(i - bar.n)
+      start = time.perf_counter()
+  bar.close()
+  run.test_accuracy = float(evaluate((params, stats), test)[1])
+  return run
+
+
+class _NoBar:
+  n = 0
+
+  def update(self, k: int) -> None:
+    self.n += k
+
+  def set_postfix(self, **_: Any) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+  if not enabled:
+    return _NoBar()
+  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+  return tqdm(total=total, desc=desc, leave=False, file=sys.stderr)
+
+
+def format_table(title: str, runs: dict[str, Run], count: int = 10) -> str:
+  """Loss and time of every run at about ``count`` evenly spaced evaluations.
+
+  Args:
+    title: first line.
+    runs: label -> run (all evaluated at the same steps).
+    count: number of intervals between the rows.
+
+  Returns:
+    The table, with compile times and test accuracies in the header.
+  """
+  first = next(iter(runs.values()))
+  rows = sorted({int(round(k)) for k in np.linspace(0, len(first.steps) - 1, count + 1)})
+  width = max(11, *(len(l) + 1 for l in runs))
+  lines = [title,
+           "compile (excluded below): " + ", ".join(
+               f"{l} {r.compile_s:.1f}s" for l, r in runs.items()),
+           "test accuracy: " + ", ".join(
+               f"{l} {r.test_accuracy:.3f}" for l, r in runs.items()),
+           f"{'step':>6} " + " ".join(f"{l:>{width}}" for l in runs) + "   seconds: "
+           + " ".join(f"{l:>{width}}" for l in runs)]
+  for k in rows:
+    lines.append(f"{first.steps[k]:>6} " + " ".join(
+        f"{r.loss[k]:>{width}.4g}" for r in runs.values()) + "            " + " ".join(
+            f"{r.seconds[k]:>{width - 1}.2f}s" for r in runs.values()))
+  return "\n".join(lines)
+
+
+def plot(runs: dict[str, Run], path: str, title: str) -> None:
+  """Loss vs step and loss vs wall-clock seconds (log loss), side by side."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+  for ax, x_name in zip(axes, ("steps", "seconds")):
+    for label, run in runs.items():
+      ax.plot(getattr(run, x_name), np.maximum(run.loss, 1e-12), label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("step" if x_name == "steps" else "wall-clock seconds (no compile)")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"{title}: loss vs {'step' if x_name == 'steps' else 'time'}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Run]:
+  """Runs the comparison; prints the layer table and the results, writes the plot."""
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--steps", type=int, default=300, help="train steps per run")
+  parser.add_argument("--out", default="resnet_digits.png", help="path of the PNG plot")
+  parser.add_argument("--quick", action="store_true",
+                      help="smoke test: 20 steps, narrower model, fast compilation, "
+                      "no progress bar")
+  args = parser.parse_args(argv)
+  steps = 20 if args.quick else args.steps
+  widths = (8, 8, 16) if args.quick else (16, 16, 32)
+  train_data, test_data = load_images()
+  print(f"jax {jax.__version__} on {jax.default_backend()} ({os.cpu_count()} CPUs); "
+        f"{len(train_data['x'])} training images {IMAGE_SHAPE}, batch {BATCH_SIZE}, "
+        f"{steps} steps, ResNet widths {widths}")
+  model = ResNet(widths=widths)
+  params, stats = init_variables(model)
+  _, kfac_loss, _ = make_losses(model, stats)
+  sample = next(digits_data.batches(train_data, BATCH_SIZE))
+  print(kfl.find_layers(kfac_loss, params, sample))
+  print()
+  runs = {label: train(label, steps, train_data=train_data, test_data=test_data,
+                       widths=widths, progress=not args.quick,
+                       compiler_options=FAST_COMPILE if args.quick else None)
+          for label in OPTIMIZERS}
+  print(format_table("ResNet on digits: full training-set loss (eval-mode BatchNorm)",
+                     runs))
+  plot(runs, args.out, "ResNet on digits")
+  print(f"plot written to {args.out}")
+  return runs
+
+
+if __name__ == "__main__":
+  main()
