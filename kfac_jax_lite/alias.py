@@ -32,6 +32,7 @@ def kfac(
     stats_batch_fraction: float | None = None,
     accumulate_statistics: bool = False,
     distribute_inverses: bool = False,
+    sample_params: Any = None,
     seed: int = 0,
     axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -66,6 +67,7 @@ def kfac(
     stats_batch_fraction: see :func:`kfac_jax_lite.scale_by_kfac`.
     accumulate_statistics: see :func:`kfac_jax_lite.scale_by_kfac`.
     distribute_inverses: see :func:`kfac_jax_lite.scale_by_kfac`.
+    sample_params: see :func:`kfac_jax_lite.scale_by_kfac`.
     seed: see :func:`kfac_jax_lite.scale_by_kfac`.
     axis_name: see :func:`kfac_jax_lite.scale_by_kfac`.
 
@@ -82,7 +84,8 @@ def kfac(
       staggered_inverses=staggered_inverses,
       stats_batch_fraction=stats_batch_fraction,
       accumulate_statistics=accumulate_statistics,
-      distribute_inverses=distribute_inverses, seed=seed, axis_name=axis_name)]
+      distribute_inverses=distribute_inverses, sample_params=sample_params,
+      seed=seed, axis_name=axis_name)]
   if not _is_zero(weight_decay):
     parts.append(optax.add_decayed_weights(weight_decay))
   if not _is_zero(momentum):

@@ -98,6 +98,7 @@ def scale_by_kfac(
     stats_batch_fraction: float | None = None,
     accumulate_statistics: bool = False,
     distribute_inverses: bool = False,
+    sample_params: Any = None,
     seed: int = 0,
     axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -151,6 +152,12 @@ def scale_by_kfac(
       so each inverse is computed once per step across devices instead of on
       every device (KAISA's COMM-OPT placement: all devices keep all
       inverses).
+    sample_params: the full parameters (arrays or ``jax.ShapeDtypeStruct``),
+      needed only inside ``optax.masked`` / ``optax.partition``, which hide
+      the masked-out parameters from ``init``. There, ``update`` also needs
+      the full parameter values as ``kfac_params=`` (masked forwards extra
+      arguments); layers are preconditioned for the leaves inside the mask
+      (a masked-out bias counts as a zero gradient row).
     seed: seed of the state's PRNG key.
     axis_name: a ``pmap`` / ``shard_map`` axis over which the factor
       statistics are averaged (the gradients are averaged by the caller).
@@ -221,8 +228,12 @@ def scale_by_kfac(
     zero = jnp.zeros([], jnp.int32)
     if not jax.tree_util.tree_leaves(params):
       return KfacState(zero, key, zero, _NotParams(), _NotParams(), params)
-    _check_not_masked(params)
-    tagged = tagged_for(params, sample_batch)
+    if _has_masked(params):
+      if sample_params is None:
+        raise _masked_error("pass scale_by_kfac(..., sample_params=params)")
+      tagged = tagged_for(abstractify(sample_params), sample_batch)
+    else:
+      tagged = tagged_for(params, sample_batch)
     factors = {l.name: {k: jnp.zeros(shape, jnp.float32)
                         for k, shape in l.factor_shapes.items()}
                for l in tagged.factored}
@@ -234,7 +245,7 @@ def scale_by_kfac(
 
   def update_fn(updates: Any, state: KfacState, params: Any = None, *,
                 batch: Any = None, kfac_accumulate_only: bool = False,
-                **extra_args: Any) -> tuple[Any, KfacState]:
+                kfac_params: Any = None, **extra_args: Any) -> tuple[Any, KfacState]:
     del extra_args
     if kfac_accumulate_only and not accumulate_statistics:
       raise ValueError("kfac_accumulate_only needs scale_by_kfac(..., "
@@ -242,7 +253,10 @@ def scale_by_kfac(
     if params is None or batch is None:
       raise ValueError("scale_by_kfac.update needs params and batch: call "
                        "tx.update(grads, state, params, batch=batch).")
-    _check_not_masked(params)
+    if _has_masked(params):
+      if kfac_params is None:
+        raise _masked_error("pass the full parameters as update(..., kfac_params=params)")
+      params = kfac_params
     varying = frozenset().union(*map(varying_axes, jax.tree_util.tree_leaves(batch)))
     if varying and axis_name is None:
       raise ValueError(
@@ -321,23 +335,32 @@ def scale_by_kfac(
       inverses = schedule.every(inverse_every, state.count, lambda: refresh(everything),
                                 lambda: state.inverses)
 
-    leaves, treedef = jax.tree_util.tree_flatten(updates)
+    # Masked-out leaves (optax.masked) are MaskedNode placeholders here.
+    leaves, treedef = jax.tree_util.tree_flatten(updates, is_leaf=_is_masked)
+    full_leaves = jax.tree_util.tree_leaves(params)
     diag_leaves = treedef.flatten_up_to(state.diag)
     out = list(leaves)
     new_diag = list(diag_leaves)
     for layer in tagged.factored:
-      w, b = leaves[layer.weight_index], (
-          None if layer.bias_index is None else leaves[layer.bias_index])
+      w = leaves[layer.weight_index]
+      if _is_masked(w):
+        continue
+      b = None
+      if layer.bias_index is not None:
+        b = leaves[layer.bias_index]
+        b = jnp.zeros_like(full_leaves[layer.bias_index], w.dtype) if _is_masked(b) else b
       mat = geometry.params_to_matrix(layer, w.astype(jnp.float32),
                                       None if b is None else b.astype(jnp.float32))
       inv = inverses[layer.name]
       pre = (inv["F"] * mat if "F" in inv
              else kronecker.precondition(inv["A"], inv["G"], mat))
       out[layer.weight_index], b_out = geometry.matrix_to_params(layer, pre, w, b)
-      if b is not None:
+      if b is not None and not _is_masked(leaves[layer.bias_index]):
         out[layer.bias_index] = b_out
     for layer in tagged.diagonal:
       i = layer.weight_index
+      if _is_masked(leaves[i]):
+        continue
       v = diagonal.update_second_moment(diag_leaves[i], leaves[i], ema_decay,
                                         state.count == 0)
       new_diag[i] = guard.select(guard.all_finite(v), v, diag_leaves[i])
@@ -345,10 +368,10 @@ def scale_by_kfac(
 
     if kl_clip is not None:
       vg = sum(jnp.vdot(o.astype(jnp.float32), g.astype(jnp.float32))
-               for o, g in zip(out, leaves))
+               for o, g in zip(out, leaves) if not _is_masked(g))
       lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
       scale = kl_clip_lib.kl_scale(vg, lr, kl_clip)
-      out = [(o * scale).astype(o.dtype) for o in out]
+      out = [o if _is_masked(o) else (o * scale).astype(o.dtype) for o in out]
 
     new_state = KfacState(
         count=optax.safe_increment(state.count), key=jax.random.key_data(key),
@@ -361,24 +384,29 @@ def scale_by_kfac(
 
 
 
-def _check_not_masked(params: Any) -> None:
-  """K-FAC runs the model, so it must see every parameter (not optax.masked's)."""
-  is_masked = lambda x: isinstance(x, optax.MaskedNode)
-  if any(is_masked(x) for x in jax.tree_util.tree_leaves(params, is_leaf=is_masked)):
-    raise ValueError(
-        "scale_by_kfac got parameters with optax.MaskedNode leaves: it cannot "
-        "run inside optax.masked / optax.partition, because estimating "
-        "curvature runs the model on all parameters. To leave parameters out "
-        "of K-FAC preconditioning, use scale_by_kfac(..., blocks={regex: "
-        "'none'}) (or 'diag'), and mask the other transforms of your chain "
-        "instead.")
+def _is_masked(x: Any) -> bool:
+  return isinstance(x, optax.MaskedNode)
+
+
+def _has_masked(params: Any) -> bool:
+  return any(map(_is_masked, jax.tree_util.tree_leaves(params, is_leaf=_is_masked)))
+
+
+def _masked_error(fix: str) -> ValueError:
+  """Inside optax.masked K-FAC needs the parameters the mask hides."""
+  return ValueError(
+      "scale_by_kfac got parameters with optax.MaskedNode leaves (inside "
+      "optax.masked / optax.partition): estimating curvature runs the model on "
+      f"all parameters, so {fix}. To leave parameters out of K-FAC "
+      "preconditioning without masking, use scale_by_kfac(..., blocks={regex: "
+      "'none'}) (or 'diag').")
 
 
 def _diag_tree(tagged: TaggedLoss, params: Any) -> Any:
-  leaves, treedef = jax.tree_util.tree_flatten(params)
+  leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=_is_masked)
   diag_idx = {l.weight_index for l in tagged.diagonal}
   return jax.tree_util.tree_unflatten(treedef, [
-      jnp.zeros(jnp.shape(x), jnp.float32) if i in diag_idx else None
+      jnp.zeros(jnp.shape(x), jnp.float32) if i in diag_idx and not _is_masked(x) else None
       for i, x in enumerate(leaves)])
 
 

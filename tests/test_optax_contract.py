@@ -266,15 +266,38 @@ def test_inject_hyperparams_around_the_kfac_alias(params: Params, batch: Batch,
 # ----------------------------------------------------------------------------
 
 
-def test_masked_raises_a_clear_error(params: Params, batch: Batch):
-  """K-FAC must run the model on every parameter, which optax.masked hides.
-
-  The error names the supported way to exclude parameters (``blocks=``).
-  """
+def test_masked_without_the_full_parameters_is_a_clear_error(params: Params, batch: Batch,
+                                                            grads: Params):
+  """K-FAC runs the model on every parameter, which optax.masked hides."""
   mask = {name: {"kernel": True, "bias": False} for name in params}
   tx = optax.masked(kfl.scale_by_kfac(loss_fn, batch, damping=1e-2), mask)
-  with pytest.raises(ValueError, match="optax.masked.*blocks"):
+  with pytest.raises(ValueError, match="sample_params"):
     tx.init(params)
+  tx = optax.masked(kfl.scale_by_kfac(loss_fn, batch, damping=1e-2, sample_params=params), mask)
+  with pytest.raises(ValueError, match="kfac_params"):
+    tx.update(grads, tx.init(params), params, batch=batch)
+
+
+def test_masked_excluding_biases(params: Params, batch: Batch, grads: Params):
+  """Inside optax.masked: kernels preconditioned, masked-out biases untouched.
+
+  Reference: K-FAC on all parameters with the bias gradients set to zero (the
+  documented meaning of a masked-out bias in a Kronecker block).
+  """
+  mask = {name: {"kernel": True, "bias": False} for name in params}
+  kw = dict(damping=1e-2, estimator="exact", ema_decay=0.0, inverse_every=1)
+  tx = optax.masked(kfl.scale_by_kfac(loss_fn, batch, sample_params=params, **kw), mask)
+  update = jax.jit(lambda g, s, p, b: tx.update(g, s, p, batch=b, kfac_params=p))
+  updates, _ = update(grads, tx.init(params), params, batch)
+  ref = kfl.scale_by_kfac(loss_fn, batch, **kw)
+  zero_bias = {n: {"kernel": g["kernel"], "bias": jnp.zeros_like(g["bias"])}
+               for n, g in grads.items()}
+  want, _ = make_update(ref)(zero_bias, ref.init(params), params, batch)
+  for name in params:
+    np.testing.assert_array_equal(updates[name]["bias"], grads[name]["bias"])
+    np.testing.assert_allclose(updates[name]["kernel"], want[name]["kernel"],
+                               rtol=1e-4, atol=1e-6)
+    assert not np.allclose(updates[name]["kernel"], grads[name]["kernel"])
 
 
 def test_blocks_none_excludes_biases_as_masked_would(params: Params, batch: Batch,
