@@ -178,7 +178,7 @@ def train(problem: str, optimizer: str, num_steps: int, *,
   eval_every = eval_every or max(1, num_steps // 100)
 
   run = Run([0], [float(full_loss(params, full))], [0.0], compile_s)
-  bar = _progress(num_steps, f"{problem}/{optimizer}", progress)
+  bar = progress_bar(num_steps, f"{problem}/{optimizer}", progress)
   elapsed, batch = 0.0, first
   start = time.perf_counter()
   for i in range(1, num_steps + 1):
@@ -213,7 +213,8 @@ class _NoBar:
     pass
 
 
-def _progress(total: int, desc: str, enabled: bool) -> Any:
+def progress_bar(total: int, desc: str, enabled: bool) -> Any:
+  """A tqdm progress bar on stderr, or a silent stand-in."""
   if not enabled:
     return _NoBar()
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel

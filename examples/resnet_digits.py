@@ -70,6 +70,7 @@ import numpy as np  # pylint: disable=wrong-import-position
 import optax  # pylint: disable=wrong-import-position
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import digits  # pylint: disable=wrong-import-position
 import digits_data  # pylint: disable=wrong-import-position
 
 import kfac_jax_lite as kfl  # pylint: disable=wrong-import-position
@@ -311,7 +312,7 @@ def train(label: str, num_steps: int, *, train_data: Batch, test_data: Batch,
   eval_every = eval_every or max(1, num_steps // 100)
 
   run = Run([0], [full_loss((params, stats))], [0.0], compile_s)
-  bar = _progress(num_steps, label, progress)
+  bar = digits.progress_bar(num_steps, label, progress)
   elapsed = 0.0
   start = time.perf_counter()
   for i in range(1, num_steps + 1):
@@ -330,26 +331,6 @@ def train(label: str, num_steps: int, *, train_data: Batch, test_data: Batch,
   bar.close()
   run.test_accuracy = float(evaluate((params, stats), test)[1])
   return run
-
-
-class _NoBar:
-  n = 0
-
-  def update(self, k: int) -> None:
-    self.n += k
-
-  def set_postfix(self, **_: Any) -> None:
-    pass
-
-  def close(self) -> None:
-    pass
-
-
-def _progress(total: int, desc: str, enabled: bool) -> Any:
-  if not enabled:
-    return _NoBar()
-  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-  return tqdm(total=total, desc=desc, leave=False, file=sys.stderr)
 
 
 def format_table(title: str, runs: dict[str, Run], count: int = 10) -> str:
