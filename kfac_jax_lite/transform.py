@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kfac_jax_lite import guard, schedule
+from kfac_jax_lite import guard, masking, schedule
 from kfac_jax_lite.curvature import diagonal, kl_clip as kl_clip_lib, kronecker
 from kfac_jax_lite.curvature.estimators import check_estimator
 from kfac_jax_lite.statistics import factor_estimate
@@ -228,9 +228,9 @@ def scale_by_kfac(
     zero = jnp.zeros([], jnp.int32)
     if not jax.tree_util.tree_leaves(params):
       return KfacState(zero, key, zero, _NotParams(), _NotParams(), params)
-    if _has_masked(params):
+    if masking.has_masked(params):
       if sample_params is None:
-        raise _masked_error("pass scale_by_kfac(..., sample_params=params)")
+        raise masking.masked_error("pass scale_by_kfac(..., sample_params=params)")
       tagged = tagged_for(abstractify(sample_params), sample_batch)
     else:
       tagged = tagged_for(params, sample_batch)
@@ -253,9 +253,9 @@ def scale_by_kfac(
     if params is None or batch is None:
       raise ValueError("scale_by_kfac.update needs params and batch: call "
                        "tx.update(grads, state, params, batch=batch).")
-    if _has_masked(params):
+    if masking.has_masked(params):
       if kfac_params is None:
-        raise _masked_error("pass the full parameters as update(..., kfac_params=params)")
+        raise masking.masked_error("pass the full parameters as update(..., kfac_params=params)")
       params = kfac_params
     varying = frozenset().union(*map(varying_axes, jax.tree_util.tree_leaves(batch)))
     if varying and axis_name is None:
@@ -336,30 +336,30 @@ def scale_by_kfac(
                                 lambda: state.inverses)
 
     # Masked-out leaves (optax.masked) are MaskedNode placeholders here.
-    leaves, treedef = jax.tree_util.tree_flatten(updates, is_leaf=_is_masked)
+    leaves, treedef = jax.tree_util.tree_flatten(updates, is_leaf=masking.is_masked)
     full_leaves = jax.tree_util.tree_leaves(params)
     diag_leaves = treedef.flatten_up_to(state.diag)
     out = list(leaves)
     new_diag = list(diag_leaves)
     for layer in tagged.factored:
       w = leaves[layer.weight_index]
-      if _is_masked(w):
+      if masking.is_masked(w):
         continue
       b = None
       if layer.bias_index is not None:
         b = leaves[layer.bias_index]
-        b = jnp.zeros_like(full_leaves[layer.bias_index], w.dtype) if _is_masked(b) else b
+        b = jnp.zeros_like(full_leaves[layer.bias_index], w.dtype) if masking.is_masked(b) else b
       mat = geometry.params_to_matrix(layer, w.astype(jnp.float32),
                                       None if b is None else b.astype(jnp.float32))
       inv = inverses[layer.name]
       pre = (inv["F"] * mat if "F" in inv
              else kronecker.precondition(inv["A"], inv["G"], mat))
       out[layer.weight_index], b_out = geometry.matrix_to_params(layer, pre, w, b)
-      if b is not None and not _is_masked(leaves[layer.bias_index]):
+      if b is not None and not masking.is_masked(leaves[layer.bias_index]):
         out[layer.bias_index] = b_out
     for layer in tagged.diagonal:
       i = layer.weight_index
-      if _is_masked(leaves[i]):
+      if masking.is_masked(leaves[i]):
         continue
       v = diagonal.update_second_moment(diag_leaves[i], leaves[i], ema_decay,
                                         state.count == 0)
@@ -368,10 +368,10 @@ def scale_by_kfac(
 
     if kl_clip is not None:
       vg = sum(jnp.vdot(o.astype(jnp.float32), g.astype(jnp.float32))
-               for o, g in zip(out, leaves) if not _is_masked(g))
+               for o, g in zip(out, leaves) if not masking.is_masked(g))
       lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
       scale = kl_clip_lib.kl_scale(vg, lr, kl_clip)
-      out = [o if _is_masked(o) else (o * scale).astype(o.dtype) for o in out]
+      out = [o if masking.is_masked(o) else (o * scale).astype(o.dtype) for o in out]
 
     new_state = KfacState(
         count=optax.safe_increment(state.count), key=jax.random.key_data(key),
@@ -384,29 +384,11 @@ def scale_by_kfac(
 
 
 
-def _is_masked(x: Any) -> bool:
-  return isinstance(x, optax.MaskedNode)
-
-
-def _has_masked(params: Any) -> bool:
-  return any(map(_is_masked, jax.tree_util.tree_leaves(params, is_leaf=_is_masked)))
-
-
-def _masked_error(fix: str) -> ValueError:
-  """Inside optax.masked K-FAC needs the parameters the mask hides."""
-  return ValueError(
-      "scale_by_kfac got parameters with optax.MaskedNode leaves (inside "
-      "optax.masked / optax.partition): estimating curvature runs the model on "
-      f"all parameters, so {fix}. To leave parameters out of K-FAC "
-      "preconditioning without masking, use scale_by_kfac(..., blocks={regex: "
-      "'none'}) (or 'diag').")
-
-
 def _diag_tree(tagged: TaggedLoss, params: Any) -> Any:
-  leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=_is_masked)
+  leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=masking.is_masked)
   diag_idx = {l.weight_index for l in tagged.diagonal}
   return jax.tree_util.tree_unflatten(treedef, [
-      jnp.zeros(jnp.shape(x), jnp.float32) if i in diag_idx and not _is_masked(x) else None
+      jnp.zeros(jnp.shape(x), jnp.float32) if i in diag_idx and not masking.is_masked(x) else None
       for i, x in enumerate(leaves)])
 
 
