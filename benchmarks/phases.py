@@ -76,7 +76,7 @@ def phases(problem: str, rounds: int) -> dict[str, float]:
   factors = stats(params, batch)
 
   def inverses(method):
-    return jax.jit(lambda f: {n: kronecker.inverses(v["A"], v["G"], 1e-2, method)
+    return jax.jit(lambda f: {n: kronecker.inverses([v["A"], v["G"]], 1e-2, method)
                               for n, v in f.items()})
 
   inv_eigh, inv_chol = inverses("eigh"), inverses("cholesky")

@@ -28,6 +28,7 @@ def kfac(
     conv_approximation: str = "expand",
     dense_approximation: str = "expand",
     blocks: Mapping[str, str] | None = None,
+    max_factor_dim: int | None = None,
     staggered_inverses: bool = False,
     stats_batch_fraction: float | None = None,
     accumulate_statistics: bool = False,
@@ -63,6 +64,7 @@ def kfac(
     conv_approximation: see :func:`kfac_jax_lite.scale_by_kfac`.
     dense_approximation: see :func:`kfac_jax_lite.scale_by_kfac`.
     blocks: see :func:`kfac_jax_lite.scale_by_kfac`.
+    max_factor_dim: see :func:`kfac_jax_lite.scale_by_kfac`.
     staggered_inverses: see :func:`kfac_jax_lite.scale_by_kfac`.
     stats_batch_fraction: see :func:`kfac_jax_lite.scale_by_kfac`.
     accumulate_statistics: see :func:`kfac_jax_lite.scale_by_kfac`.
@@ -81,7 +83,7 @@ def kfac(
       learning_rate=learning_rate if kl_clip is not None else None,
       inverse_method=inverse_method, conv_approximation=conv_approximation,
       dense_approximation=dense_approximation, blocks=blocks,
-      staggered_inverses=staggered_inverses,
+      max_factor_dim=max_factor_dim, staggered_inverses=staggered_inverses,
       stats_batch_fraction=stats_batch_fraction,
       accumulate_statistics=accumulate_statistics,
       distribute_inverses=distribute_inverses, sample_params=sample_params,

@@ -8,7 +8,7 @@ import jax
 
 from kfac_jax_lite.curvature.estimators import check_estimator
 from kfac_jax_lite.statistics import factor_estimate
-from kfac_jax_lite.tagging.layers import tag
+from kfac_jax_lite.tagging.layers import DEFAULT_MAX_FACTOR_DIM, tag
 from kfac_jax_lite.tagging.trace import trace_loss
 
 
@@ -16,7 +16,7 @@ def estimate_curvature(loss_fn: Callable[[Any, Any], jax.Array], params: Any,
                        batch: Any, *, key: jax.Array, estimator: str = "exact",
                        num_samples: int = 1, conv_approximation: str = "expand",
                        dense_approximation: str = "expand",
-                       ) -> dict[str, dict[str, jax.Array]]:
+                       max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM) -> dict[str, dict[str, jax.Array]]:
   """One estimate of every detected layer's curvature factors (no moving average).
 
   Args:
@@ -30,6 +30,7 @@ def estimate_curvature(loss_fn: Callable[[Any, Any], jax.Array], params: Any,
     conv_approximation: ``"expand"`` or ``"reduce"`` (see
       :func:`kfac_jax_lite.scale_by_kfac`).
     dense_approximation: ``"expand"`` or ``"reduce"``.
+    max_factor_dim: see :func:`kfac_jax_lite.scale_by_kfac`.
 
   Returns:
     ``{name: {"A": [d_in(+1), d_in(+1)], "G": [d_out, d_out]}}`` keyed by the
@@ -38,10 +39,13 @@ def estimate_curvature(loss_fn: Callable[[Any, Any], jax.Array], params: Any,
     (for a convolution: ``d_in`` = input channels × filter positions,
     channel-major; for an embedding ``A`` is the vector of token
     frequencies). Scale-and-shift layers give ``{"F": [1(+1), d]}``, the
-    diagonal Fisher of ``[γ; β]``.
+    diagonal Fisher of ``[γ; β]``. Layers over ``max_factor_dim`` have the
+    factors listed by their ``Layer.factor_shapes`` (``K``, ``Psi``, ``G``,
+    ``B`` when doubly factored; vectors for diagonal factors).
   """
   check_estimator(estimator, num_samples)
   tagged = tag(trace_loss(loss_fn, params, batch),
-               {"conv": conv_approximation, "dense": dense_approximation})
+               {"conv": conv_approximation, "dense": dense_approximation},
+               max_factor_dim=max_factor_dim)
   return factor_estimate(tagged, params, batch, key, estimator=estimator,
                          num_samples=num_samples)

@@ -19,7 +19,10 @@ eq. 1; Ba et al. 2017, §2); for convolutions "expand" is KFC (Grosse & Martens
 2016) and "reduce" Ba et al.'s Appendix A approximation; for sequences they
 are K-FAC-expand / -reduce (Eschenhagen et al. 2023). Scale-and-shift
 parameters get ``F = (1/M) sum_{s,n} g ⊙ g``, the exact diagonal Fisher from
-the per-example gradients ``g`` those same output derivatives give.
+the per-example gradients ``g`` those same output derivatives give. A layer
+over ``max_factor_dim`` replaces ``A`` by the doubly-factored ``K ⊗ Ψ``
+(:mod:`kfac_jax_lite.curvature.doubly`, Ba et al. 2017, §4) or by its
+diagonal, and ``G`` by its diagonal (see :mod:`kfac_jax_lite.tagging.geometry`).
 """
 
 from __future__ import annotations
@@ -40,14 +43,8 @@ Factors = dict[str, dict[str, jax.Array]]
 
 def _factors(tagged: TaggedLoss, inputs: dict[str, jax.Array],
              ds: dict[str, jax.Array], num_cases: int) -> Factors:
-  out = {}
-  for l in tagged.factored:
-    if l.match.block == "diag":
-      out[l.name] = {"F": geometry.diagonal_fisher(l, inputs[l.name], ds[l.name], num_cases)}
-    else:
-      out[l.name] = {"A": geometry.input_factor(l, inputs[l.name]),
-                     "G": geometry.output_factor(l, ds[l.name], num_cases)}
-  return out
+  return {l.name: geometry.layer_factors(l, inputs[l.name], ds[l.name], num_cases)
+          for l in tagged.factored}
 
 
 def _varying_like(perturbations: Factors, batch_leaves: list[Any]) -> Factors:

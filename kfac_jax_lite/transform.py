@@ -24,12 +24,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kfac_jax_lite import guard, masking, schedule
+from kfac_jax_lite import blocks as blocks_lib, guard, masking, schedule
 from kfac_jax_lite.curvature import diagonal, kl_clip as kl_clip_lib, kronecker
 from kfac_jax_lite.curvature.estimators import check_estimator
 from kfac_jax_lite.statistics import factor_estimate
 from kfac_jax_lite.tagging import geometry
-from kfac_jax_lite.tagging.layers import TaggedLoss, check_options, tag
+from kfac_jax_lite.tagging.layers import (DEFAULT_MAX_FACTOR_DIM, TaggedLoss, check_options,
+                                         tag)
 from kfac_jax_lite.tagging.trace import abstractify, trace_loss, type_key, varying_axes
 
 ScalarOrSchedule = float | jax.Array | optax.Schedule
@@ -68,8 +69,8 @@ class _NotParams:
 
 
 def _structure(tagged: TaggedLoss) -> tuple[Any, ...]:
-  return tuple((l.name, l.kind, l.bias_index, l.d_in if l.match else 0,
-                l.d_out if l.match else 0) for l in tagged.layers)
+  return tuple((l.name, l.kind, l.bias_index, l.input_form, l.output_form,
+                l.factor_shapes if l.match else None) for l in tagged.layers)
 
 
 def _check_positive(name: str, value: Any, allow_zero: bool = False) -> None:
@@ -94,6 +95,7 @@ def scale_by_kfac(
     conv_approximation: str = "expand",
     dense_approximation: str = "expand",
     blocks: Mapping[str, str] | None = None,
+    max_factor_dim: int | None = None,
     staggered_inverses: bool = False,
     stats_batch_fraction: float | None = None,
     accumulate_statistics: bool = False,
@@ -131,6 +133,11 @@ def scale_by_kfac(
     blocks: overrides of the detected blocks: regex (searched in the
       ``keystr`` of a parameter's path) -> ``"kron"`` | ``"diag"`` | ``"none"``
       (see :func:`kfac_jax_lite.tagging.tag`).
+    max_factor_dim: largest Kronecker factor kept as a dense matrix (``None``:
+      4096; static under ``optax.inject_hyperparams``): a larger
+      input factor is doubly factored (``K ⊗ Ψ``, Ba et al. 2017, §4) when the
+      layer's input is a visibly flattened feature map, else diagonal; a
+      larger output factor is diagonal. ``find_layers`` notes each case.
     staggered_inverses: instead of refreshing every inverse on one step in
       ``inverse_every`` (a latency spike), refresh a cost-balanced
       ``1/inverse_every`` share of the layers on every step (the functional
@@ -172,6 +179,12 @@ def scale_by_kfac(
   _check_positive("damping", damping)
   _check_positive("inverse_every", inverse_every)
   _check_positive("stats_every", stats_every)
+  if max_factor_dim is None:
+    max_factor_dim = DEFAULT_MAX_FACTOR_DIM
+  if not isinstance(max_factor_dim, int) or max_factor_dim < 1:
+    raise ValueError("max_factor_dim must be None or a positive Python int (under "
+                     "optax.inject_hyperparams, list it in static_args), got "
+                     f"{max_factor_dim!r}.")
   _check_positive("kl_clip", kl_clip if kl_clip is not None else 1.0)
   if isinstance(ema_decay, (int, float)) and not 0 <= ema_decay < 1:
     raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}.")
@@ -206,7 +219,8 @@ def scale_by_kfac(
     """Traces once per parameter/batch signature; checks the layers agree."""
     key = (type_key(params), type_key(batch))
     if key not in cache:
-      cache[key] = tag(trace_loss(loss_fn, params, batch), approximation, blocks)
+      cache[key] = tag(trace_loss(loss_fn, params, batch), approximation, blocks,
+                       max_factor_dim)
       ref_key = (key[0], type_key(sample_batch))
       if ref_key != key:
         if jax.tree_util.tree_structure(batch) != jax.tree_util.tree_structure(sample_batch):
@@ -303,10 +317,10 @@ def scale_by_kfac(
 
     costs = schedule.inversion_costs(tagged)
 
+    by_name = {l.name: l for l in tagged.factored}
+
     def compute(names: tuple[str, ...]) -> dict[str, dict[str, jax.Array]]:
-      return {n: ({"F": diagonal.damped_inverse(factors[n]["F"], damping)}
-                  if "F" in factors[n] else dict(zip("AG", kronecker.inverses(
-                      factors[n]["A"], factors[n]["G"], damping, inverse_method))))
+      return {n: blocks_lib.inverses(by_name[n], factors[n], damping, inverse_method)
               for n in names}
 
     def compute_spread(names: tuple[str, ...]) -> dict[str, dict[str, jax.Array]]:
@@ -351,9 +365,7 @@ def scale_by_kfac(
         b = jnp.zeros_like(full_leaves[layer.bias_index], w.dtype) if masking.is_masked(b) else b
       mat = geometry.params_to_matrix(layer, w.astype(jnp.float32),
                                       None if b is None else b.astype(jnp.float32))
-      inv = inverses[layer.name]
-      pre = (inv["F"] * mat if "F" in inv
-             else kronecker.precondition(inv["A"], inv["G"], mat))
+      pre = blocks_lib.precondition(layer, inverses[layer.name], mat)
       out[layer.weight_index], b_out = geometry.matrix_to_params(layer, pre, w, b)
       if b is not None and not masking.is_masked(leaves[layer.bias_index]):
         out[layer.bias_index] = b_out

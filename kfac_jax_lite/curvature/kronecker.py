@@ -4,10 +4,15 @@ A block ``F ≈ A ⊗ G`` for a weight matrix ``W`` of shape ``[d_in, d_out]``
 (row-major ``vec``) is inverted factor by factor with factored Tikhonov
 damping, and applied as ``(A + π√λ I)^{-1} ∇W (G + √λ/π I)^{-1}``
 (Martens & Grosse 2015, eq. 4 / §6.3; Ba et al. 2017, eq. 3) without ever
-forming the Kronecker product.
+forming the Kronecker product. The same holds for ``k`` factors
+``F_1 ⊗ ... ⊗ F_k`` (the doubly-factored ``K ⊗ Ψ ⊗ G`` of Ba et al. 2017, §4,
+eq. 9 and 12): the gradient is viewed as a ``[d_1, ..., d_k]`` tensor and each
+damped inverse is applied along its own axis.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -47,18 +52,41 @@ def damped_inverse(m: jax.Array, shift: jax.Array, method: str) -> jax.Array:
   return jax.scipy.linalg.cho_solve(chol, eye)
 
 
-def inverses(a: jax.Array, g: jax.Array, damping: jax.Array,
-             method: str) -> tuple[jax.Array, jax.Array]:
-  """Damped inverses of the two factors of one block (Ba et al. eq. 3)."""
-  shift_a, shift_g = factored_damping([a, g], damping)
-  return damped_inverse(a, shift_a, method), damped_inverse(g, shift_g, method)
+def inverses(factors: Sequence[jax.Array], damping: jax.Array | float,
+             method: str) -> list[jax.Array]:
+  """Damped inverses of the ``k`` factors of one block (Ba et al. eq. 3, 12).
 
+  Args:
+    factors: the block's factors, in Kronecker order (``[A, G]``, or
+      ``[K, Ψ, G]`` for a doubly-factored block).
+    damping: the Tikhonov damping ``λ`` of the whole block.
+    method: see :func:`damped_inverse`.
 
-def precondition(a_inv: jax.Array, g_inv: jax.Array, grad: jax.Array) -> jax.Array:
-  """``A^{-1} grad G^{-1}`` for ``grad`` of shape ``[d_in, d_out]``.
-
-  A vector ``a_inv`` is the diagonal of a diagonal ``A^{-1}``.
+  Returns:
+    ``(F_i + π_i λ^{1/k} I)^{-1}`` for each factor.
   """
-  grad = grad.astype(jnp.float32)
-  left = a_inv[:, None] * grad if a_inv.ndim == 1 else a_inv @ grad
-  return left @ g_inv
+  shifts = factored_damping(factors, damping)
+  return [damped_inverse(f, s, method) for f, s in zip(factors, shifts)]
+
+
+def precondition(invs: Sequence[jax.Array], grad: jax.Array) -> jax.Array:
+  """``(F_1^{-1} ⊗ ... ⊗ F_k^{-1}) vec(grad)`` without forming the product.
+
+  For two factors this is ``A^{-1} grad G^{-1}``.
+
+  Args:
+    invs: the symmetric damped inverses, in Kronecker order; a vector is the
+      diagonal of a diagonal inverse.
+    grad: ``[d_1 ... d_{k-1}, d_k]`` row-major (the weight matrix
+      ``[d_in, d_out]``).
+
+  Returns:
+    The preconditioned gradient, shaped like ``grad`` (float32).
+  """
+  x = grad.astype(jnp.float32).reshape([inv.shape[0] for inv in invs])
+  for axis, inv in enumerate(invs):
+    if inv.ndim == 1:
+      x = x * inv.reshape((-1,) + (1,) * (x.ndim - axis - 1))
+    else:
+      x = jnp.moveaxis(jnp.tensordot(inv, x, axes=((1,), (axis,))), 0, axis)
+  return x.reshape(grad.shape)

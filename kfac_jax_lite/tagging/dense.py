@@ -4,7 +4,9 @@ Covers ``x @ W``, ``x @ W.T`` (Equinox), ``jnp.einsum`` / ``jnp.dot`` and
 Flax ``Dense`` / ``nnx.Linear``, also with extra leading activation axes
 (``[B, T, d_in] @ W``: the weight is shared over ``T``). The weight matrix is
 the operand with its contracting axes first; activation rows have the
-contracting axes last (Ba et al. 2017, Appendix B).
+contracting axes last (Ba et al. 2017, Appendix B). A layer whose input is a
+visibly flattened feature map records the map's ``(spatial, channels)`` split,
+for the doubly-factored approximation of Ba et al. 2017, §4.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ class DenseMatch(Match):
   act_free: tuple[int, ...] = ()
   weight_contract: tuple[int, ...] = ()
   weight_free: tuple[int, ...] = ()
+  # (T, C) when the input is a flattened [B, *spatial, C] feature map.
+  input_split: tuple[int, int] | None = None
 
   @property
   def d_in(self) -> int:
@@ -88,3 +92,27 @@ def match(eqn: Any, path: Path, in_views: Sequence[ParamView | None],
         weight_contract=tuple(contract[w]),
         weight_free=tuple(d for d in range(len(w_shape)) if d not in contract[w]))
   return None
+
+
+def with_flatten_origin(m: DenseMatch, act_shape: tuple[int, ...],
+                        unflattened: tuple[int, ...] | None) -> DenseMatch:
+  """Records the ``(spatial, channels)`` split of a flattened input, if any.
+
+  Args:
+    m: a dense match.
+    act_shape: shape of the layer's activation operand.
+    unflattened: shape of the activation before the ``reshape`` that produced
+      it, or ``None``.
+
+  Returns:
+    ``m``, with ``input_split = (prod(spatial), channels)`` when the input is
+    ``[B, *spatial, C]`` flattened to ``[B, prod(spatial) * C]`` and the layer
+    contracts the flattened axis; the trailing axis is taken as the channels
+    (the NHWC layout of Flax and Haiku).
+  """
+  if (unflattened is None or len(unflattened) < 3 or m.act_free != (0,)
+      or m.act_contract != (1,) or unflattened[0] != act_shape[0]
+      or math.prod(unflattened[1:]) != m.d_in):
+    return m
+  return dataclasses.replace(
+      m, input_split=(math.prod(unflattened[1:-1]), unflattened[-1]))

@@ -13,23 +13,73 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kfac_jax_lite.curvature import doubly as doubly_lib
 from kfac_jax_lite.gram import gram
 from kfac_jax_lite.tagging.layers import Layer
 from kfac_jax_lite.tagging.trace import TYPE_ONLY_PRIMITIVES, bind_eqn
 
 
-def input_factor(layer: Layer, x: jax.Array) -> jax.Array:
-  """One batch's input factor ``A`` of a layer (``[d_in]`` if diagonal)."""
-  return layer.match.input_factor(x, bias=layer.bias_index is not None,
-                                  reduce=layer.approximation == "reduce")
+def _second_moment(rows: jax.Array, form: str, count: int) -> jax.Array:
+  """``rows^T rows / count``, or only its diagonal for a ``"diagonal"`` form."""
+  if form == "diagonal":
+    return jnp.sum(jnp.square(rows), axis=0) / count
+  return gram(rows) / count
 
 
-def output_factor(layer: Layer, ds: jax.Array, num_cases: int) -> jax.Array:
-  """One batch's output factor ``G`` from ``ds`` of shape ``[S, *out_shape]``."""
+def input_factors(layer: Layer, x: jax.Array) -> dict[str, jax.Array]:
+  """One batch's input factors: ``A`` (a vector if diagonal), or ``K`` and ``Ψ``."""
+  m = layer.match
+  reduce = layer.approximation == "reduce"
+  if m.diagonal_input:
+    return {"A": m.input_factor(x, bias=layer.bias_index is not None, reduce=reduce)}
+  doubly = layer.input_form == "doubly"
+  rows = m.input_matrix_rows(x, bias=layer.bias_index is not None and not doubly,
+                             reduce=reduce)
+  if doubly:
+    return dict(zip(("K", "Psi"), doubly_lib.input_factors(
+        rows.reshape(rows.shape[0], *m.input_split))))
+  return {"A": _second_moment(rows, layer.input_form, rows.shape[0])}
+
+
+def output_factors(layer: Layer, ds: jax.Array, num_cases: int) -> dict[str, jax.Array]:
+  """One batch's ``G`` (and a doubly-factored layer's bias block ``B``).
+
+  Args:
+    layer: a Kronecker layer.
+    ds: output derivatives ``[S, *out_shape]``.
+    num_cases: number of cases the loss averages over.
+
+  Returns:
+    ``{"G": ...}``, plus ``"B"``: the exact Fisher of the bias,
+    ``E[(Σ_t ds)(Σ_t ds)^T]`` (Ba et al. 2017, §4: the bias gets a full block).
+  """
   g = layer.match.output_rows(layer.match.unpermute(ds.astype(jnp.float32)))  # [S, N, T, d_out]
+  out = {}
+  if "B" in layer.factor_shapes:
+    summed = jnp.sum(g, axis=2)
+    out["B"] = _second_moment(summed.reshape(-1, g.shape[-1]), layer.output_form, num_cases)
   if layer.approximation == "reduce":
     g = jnp.sum(g, axis=2)
-  return gram(g.reshape(-1, g.shape[-1])) / num_cases
+  out["G"] = _second_moment(g.reshape(-1, g.shape[-1]), layer.output_form, num_cases)
+  return out
+
+
+def layer_factors(layer: Layer, x: jax.Array, ds: jax.Array,
+                  num_cases: int) -> dict[str, jax.Array]:
+  """One batch's estimate of every factor of a layer (see ``Layer.factor_shapes``).
+
+  Args:
+    layer: a layer with a match.
+    x: the activation operand of its product.
+    ds: output derivatives ``[S, *out_shape]``.
+    num_cases: number of cases the loss averages over.
+
+  Returns:
+    Factor name -> float32 array.
+  """
+  if layer.match.block == "diag":
+    return {"F": diagonal_fisher(layer, x, ds, num_cases)}
+  return {**input_factors(layer, x), **output_factors(layer, ds, num_cases)}
 
 
 def diagonal_fisher(layer: Layer, x: jax.Array, ds: jax.Array, num_cases: int) -> jax.Array:

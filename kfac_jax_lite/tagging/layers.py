@@ -32,13 +32,20 @@ class Layer:
       fallback) or ``"none"`` (not preconditioned, by a ``blocks`` override).
     weight_path: key path of the weight leaf (for ``"diagonal"``: the leaf).
     bias_path: key path of the bias leaf, or ``None``.
-    note: why a parameter got the fallback (empty for detected layers).
+    note: why a parameter got the fallback, or how a large layer's factors
+      were reduced (see ``max_factor_dim``); empty otherwise.
     weight_index: flat index of the weight leaf in ``params``.
     bias_index: flat index of the bias leaf, or ``None``.
     match: how the layer appears in the jaxpr (``None`` for ``"diagonal"``).
     approximation: ``"expand"`` or ``"reduce"`` for weights shared over extra
       axes (sequence positions, spatial locations), see
       :mod:`kfac_jax_lite.statistics`.
+    input_form: the Kronecker input factor: ``"full"`` (``A``), ``"diagonal"``
+      (a vector ``A``: embeddings, or an input too large for ``max_factor_dim``)
+      or ``"doubly"`` (``K ⊗ Ψ`` of a flattened feature map, Ba et al. 2017,
+      §4; the bias then gets its own full block ``B``).
+    output_form: ``"full"`` or ``"diagonal"`` (an output too large for
+      ``max_factor_dim``) output factor ``G``.
   """
 
   name: str
@@ -50,6 +57,8 @@ class Layer:
   bias_index: int | None = dataclasses.field(default=None, repr=False)
   match: Match | None = dataclasses.field(default=None, repr=False)
   approximation: str = dataclasses.field(default="expand", repr=False)
+  input_form: str = dataclasses.field(default="full", repr=False)
+  output_form: str = dataclasses.field(default="full", repr=False)
 
   @property
   def d_in(self) -> int:
@@ -58,14 +67,29 @@ class Layer:
     return self.match.d_in + (self.bias_index is not None)
 
   @property
+  def kron_factors(self) -> tuple[str, ...]:
+    """Names of the Kronecker factors in Kronecker order (empty for ``"F"``)."""
+    assert self.match is not None
+    if self.match.block == "diag":
+      return ()
+    return ("K", "Psi", "G") if self.input_form == "doubly" else ("A", "G")
+
+  @property
   def factor_shapes(self) -> dict[str, tuple[int, ...]]:
-    """Shapes of the factors: ``A`` and ``G`` of a Kronecker block (``A`` a
-    vector if diagonal), or ``F``, the diagonal Fisher of ``[W; b]``."""
+    """Shapes of the factors: ``A`` and ``G`` of a Kronecker block (a vector
+    when diagonal); ``K``, ``Ψ``, ``G`` and the bias block ``B`` of a
+    doubly-factored one; or ``F``, the diagonal Fisher of ``[W; b]``."""
     assert self.match is not None
     if self.match.block == "diag":
       return {"F": (self.d_in, self.d_out)}
-    a = (self.d_in,) if self.match.diagonal_input else (self.d_in, self.d_in)
-    return {"A": a, "G": (self.d_out, self.d_out)}
+    d = self.d_out
+    g = (d,) if self.output_form == "diagonal" else (d, d)
+    if self.input_form == "doubly":
+      t, c = self.match.input_split
+      return {"K": (t, t), "Psi": (c, c), "G": g,
+              **({"B": g} if self.bias_index is not None else {})}
+    a = (self.d_in,) if self.input_form == "diagonal" else (self.d_in, self.d_in)
+    return {"A": a, "G": g}
 
   @property
   def d_out(self) -> int:
@@ -107,6 +131,7 @@ def _describe(uses: list[str]) -> str:
 
 
 BLOCK_CHOICES = ("kron", "diag", "none")
+DEFAULT_MAX_FACTOR_DIM = 4096
 
 
 def _match_override(name: str, blocks: Mapping[str, str]) -> str | None:
@@ -133,8 +158,31 @@ def _fallback(path: tuple[Any, ...], index: int, note: str, kind: str = "diagona
                bias_path=None, note=note, weight_index=index)
 
 
+def _factor_forms(m: Match, has_bias: bool, max_factor_dim: int) -> tuple[str, str, str]:
+  """``(input_form, output_form, note)`` of a Kronecker layer (see :class:`Layer`)."""
+  if m.block == "diag":
+    return "full", "full", ""
+  notes, input_form, output_form = [], "full", "full"
+  d_in = m.d_in + has_bias
+  split = getattr(m, "input_split", None)
+  if m.diagonal_input:
+    input_form = "diagonal"
+  elif d_in > max_factor_dim and split is not None and max(split) <= max_factor_dim:
+    input_form = "doubly"
+    notes.append(f"input {d_in} > max_factor_dim: doubly factored, "
+                 f"{split[0]} locations x {split[1]} channels")
+  elif d_in > max_factor_dim:
+    input_form = "diagonal"
+    notes.append(f"input {d_in} > max_factor_dim and no flattened feature map: diagonal A")
+  if m.d_out > max_factor_dim:
+    output_form = "diagonal"
+    notes.append(f"output {m.d_out} > max_factor_dim: diagonal G")
+  return input_form, output_form, "; ".join(notes)
+
+
 def tag(traced: TracedLoss, approximation: Mapping[str, str] | None = None,
-        blocks: Mapping[str, str] | None = None) -> TaggedLoss:
+        blocks: Mapping[str, str] | None = None,
+        max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM) -> TaggedLoss:
   """Assigns every parameter leaf of a traced loss to exactly one block.
 
   Args:
@@ -145,6 +193,10 @@ def tag(traced: TracedLoss, approximation: Mapping[str, str] | None = None,
       fallback) or ``"none"`` (gradient passed through unpreconditioned). The
       first matching pattern wins; a bias follows its own pattern, else its
       weight's.
+    max_factor_dim: largest Kronecker factor kept as a dense matrix. A larger
+      input factor becomes doubly factored (Ba et al. 2017, §4) when the
+      input is a visibly flattened feature map, else diagonal; a larger
+      output factor becomes diagonal.
 
   Returns:
     The :class:`TaggedLoss`.
@@ -188,7 +240,9 @@ def tag(traced: TracedLoss, approximation: Mapping[str, str] | None = None,
         bias_path=None if bias is None else paths[bias],
         weight_index=m.weight_index, bias_index=bias,
         match=dataclasses.replace(m, bias_index=bias),
-        approximation=approximation.get(m.kind, "expand"))
+        approximation=approximation.get(m.kind, "expand"),
+        **dict(zip(("input_form", "output_form", "note"),
+                   _factor_forms(m, bias is not None, max_factor_dim))))
     if bias is not None:
       layers[bias] = layers[m.weight_index]
   for i, path in enumerate(paths):
@@ -226,7 +280,8 @@ class LayerList(list):
 def find_layers(loss_fn: Callable[[Any, Any], jax.Array], params: Any,
                 batch: Any, *, blocks: Mapping[str, str] | None = None,
                 conv_approximation: str = "expand",
-                dense_approximation: str = "expand") -> LayerList:
+                dense_approximation: str = "expand",
+                max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM) -> LayerList:
   """Lists the blocks K-FAC will use, one record per block.
 
   Every parameter leaf appears in exactly one record: as the weight or bias of
@@ -243,12 +298,14 @@ def find_layers(loss_fn: Callable[[Any, Any], jax.Array], params: Any,
     blocks: per-parameter overrides, as in :func:`kfac_jax_lite.scale_by_kfac`.
     conv_approximation: ``"expand"`` or ``"reduce"``.
     dense_approximation: ``"expand"`` or ``"reduce"``.
+    max_factor_dim: see :func:`tag`.
 
   Returns:
     The :class:`LayerList` of records, in parameter order.
   """
   tagged = tag(trace_loss(loss_fn, params, batch),
-               {"conv": conv_approximation, "dense": dense_approximation}, blocks)
+               {"conv": conv_approximation, "dense": dense_approximation}, blocks,
+               max_factor_dim)
   sizes = {i: math.prod(jax.numpy.shape(l))
            for i, l in enumerate(jax.tree_util.tree_leaves(params))}
   return LayerList(list(tagged.layers), sizes)

@@ -102,8 +102,8 @@ class Match:
     """``[S, N, d_in(+1), d_out]`` per-example gradients (``"diag"`` blocks)."""
     raise NotImplementedError
 
-  def input_factor(self, x: jax.Array, *, bias: bool, reduce: bool) -> jax.Array:
-    """The input factor ``A`` of one batch (see :mod:`kfac_jax_lite.statistics`).
+  def input_matrix_rows(self, x: jax.Array, *, bias: bool, reduce: bool) -> jax.Array:
+    """The activation rows the input factor is built from.
 
     Args:
       x: the activation operand.
@@ -111,12 +111,18 @@ class Match:
       reduce: average the rows over the shared axis ``T`` first.
 
     Returns:
-      ``[d_in(+1), d_in(+1)]`` float32 (``[d_in]`` if ``diagonal_input``).
+      ``[M, d_in(+1)]`` float32 rows (``M = N T``, or ``N`` with ``reduce``).
     """
     rows = self.input_rows(x.astype(jnp.float32))
     if bias:
       rows = jnp.concatenate([rows, jnp.ones_like(rows[..., :1])], -1)
     if reduce:
       rows = jnp.mean(rows, axis=1)
-    rows = rows.reshape(-1, rows.shape[-1])
+    return rows.reshape(-1, rows.shape[-1])
+
+  def input_factor(self, x: jax.Array, *, bias: bool, reduce: bool) -> jax.Array:
+    """The input factor ``A`` of one batch: the second moment of the rows of
+    :meth:`input_matrix_rows` (same arguments), ``[d_in(+1), d_in(+1)]``
+    float32 (``[d_in]`` if ``diagonal_input``)."""
+    rows = self.input_matrix_rows(x, bias=bias, reduce=reduce)
     return gram(rows) / rows.shape[0]

@@ -87,6 +87,9 @@ class _Walker:
            data: list[bool], prefix: Path) -> tuple[list[ParamView | None], list[bool]]:
     view_env: dict[Any, ParamView] = {}
     data_env: set[Any] = set()
+    # Batch-dependent 2-D values made by flattening a feature map: the shape
+    # before the flatten (for doubly-factored dense layers).
+    flat_env: dict[Any, tuple[int, ...]] = {}
     for v, pv, d in zip(jaxpr.invars, views, data):
       if pv is not None:
         view_env[v] = pv
@@ -150,12 +153,20 @@ class _Walker:
         self._mark_data(eqn, data_env, True)
         continue
 
+      if name == "reshape" and in_data[0] and len(eqn.outvars[0].aval.shape) == 2:
+        flat_env[eqn.outvars[0]] = tuple(eqn.invars[0].aval.shape)
+      elif name in TYPE_ONLY_PRIMITIVES and in_data[0] and eqn.invars[0] in flat_env:
+        flat_env[eqn.outvars[0]] = flat_env[eqn.invars[0]]
+
       if name == "add" and self._match_bias(eqn, path, in_views):
         self._mark_data(eqn, data_env, True)
         continue
 
       matcher = MATCHERS.get(name)
       found = matcher(eqn, path, in_views, in_data) if matcher else None
+      if isinstance(found, dense.DenseMatch):
+        act = eqn.invars[1 - found.weight_operand]
+        found = dense.with_flatten_origin(found, tuple(act.aval.shape), flat_env.get(act))
       if isinstance(found, Match):
         self._add_layer(found, in_views[found.weight_operand], eqn, counts)
         self._mark_data(eqn, data_env, True)

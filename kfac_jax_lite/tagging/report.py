@@ -12,12 +12,16 @@ _BYTES = 4  # factors and inverses are float32
 
 
 def block_type(layer: Layer) -> str:
-  """``"kron"``, ``"kron(diag A)"``, ``"diag fisher"``, ``"diag"`` or ``"none"``."""
+  """``"kron"``, ``"kron3"`` (doubly factored), with ``(diag A)`` /
+  ``(diag G)`` for diagonal factors; ``"diag fisher"``, ``"diag"`` or ``"none"``."""
   if layer.match is None:
     return "diag" if layer.kind == "diagonal" else "none"
   if layer.match.block == "diag":
     return "diag fisher"
-  return "kron(diag A)" if layer.match.diagonal_input else "kron"
+  diag = [f"diag {k}" for k, form in (("A", layer.input_form), ("G", layer.output_form))
+          if form == "diagonal"]
+  kron = "kron3" if layer.input_form == "doubly" else "kron"
+  return f"{kron}({', '.join(diag)})" if diag else kron
 
 
 def state_bytes(layer: Layer, leaf_size: int) -> int:

@@ -1,0 +1,63 @@
+"""One layer's curvature block: its damped inverse and its preconditioning.
+
+What a block holds follows from its :class:`~kfac_jax_lite.tagging.layers.Layer`
+record (``Layer.factor_shapes``):
+
+- Kronecker ``A ⊗ G`` (or ``K ⊗ Ψ ⊗ G``, doubly factored): factored Tikhonov
+  damping over its ``k`` factors (Ba et al. 2017, eq. 3, 12), applied axis by
+  axis (eq. 9). A doubly-factored layer's bias has its own full block ``B``
+  with plain damping ``(B + λ I)^{-1}`` (Ba et al. 2017, §4).
+- ``F``: the exact diagonal Fisher of ``[W; b]``, ``g / (F + λ)``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kfac_jax_lite.curvature import diagonal, kronecker
+from kfac_jax_lite.tagging.layers import Layer
+
+Block = dict[str, jax.Array]
+
+
+def inverses(layer: Layer, factors: Block, damping: jax.Array | float,
+             method: str) -> Block:
+  """The damped inverses of one layer's factors.
+
+  Args:
+    layer: the layer record.
+    factors: its factor moving averages.
+    damping: Tikhonov damping ``λ``.
+    method: ``"eigh"`` or ``"cholesky"`` (see :mod:`kfac_jax_lite.curvature.kronecker`).
+
+  Returns:
+    Factor name -> inverse, with the keys of ``factors``.
+  """
+  if layer.match.block == "diag":
+    return {"F": diagonal.damped_inverse(factors["F"], damping)}
+  names = layer.kron_factors
+  out = dict(zip(names, kronecker.inverses([factors[k] for k in names], damping, method)))
+  if "B" in factors:
+    out["B"] = kronecker.damped_inverse(factors["B"], jnp.asarray(damping, jnp.float32), method)
+  return out
+
+
+def precondition(layer: Layer, inv: Block, mat: jax.Array) -> jax.Array:
+  """Applies one layer's inverse block to its gradient matrix.
+
+  Args:
+    layer: the layer record.
+    inv: its damped inverses (see :func:`inverses`).
+    mat: the ``[d_in(+1), d_out]`` gradient matrix ``[∇W; ∇b]`` (float32).
+
+  Returns:
+    The preconditioned matrix, same shape.
+  """
+  if "F" in inv:
+    return inv["F"] * mat
+  kron = [inv[k] for k in layer.kron_factors]
+  if "B" not in inv:
+    return kronecker.precondition(kron, mat)
+  b = inv["B"] * mat[-1] if inv["B"].ndim == 1 else inv["B"] @ mat[-1]
+  return jnp.concatenate([kronecker.precondition(kron, mat[:-1]), b[None]], axis=0)
