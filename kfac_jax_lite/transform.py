@@ -369,6 +369,9 @@ def scale_by_kfac(
       out[layer.weight_index], b_out = geometry.matrix_to_params(layer, pre, w, b)
       if b is not None and not masking.is_masked(leaves[layer.bias_index]):
         out[layer.bias_index] = b_out
+    for layer in tagged.frozen:
+      if not masking.is_masked(leaves[layer.weight_index]):
+        out[layer.weight_index] = jnp.zeros_like(leaves[layer.weight_index])
     for layer in tagged.diagonal:
       i = layer.weight_index
       if masking.is_masked(leaves[i]):

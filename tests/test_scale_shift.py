@@ -112,3 +112,52 @@ def test_scale_used_twice_is_not_a_scale_block(data):
 
   kinds = {l.name: l.kind for l in kfl.find_layers(loss, params, data)}
   assert kinds["['gamma']"] == "diagonal"
+
+
+class BnNet(nn.Module):
+  """Dense -> BatchNorm -> tanh -> Dense."""
+  train: bool
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.BatchNorm(use_running_average=not self.train)(nn.Dense(D)(x))
+    return nn.Dense(K)(jnp.tanh(h))
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_whole_variables_dict_never_tags_batch_stats(data, train: bool):
+  """Passing ``{"params", "batch_stats"}`` whole: running statistics get a zero
+  update and no block; the trainable layers are those found from ``params``."""
+  model = BnNet(train)
+  variables = model.init(jax.random.key(0), data["x"])
+  variables = jax.tree.map(lambda v: v + 0.1, variables)  # non-trivial running stats
+
+  def logits(v, x):
+    if train:
+      return model.apply(v, x, mutable=["batch_stats"])[0]
+    return model.apply(v, x)
+
+  def loss_whole(v, batch):
+    return kfl.losses.softmax_cross_entropy(logits(v, batch[0]), batch[1])
+
+  def loss_params(p, batch):
+    return loss_whole({**variables, "params": p}, batch)
+
+  batch = (data["x"], data["y"])
+  whole = {l.name: l for l in kfl.find_layers(loss_whole, variables, batch)}
+  stats = [jax.tree_util.keystr(p) for p, _ in
+           jax.tree_util.tree_flatten_with_path(variables["batch_stats"])[0]]
+  assert len(stats) == 2
+  for s in stats:
+    layer = whole["['batch_stats']" + s]
+    assert layer.kind == "frozen" and "non-trainable collection 'batch_stats'" in layer.note
+  only_params = kfl.find_layers(loss_params, variables["params"], batch)
+  assert sorted((l.name, l.kind) for l in only_params) == sorted(
+      (l.name.replace("['params']", "", 1), l.kind) for l in whole.values()
+      if l.kind != "frozen")
+
+  tx = kfl.scale_by_kfac(loss_whole, batch, damping=1e-2, estimator="exact")
+  grads = jax.tree.map(jnp.ones_like, variables)  # a non-zero "gradient" everywhere
+  updates, _ = tx.update(grads, tx.init(variables), variables, batch=batch)
+  assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates["batch_stats"]))
+  assert all(bool(jnp.any(u != 0)) for u in jax.tree.leaves(updates["params"]))

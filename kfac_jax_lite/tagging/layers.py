@@ -29,7 +29,9 @@ class Layer:
       used by :func:`kfac_jax_lite.estimate_curvature` and the optimizer state).
     kind: the layer family, Kronecker-factored (``"dense"``, ``"conv"``,
       ``"embedding"``: its input factor is diagonal), ``"diagonal"`` (the
-      fallback) or ``"none"`` (not preconditioned, by a ``blocks`` override).
+      fallback), ``"none"`` (not preconditioned, by a ``blocks`` override) or
+      ``"frozen"`` (a non-trainable collection of a Flax variables dict, e.g.
+      BatchNorm's ``batch_stats``: its update is zero).
     weight_path: key path of the weight leaf (for ``"diagonal"``: the leaf).
     bias_path: key path of the bias leaf, or ``None``.
     note: why a parameter got the fallback, or how a large layer's factors
@@ -119,6 +121,11 @@ class TaggedLoss:
     """Leaves a ``blocks`` override leaves unpreconditioned."""
     return tuple(l for l in self.layers if l.kind == "none")
 
+  @property
+  def frozen(self) -> tuple[Layer, ...]:
+    """Leaves of non-trainable collections (their updates are zero)."""
+    return tuple(l for l in self.layers if l.kind == "frozen")
+
 
 def _describe(uses: list[str]) -> str:
   if not uses:
@@ -180,6 +187,15 @@ def _factor_forms(m: Match, has_bias: bool, max_factor_dim: int) -> tuple[str, s
   return input_form, output_form, "; ".join(notes)
 
 
+def _frozen_collections(paths: list[tuple[Any, ...]]) -> dict[int, str]:
+  """Leaf index -> collection name, for leaves outside ``"params"`` of a Flax
+  variables dict (``{"params": ..., "batch_stats": ...}``) passed whole."""
+  roots = [getattr(p[0], "key", None) if p else None for p in paths]
+  if "params" not in roots or len(set(roots)) == 1:
+    return {}
+  return {i: str(r) for i, r in enumerate(roots) if r != "params"}
+
+
 def tag(traced: TracedLoss, approximation: Mapping[str, str] | None = None,
         blocks: Mapping[str, str] | None = None,
         max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM) -> TaggedLoss:
@@ -225,14 +241,16 @@ def tag(traced: TracedLoss, approximation: Mapping[str, str] | None = None,
   check_options(approximation, blocks)
   paths = traced.param_paths
   keystr = jax.tree_util.keystr
+  frozen = _frozen_collections(paths)
   layers: dict[int, Layer] = {}
   for m in found.layers:
     name = keystr(paths[m.weight_index])
     choice = _match_override(name, blocks)
-    if found.uses.get(m.weight_index) != [f"{m.kind}@{m.path}"] or choice in ("diag", "none"):
+    if (found.uses.get(m.weight_index) != [f"{m.kind}@{m.path}"] or choice in ("diag", "none")
+        or m.weight_index in frozen):
       continue
     bias = m.bias_index
-    if bias is not None and (found.uses.get(bias) != [f"bias@{m.out_path}"] or
+    if bias is not None and (found.uses.get(bias) != [f"bias@{m.out_path}"] or bias in frozen or
                              _match_override(keystr(paths[bias]), blocks) not in (None, "kron")):
       bias = None
     layers[m.weight_index] = Layer(
@@ -246,6 +264,9 @@ def tag(traced: TracedLoss, approximation: Mapping[str, str] | None = None,
     if bias is not None:
       layers[bias] = layers[m.weight_index]
   for i, path in enumerate(paths):
+    if i in frozen:
+      layers[i] = _fallback(path, i, f"non-trainable collection {frozen[i]!r}: update 0",
+                            "frozen")
     if i in layers:
       continue
     choice = _match_override(keystr(path), blocks)
@@ -286,7 +307,7 @@ def find_layers(loss_fn: Callable[[Any, Any], jax.Array], params: Any,
 
   Every parameter leaf appears in exactly one record: as the weight or bias of
   a Kronecker layer (``"dense"``, ``"conv"``, ``"embedding"``), or as a
-  ``"diagonal"`` fallback (or ``"none"``) with a ``note`` saying why. Nothing
+  ``"diagonal"`` fallback (or ``"none"``, ``"frozen"``) with a ``note`` saying why. Nothing
   is run on data: the loss is traced on abstract values. ``print`` the result
   for a table of blocks, factor shapes and optimizer-state memory.
 

@@ -13,9 +13,10 @@ _BYTES = 4  # factors and inverses are float32
 
 def block_type(layer: Layer) -> str:
   """``"kron"``, ``"kron3"`` (doubly factored), with ``(diag A)`` /
-  ``(diag G)`` for diagonal factors; ``"diag fisher"``, ``"diag"`` or ``"none"``."""
+  ``(diag G)`` for diagonal factors; ``"diag fisher"``, ``"diag"``, ``"none"``
+  or ``"zero"`` (frozen)."""
   if layer.match is None:
-    return "diag" if layer.kind == "diagonal" else "none"
+    return {"diagonal": "diag", "frozen": "zero"}.get(layer.kind, "none")
   if layer.match.block == "diag":
     return "diag fisher"
   diag = [f"diag {k}" for k, form in (("A", layer.input_form), ("G", layer.output_form))
