@@ -101,17 +101,26 @@ def test_rmsnorm_scale_update_is_damped_diagonal_solve(data):
                              rtol=1e-4, atol=1e-7)
 
 
-def test_scale_used_twice_is_not_a_scale_block(data):
+def test_scale_used_twice_sums_per_example_gradients(data):
+  """A scale shared by two uses: its exact diagonal Fisher uses the per-example
+  gradient summed over both uses (checked against the Jacobian oracle)."""
   rng = np.random.default_rng(2)
   params = {"w1": jnp.asarray(rng.normal(size=(D_IN, D)), jnp.float32),
-            "gamma": jnp.ones((D,)), "w2": jnp.asarray(rng.normal(size=(D, K)), jnp.float32)}
+            "gamma": jnp.asarray(1 + 0.3 * rng.normal(size=(D,)), jnp.float32),
+            "w2": jnp.asarray(rng.normal(size=(D, K)), jnp.float32)}
+
+  def forward(p, x):
+    return (jnp.tanh((x @ p["w1"]) * p["gamma"]) * p["gamma"]) @ p["w2"]
 
   def loss(p, b):
-    h = jnp.tanh((b["x"] @ p["w1"]) * p["gamma"]) * p["gamma"]
-    return kfl.losses.softmax_cross_entropy(h @ p["w2"], b["y"])
+    return kfl.losses.softmax_cross_entropy(forward(p, b["x"]), b["y"])
 
-  kinds = {l.name: l.kind for l in kfl.find_layers(loss, params, data)}
-  assert kinds["['gamma']"] == "diagonal"
+  (gamma,) = [l for l in kfl.find_layers(loss, params, data) if l.name == "['gamma']"]
+  assert gamma.kind == "scale" and len(gamma.matches) == 2 and "shared by 2 uses" in gamma.note
+  got = kfl.estimate_curvature(loss, params, data, key=jax.random.key(0), estimator="exact")
+  want = _oracle_diag_fisher(forward, params, data["x"], {"['gamma']"})["['gamma']"]
+  np.testing.assert_allclose(np.asarray(got["['gamma']"]["F"]).reshape(-1), want,
+                             rtol=1e-4, atol=1e-7)
 
 
 class BnNet(nn.Module):

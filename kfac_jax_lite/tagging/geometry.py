@@ -10,6 +10,8 @@ preconditioned matrix to the parameter leaves.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
 
@@ -26,77 +28,96 @@ def _second_moment(rows: jax.Array, form: str, count: int) -> jax.Array:
   return gram(rows) / count
 
 
-def input_factors(layer: Layer, x: jax.Array) -> dict[str, jax.Array]:
-  """One batch's input factors: ``A`` (a vector if diagonal), or ``K`` and ``Ψ``."""
+def input_factors(layer: Layer, xs: Sequence[jax.Array]) -> dict[str, jax.Array]:
+  """One batch's input factors: ``A`` (a vector if diagonal), or ``K`` and ``Ψ``.
+
+  Args:
+    layer: a Kronecker layer.
+    xs: the activation operand of each use of its weight; the rows of all
+      uses are pooled (K-FAC-expand over uses, for shared weights).
+
+  Returns:
+    Factor name -> float32 array.
+  """
   m = layer.match
   reduce = layer.approximation == "reduce"
   if m.diagonal_input:
-    return {"A": m.input_factor(x, bias=layer.bias_index is not None, reduce=reduce)}
+    counts = [m.input_rows(x).size for x in xs]
+    return {"A": sum(m.input_factor(x, bias=False, reduce=reduce) * c
+                     for x, c in zip(xs, counts)) / sum(counts)}
   doubly = layer.input_form == "doubly"
-  rows = m.input_matrix_rows(x, bias=layer.bias_index is not None and not doubly,
-                             reduce=reduce)
+  rows = jnp.concatenate([
+      u.input_matrix_rows(x, bias=layer.bias_index is not None and not doubly, reduce=reduce)
+      for u, x in zip(layer.matches, xs)])
   if doubly:
     return dict(zip(("K", "Psi"), doubly_lib.input_factors(
         rows.reshape(rows.shape[0], *m.input_split))))
   return {"A": _second_moment(rows, layer.input_form, rows.shape[0])}
 
 
-def output_factors(layer: Layer, ds: jax.Array, num_cases: int) -> dict[str, jax.Array]:
+def output_factors(layer: Layer, dss: Sequence[jax.Array], num_cases: int) -> dict[str, jax.Array]:
   """One batch's ``G`` (and a doubly-factored layer's bias block ``B``).
 
   Args:
     layer: a Kronecker layer.
-    ds: output derivatives ``[S, *out_shape]``.
+    dss: output derivatives ``[S, *out_shape]`` of each use of its weight.
     num_cases: number of cases the loss averages over.
 
   Returns:
-    ``{"G": ...}``, plus ``"B"``: the exact Fisher of the bias,
-    ``E[(Σ_t ds)(Σ_t ds)^T]`` (Ba et al. 2017, §4: the bias gets a full block).
+    ``{"G": ...}`` (summed over uses), plus ``"B"``: the exact Fisher of the
+    bias, ``E[(Σ ds)(Σ ds)^T]`` summed over positions and uses (Ba et al.
+    2017, §4: the bias gets a full block).
   """
-  g = layer.match.output_rows(layer.match.unpermute(ds.astype(jnp.float32)))  # [S, N, T, d_out]
+  gs = [u.output_rows(u.unpermute(ds.astype(jnp.float32)))  # [S, N, T, d_out]
+        for u, ds in zip(layer.matches, dss)]
   out = {}
   if "B" in layer.factor_shapes:
-    summed = jnp.sum(g, axis=2)
-    out["B"] = _second_moment(summed.reshape(-1, g.shape[-1]), layer.output_form, num_cases)
+    summed = sum(jnp.sum(g, axis=2) for g in gs)
+    out["B"] = _second_moment(summed.reshape(-1, summed.shape[-1]), layer.output_form,
+                              num_cases)
   if layer.approximation == "reduce":
-    g = jnp.sum(g, axis=2)
-  out["G"] = _second_moment(g.reshape(-1, g.shape[-1]), layer.output_form, num_cases)
+    gs = [jnp.sum(g, axis=2) for g in gs]
+  rows = jnp.concatenate([g.reshape(-1, g.shape[-1]) for g in gs])
+  out["G"] = _second_moment(rows, layer.output_form, num_cases)
   return out
 
 
-def layer_factors(layer: Layer, x: jax.Array, ds: jax.Array,
+def diagonal_fisher(layer: Layer, xs: Sequence[jax.Array], dss: Sequence[jax.Array],
+                    num_cases: int) -> jax.Array:
+  """The diagonal Fisher ``F`` of ``[W; b]`` from per-example gradients.
+
+  Args:
+    layer: a layer whose ``match.block == "diag"``.
+    xs: the activation operand of each use.
+    dss: output derivatives ``[S, *out_shape]`` of each use.
+    num_cases: number of cases the loss averages over.
+
+  Returns:
+    ``[d_in(+1), d_out]`` float32: ``Σ_{s,n} g ⊙ g / num_cases``, ``g`` the
+    per-example gradient summed over uses.
+  """
+  g = sum(u.per_example_grads(x, u.unpermute(ds.astype(jnp.float32)),
+                              bias=layer.bias_index is not None)
+          for u, x, ds in zip(layer.matches, xs, dss))
+  return jnp.sum(jnp.square(g), axis=(0, 1)) / num_cases
+
+
+def layer_factors(layer: Layer, xs: Sequence[jax.Array], dss: Sequence[jax.Array],
                   num_cases: int) -> dict[str, jax.Array]:
   """One batch's estimate of every factor of a layer (see ``Layer.factor_shapes``).
 
   Args:
     layer: a layer with a match.
-    x: the activation operand of its product.
-    ds: output derivatives ``[S, *out_shape]``.
+    xs: the activation operand of each use of its weight (``Layer.matches``).
+    dss: output derivatives ``[S, *out_shape]`` of each use.
     num_cases: number of cases the loss averages over.
 
   Returns:
     Factor name -> float32 array.
   """
   if layer.match.block == "diag":
-    return {"F": diagonal_fisher(layer, x, ds, num_cases)}
-  return {**input_factors(layer, x), **output_factors(layer, ds, num_cases)}
-
-
-def diagonal_fisher(layer: Layer, x: jax.Array, ds: jax.Array, num_cases: int) -> jax.Array:
-  """The diagonal Fisher ``F`` of ``[W; b]`` from per-example gradients.
-
-  Args:
-    layer: a layer whose ``match.block == "diag"``.
-    x: the activation operand.
-    ds: output derivatives ``[S, *out_shape]``.
-    num_cases: number of cases the loss averages over.
-
-  Returns:
-    ``[d_in(+1), d_out]`` float32: ``Σ_{s,n} g ⊙ g / num_cases``.
-  """
-  g = layer.match.per_example_grads(x, layer.match.unpermute(ds.astype(jnp.float32)),
-                                    bias=layer.bias_index is not None)
-  return jnp.sum(jnp.square(g), axis=(0, 1)) / num_cases
+    return {"F": diagonal_fisher(layer, xs, dss, num_cases)}
+  return {**input_factors(layer, xs), **output_factors(layer, dss, num_cases)}
 
 
 def _leaf_to_matrix(layer: Layer, w: jax.Array) -> jax.Array:

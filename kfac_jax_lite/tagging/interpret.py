@@ -27,23 +27,25 @@ class Tapped:
     loss: the scalar loss.
     logits: the first operand of the registered loss (the model output).
     targets: the second operand of the registered loss.
-    inputs: layer name -> the activation operand of its product equation.
+    inputs: layer name -> the activation operand of its product equation,
+      one per use of the layer's weight (``Layer.matches``).
   """
   loss: jax.Array
   logits: jax.Array
   targets: jax.Array
-  inputs: dict[str, jax.Array]
+  inputs: dict[str, tuple[jax.Array, ...]]
 
 
 class _Taps:
   """Static lookup tables from equation paths to layer actions."""
 
   def __init__(self, tagged: TaggedLoss):
-    self.capture: dict[tuple[int, ...], Layer] = {}
-    self.perturb: dict[tuple[int, ...], Layer] = {}
+    self.capture: dict[tuple[int, ...], tuple[Layer, int]] = {}
+    self.perturb: dict[tuple[int, ...], tuple[Layer, int]] = {}
     for layer in tagged.factored:
-      self.capture[layer.match.path] = layer
-      self.perturb[layer.match.out_path] = layer
+      for use, m in enumerate(layer.matches):
+        self.capture[m.path] = (layer, use)
+        self.perturb[m.out_path] = (layer, use)
     self.marker = tagged.marker.path
     paths = list(self.capture) + list(self.perturb) + [self.marker]
     self.prefixes = {p[:k] for p in paths for k in range(1, len(p))}
@@ -65,13 +67,16 @@ def _eval(jaxpr: jex_core.Jaxpr, consts: Sequence[Any], args: Sequence[Any],
     else:
       if path == taps.marker:
         out["logits"], out["targets"] = invals[0], invals[1]
-      layer = taps.capture.get(path)
-      if layer is not None:
-        out["inputs"][layer.name] = invals[1 - layer.match.weight_operand]
+      tap = taps.capture.get(path)
+      if tap is not None:
+        layer, use = tap
+        out["inputs"].setdefault(layer.name, {})[use] = invals[
+            1 - layer.matches[use].weight_operand]
       outvals = bind_eqn(eqn, invals)
-      layer = taps.perturb.get(path)
-      if layer is not None and layer.name in perturbations:
-        outvals = [outvals[0] + perturbations[layer.name].astype(outvals[0].dtype)]
+      tap = taps.perturb.get(path)
+      if tap is not None and tap[0].name in perturbations:
+        layer, use = tap
+        outvals = [outvals[0] + perturbations[layer.name][use].astype(outvals[0].dtype)]
     env.update(zip(eqn.outvars, outvals))
   return [read(env, v) for v in jaxpr.outvars]
 
@@ -85,8 +90,9 @@ def tapped_loss(tagged: TaggedLoss, param_leaves: Sequence[jax.Array],
     tagged: the tagged loss.
     param_leaves: flattened parameters (in ``tagged.traced`` order).
     batch_leaves: flattened batch.
-    perturbations: layer name -> array of the layer output's shape (zeros, to
-      be differentiated). Layers not present are not perturbed.
+    perturbations: layer name -> one array per use of the layer, of that
+      use's output shape (zeros, to be differentiated). Layers not present
+      are not perturbed.
 
   Returns:
     The :class:`Tapped` values.
@@ -95,10 +101,12 @@ def tapped_loss(tagged: TaggedLoss, param_leaves: Sequence[jax.Array],
   closed = tagged.traced.jaxpr
   (loss,) = _eval(closed.jaxpr, closed.consts, [*param_leaves, *batch_leaves],
                   (), _Taps(tagged), perturbations, out)
-  return Tapped(loss=loss, logits=out["logits"], targets=out["targets"],
-                inputs=out["inputs"])
+  inputs = {name: tuple(by_use[u] for u in sorted(by_use))
+            for name, by_use in out["inputs"].items()}
+  return Tapped(loss=loss, logits=out["logits"], targets=out["targets"], inputs=inputs)
 
 
 def zero_perturbations(tagged: TaggedLoss) -> dict[str, jax.Array]:
-  """Zero perturbations (float32) for every Kronecker layer's output."""
-  return {l.name: jnp.zeros(l.match.perturbed_shape, jnp.float32) for l in tagged.factored}
+  """Zero perturbations (float32) for every use of every layer's output."""
+  return {l.name: tuple(jnp.zeros(m.perturbed_shape, jnp.float32) for m in l.matches)
+          for l in tagged.factored}

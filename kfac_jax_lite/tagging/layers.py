@@ -38,7 +38,11 @@ class Layer:
       were reduced (see ``max_factor_dim``); empty otherwise.
     weight_index: flat index of the weight leaf in ``params``.
     bias_index: flat index of the bias leaf, or ``None``.
-    match: how the layer appears in the jaxpr (``None`` for ``"diagonal"``).
+    match: how the layer appears in the jaxpr (``None`` for ``"diagonal"``);
+      for a weight shared by several uses, the first of ``matches``.
+    matches: every use of the weight (one for an ordinary layer; the uses of
+      a shared weight, e.g. an RNN cell unrolled over time, whose statistics
+      are summed: Kronecker-factored weight sharing, K-FAC-expand over uses).
     approximation: ``"expand"`` or ``"reduce"`` for weights shared over extra
       axes (sequence positions, spatial locations), see
       :mod:`kfac_jax_lite.statistics`.
@@ -58,6 +62,7 @@ class Layer:
   weight_index: int = dataclasses.field(default=-1, repr=False)
   bias_index: int | None = dataclasses.field(default=None, repr=False)
   match: Match | None = dataclasses.field(default=None, repr=False)
+  matches: tuple[Match, ...] = dataclasses.field(default=(), repr=False)
   approximation: str = dataclasses.field(default="expand", repr=False)
   input_form: str = dataclasses.field(default="full", repr=False)
   output_form: str = dataclasses.field(default="full", repr=False)
@@ -132,8 +137,9 @@ def _describe(uses: list[str]) -> str:
     return "not used by the loss: diagonal fallback"
   kinds = sorted({u.split("@")[0] for u in uses})
   if len(uses) > 1 and set(kinds) & {"dense", "conv", "embedding"}:
-    return (f"used {len(uses)} times ({', '.join(kinds)}): a tied or shared "
-            "weight is not one Kronecker layer: diagonal fallback")
+    return (f"used {len(uses)} times ({', '.join(kinds)}): a weight shared by uses "
+            "that read it differently (e.g. tied embedding and unembedding) or also "
+            "used elsewhere is not one Kronecker layer: diagonal fallback")
   return f"used by {', '.join(kinds)}: no Kronecker pattern: diagonal fallback"
 
 
@@ -185,6 +191,18 @@ def _factor_forms(m: Match, has_bias: bool, max_factor_dim: int) -> tuple[str, s
     output_form = "diagonal"
     notes.append(f"output {m.d_out} > max_factor_dim: diagonal G")
   return input_form, output_form, "; ".join(notes)
+
+
+# Match fields that describe a use's activation or output, not its weight.
+_USE_FIELDS = frozenset({"path", "out_path", "out_shape", "bias_index", "out_perm",
+                         "weight_chain", "act_contract", "act_free"})
+
+
+def _weight_signature(m: Match) -> tuple[Any, ...]:
+  """Equal for two uses that read the parameter leaf as the same matrix."""
+  chain = tuple((e.primitive.name, str(sorted(e.params.items()))) for e in m.weight_chain)
+  return (type(m), chain) + tuple((f.name, getattr(m, f.name))
+                                  for f in dataclasses.fields(m) if f.name not in _USE_FIELDS)
 
 
 def _frozen_collections(paths: list[tuple[Any, ...]]) -> dict[int, str]:
@@ -243,26 +261,33 @@ def tag(traced: TracedLoss, approximation: Mapping[str, str] | None = None,
   keystr = jax.tree_util.keystr
   frozen = _frozen_collections(paths)
   layers: dict[int, Layer] = {}
+  uses_of = {}
   for m in found.layers:
-    name = keystr(paths[m.weight_index])
-    choice = _match_override(name, blocks)
-    if (found.uses.get(m.weight_index) != [f"{m.kind}@{m.path}"] or choice in ("diag", "none")
-        or m.weight_index in frozen):
+    uses_of.setdefault(m.weight_index, []).append(m)
+  for index, ms in uses_of.items():
+    name = keystr(paths[index])
+    if (sorted(found.uses.get(index, [])) != sorted(f"{m.kind}@{m.path}" for m in ms)
+        or _match_override(name, blocks) in ("diag", "none") or index in frozen
+        or len({_weight_signature(m) for m in ms}) > 1):
       continue
-    bias = m.bias_index
-    if bias is not None and (found.uses.get(bias) != [f"bias@{m.out_path}"] or bias in frozen or
-                             _match_override(keystr(paths[bias]), blocks) not in (None, "kron")):
+    bias = ms[0].bias_index
+    if bias is not None and (
+        any(m.bias_index != bias for m in ms) or bias in frozen
+        or sorted(found.uses.get(bias, [])) != sorted(f"bias@{m.out_path}" for m in ms)
+        or _match_override(keystr(paths[bias]), blocks) not in (None, "kron")):
       bias = None
-    layers[m.weight_index] = Layer(
-        name=name, kind=m.kind, weight_path=paths[m.weight_index],
+    ms = tuple(dataclasses.replace(m, bias_index=bias) for m in ms)
+    input_form, output_form, note = _factor_forms(ms[0], bias is not None, max_factor_dim)
+    if len(ms) > 1:
+      note = "; ".join(filter(None, [f"shared by {len(ms)} uses: statistics summed", note]))
+    layers[index] = Layer(
+        name=name, kind=ms[0].kind, weight_path=paths[index],
         bias_path=None if bias is None else paths[bias],
-        weight_index=m.weight_index, bias_index=bias,
-        match=dataclasses.replace(m, bias_index=bias),
-        approximation=approximation.get(m.kind, "expand"),
-        **dict(zip(("input_form", "output_form", "note"),
-                   _factor_forms(m, bias is not None, max_factor_dim))))
+        weight_index=index, bias_index=bias, match=ms[0], matches=ms,
+        approximation=approximation.get(ms[0].kind, "expand"),
+        input_form=input_form, output_form=output_form, note=note)
     if bias is not None:
-      layers[bias] = layers[m.weight_index]
+      layers[bias] = layers[index]
   for i, path in enumerate(paths):
     if i in frozen:
       layers[i] = _fallback(path, i, f"non-trainable collection {frozen[i]!r}: update 0",
