@@ -7,6 +7,7 @@ from typing import Any, Callable, Mapping
 import jax
 import optax
 
+from kfac_jax_lite.tagging.layers import frozen_collections
 from kfac_jax_lite.transform import ScalarOrSchedule, scale_by_kfac
 
 
@@ -54,7 +55,8 @@ def kfac(
     damping: Tikhonov damping λ.
     kl_clip: KL bound per step, or ``None`` for no clipping.
     momentum: heavy-ball decay, or ``None`` / 0 for none.
-    weight_decay: decoupled weight decay, added after preconditioning.
+    weight_decay: decoupled weight decay, added after preconditioning (never
+      to non-trainable collections of a whole Flax variables dict).
     ema_decay: see :func:`kfac_jax_lite.scale_by_kfac`.
     stats_every: see :func:`kfac_jax_lite.scale_by_kfac`.
     inverse_every: see :func:`kfac_jax_lite.scale_by_kfac`.
@@ -89,11 +91,19 @@ def kfac(
       distribute_inverses=distribute_inverses, sample_params=sample_params,
       seed=seed, axis_name=axis_name)]
   if not _is_zero(weight_decay):
-    parts.append(optax.add_decayed_weights(weight_decay))
+    parts.append(optax.add_decayed_weights(weight_decay, mask=_trainable))
   if not _is_zero(momentum):
     parts.append(optax.trace(decay=momentum))
   parts.append(optax.scale_by_learning_rate(learning_rate))
   return optax.chain(*parts)
+
+
+def _trainable(params: Any) -> Any:
+  """``False`` for the leaves of non-trainable collections (``batch_stats`` of
+  a whole Flax variables dict), which must not decay."""
+  path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  frozen = frozen_collections([p for p, _ in path_leaves])
+  return jax.tree_util.tree_unflatten(treedef, [i not in frozen for i in range(len(path_leaves))])
 
 
 def _is_zero(value: Any) -> bool:

@@ -355,6 +355,13 @@ def scale_by_kfac(
     diag_leaves = treedef.flatten_up_to(state.diag)
     out = list(leaves)
     new_diag = list(diag_leaves)
+    written: set[int] = set()
+
+    def put(i: int, value: jax.Array) -> None:
+      """Writes a leaf's update; the slice layers of a stacked leaf add up."""
+      out[i] = out[i] + value if i in written else value
+      written.add(i)
+
     for layer in tagged.factored:
       w = leaves[layer.weight_index]
       if masking.is_masked(w):
@@ -366,9 +373,10 @@ def scale_by_kfac(
       mat = geometry.params_to_matrix(layer, w.astype(jnp.float32),
                                       None if b is None else b.astype(jnp.float32))
       pre = blocks_lib.precondition(layer, inverses[layer.name], mat)
-      out[layer.weight_index], b_out = geometry.matrix_to_params(layer, pre, w, b)
+      w_out, b_out = geometry.matrix_to_params(layer, pre, w, b)
+      put(layer.weight_index, w_out)
       if b is not None and not masking.is_masked(leaves[layer.bias_index]):
-        out[layer.bias_index] = b_out
+        put(layer.bias_index, b_out)
     for layer in tagged.frozen:
       if not masking.is_masked(leaves[layer.weight_index]):
         out[layer.weight_index] = jnp.zeros_like(leaves[layer.weight_index])

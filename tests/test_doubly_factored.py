@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import kfac_jax_lite as kfl
+from helpers import loss_before_and_after
 from kfac_jax_lite.curvature import damping, doubly, kronecker
 
 B, H, W, C, K_OUT = 6, 2, 3, 4, 5  # T = H*W = 6 locations, d_in = 24
@@ -214,16 +215,5 @@ def test_update_matches_three_factor_dense_solve(method: str):
 def test_doubly_factored_training_goes_down():
   loss_fn, params, batch = _setup()
   tx = kfl.kfac(loss_fn, batch, learning_rate=0.3, damping=1e-2, max_factor_dim=16)
-  state = tx.init(params)
-
-  @jax.jit
-  def step(p, s):
-    loss, g = jax.value_and_grad(loss_fn)(p, batch)
-    u, s = tx.update(g, s, p, batch=batch)
-    return jax.tree.map(jnp.add, p, u), s, loss
-
-  first = None
-  for _ in range(30):
-    params, state, loss = step(params, state)
-    first = loss if first is None else first
-  assert float(loss_fn(params, batch)) < 0.3 * float(first)
+  before, after = loss_before_and_after(loss_fn, params, batch, tx, 30)
+  assert after < 0.3 * before

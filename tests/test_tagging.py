@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 
 import kfac_jax_lite as kfl
+from helpers import key_name, path_name
 
 keystr = jax.tree_util.keystr
 Record = tuple[str, str, "str | None"]
@@ -69,30 +70,6 @@ def dense(name: str, bias: str | None, d_in: int, d_out: int) -> Want:
 def diag(name: str, note: str = "") -> Want:
   """An expected diagonal-fallback record."""
   return Want(name, "diagonal", note=note)
-
-
-def _key_name(k: Any) -> Any:
-  """The dict key, attribute name or sequence index of one path entry."""
-  for attr in ("key", "name", "idx"):
-    if hasattr(k, attr):
-      return getattr(k, attr)
-  raise TypeError(f"unexpected key {k!r}")
-
-
-def path_name(tree: Any, *keys: Any) -> str:
-  """keystr of the unique leaf path of ``tree`` that starts with ``keys``.
-
-  Args:
-    tree: a parameter pytree.
-    *keys: dict keys / attribute names / sequence indices, outermost first.
-
-  Returns:
-    ``jax.tree_util.keystr`` of that leaf's path.
-  """
-  paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
-           if tuple(_key_name(k) for k in p[:len(keys)]) == keys]
-  assert len(paths) == 1, (keys, paths)
-  return keystr(paths[0])
 
 
 def records(layers: list[Any]) -> set[Record]:
@@ -877,7 +854,7 @@ def _nnx_make(w: jax.Array, b: jax.Array) -> Any:
   """An nnx.Linear state holding ``kernel = w`` and ``bias = b``."""
   values = {"kernel": jnp.asarray(w), "bias": jnp.asarray(b)}
   return jax.tree_util.tree_map_with_path(
-      lambda path, leaf: values[_key_name(path[0])], _NNX_STATE)
+      lambda path, leaf: values[key_name(path[0])], _NNX_STATE)
 
 
 def _dict_w(p: Any) -> tuple[str, str]:

@@ -44,7 +44,7 @@ class DenseMatch(Match):
   @property
   def out_feature_axes(self) -> tuple[int, ...]:
     n_w, n_a = len(self.weight_free), len(self.act_free)
-    return tuple(range(n_a, n_a + n_w)) if self.weight_operand == 1 else tuple(range(n_w))
+    return tuple(range(n_a, n_a + n_w)) if self.weight_operand != 0 else tuple(range(n_w))
 
   def input_rows(self, x: jax.Array) -> jax.Array:
     x = jnp.transpose(x, self.act_free + self.act_contract)
@@ -92,6 +92,45 @@ def match(eqn: Any, path: Path, in_views: Sequence[ParamView | None],
         weight_contract=tuple(contract[w]),
         weight_free=tuple(d for d in range(len(w_shape)) if d not in contract[w]))
   return None
+
+
+def registered(eqn: Any, path: Path, in_views: Sequence[ParamView | None],
+               bias: bool) -> DenseMatch | str:
+  """The :class:`DenseMatch` of a ``kfl.register_dense`` equation.
+
+  Its last operands are ``x, w`` (``x, w, b`` with a bias); values the
+  registered function closes over come first.
+
+  Returns:
+    The match, or what is wrong with the registration.
+  """
+  n = 3 if bias else 2
+  if len(eqn.invars) < n:
+    return "unexpected operands"
+  act, w = len(eqn.invars) - n, len(eqn.invars) - n + 1
+  if any(v is not None for v in in_views[:act]):
+    return "the registered function closes over parameters; pass only x, w and b"
+  pv, x_shape = in_views[w], tuple(eqn.invars[act].aval.shape)
+  w_shape = tuple(eqn.invars[w].aval.shape)
+  if pv is None or pv.broadcast or in_views[act] is not None:
+    return "w must be a parameter (or a reshape / transpose / cast of one), x must not"
+  out = tuple(eqn.outvars[0].aval.shape) if len(eqn.outvars) == 1 else None
+  if (len(w_shape) != 2 or not x_shape or x_shape[-1] != w_shape[0]
+      or out != x_shape[:-1] + (w_shape[1],)):
+    return (f"expected x [..., d_in], w [d_in, d_out] and one output [..., d_out]; got x "
+            f"{list(x_shape)}, w {list(w_shape)}, outputs "
+            f"{[list(v.aval.shape) for v in eqn.outvars]}")
+  b_view = in_views[-1] if bias else None
+  if bias and (b_view is None or math.prod(b_view.shape) != w_shape[1]):
+    return f"b must be a parameter with d_out = {w_shape[1]} entries"
+  nd = len(x_shape)
+  return DenseMatch(
+      path=path, weight_index=pv.index, weight_operand=w, weight_chain=pv.chain,
+      weight_shape=w_shape, out_shape=out, out_path=path, act_operand=act,
+      act_contract=(nd - 1,), act_free=tuple(range(nd - 1)), weight_contract=(0,),
+      weight_free=(1,), weight_part=pv.part,
+      bias_index=None if b_view is None else b_view.index,
+      bias_part=None if b_view is None else b_view.part)
 
 
 def with_flatten_origin(m: DenseMatch, act_shape: tuple[int, ...],

@@ -18,7 +18,9 @@ import jax.numpy as jnp
 from kfac_jax_lite.curvature import doubly as doubly_lib
 from kfac_jax_lite.gram import gram
 from kfac_jax_lite.tagging.layers import Layer
-from kfac_jax_lite.tagging.trace import TYPE_ONLY_PRIMITIVES, bind_eqn
+from kfac_jax_lite.tagging.match import Part
+from kfac_jax_lite.tagging.eqns import bind_eqn
+from kfac_jax_lite.tagging.trace import TYPE_ONLY_PRIMITIVES
 
 
 def _second_moment(rows: jax.Array, form: str, count: int) -> jax.Array:
@@ -127,18 +129,30 @@ def _leaf_to_matrix(layer: Layer, w: jax.Array) -> jax.Array:
   return layer.match.operand_to_matrix(w)
 
 
+def _box(part: Part) -> tuple[slice, ...]:
+  return tuple(slice(a, b) for a, b in part)
+
+
 def params_to_matrix(layer: Layer, weight: jax.Array,
                      bias: jax.Array | None) -> jax.Array:
-  """Weight (and bias) leaves -> the ``[d_in(+1), d_out]`` matrix ``[W; b]``."""
+  """Weight (and bias) leaves -> the ``[d_in(+1), d_out]`` matrix ``[W; b]``.
+
+  For a layer of a scanned stack, only its slices of the leaves are read.
+  """
   mat = _leaf_to_matrix(layer, weight)
   if bias is not None:
+    if layer.match.bias_part is not None:
+      bias = bias[_box(layer.match.bias_part)]
     mat = jnp.concatenate([mat, bias.reshape(1, -1).astype(mat.dtype)], axis=0)
   return mat
 
 
 def matrix_to_params(layer: Layer, mat: jax.Array, weight_like: jax.Array,
                      bias_like: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
-  """Inverse of :func:`params_to_matrix` (a permutation, so its transpose)."""
+  """Inverse of :func:`params_to_matrix` (a permutation, so its transpose).
+
+  For a layer of a scanned stack the leaves are zero outside its slices.
+  """
   w_mat = mat[:mat.shape[0] - (bias_like is not None)]
   to_mat = jax.linear_transpose(
       lambda w: _leaf_to_matrix(layer, w),
@@ -147,4 +161,9 @@ def matrix_to_params(layer: Layer, mat: jax.Array, weight_like: jax.Array,
   weight = weight.astype(weight_like.dtype)
   if bias_like is None:
     return weight, None
-  return weight, mat[-1].reshape(bias_like.shape).astype(bias_like.dtype)
+  part = layer.match.bias_part
+  if part is None:
+    return weight, mat[-1].reshape(bias_like.shape).astype(bias_like.dtype)
+  box = _box(part)
+  bias = jnp.zeros(bias_like.shape, bias_like.dtype)
+  return weight, bias.at[box].set(mat[-1].reshape(bias[box].shape).astype(bias.dtype))

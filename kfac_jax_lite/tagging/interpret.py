@@ -16,7 +16,8 @@ import jax.numpy as jnp
 from jax.extend import core as jex_core
 
 from kfac_jax_lite.tagging.layers import Layer, TaggedLoss
-from kfac_jax_lite.tagging.trace import bind_eqn, inlined_body, read
+from kfac_jax_lite.tagging.eqns import bind_eqn, read
+from kfac_jax_lite.tagging.trace import inlined_body
 
 
 @dataclasses.dataclass
@@ -71,7 +72,7 @@ def _eval(jaxpr: jex_core.Jaxpr, consts: Sequence[Any], args: Sequence[Any],
       if tap is not None:
         layer, use = tap
         out["inputs"].setdefault(layer.name, {})[use] = invals[
-            1 - layer.matches[use].weight_operand]
+            layer.matches[use].activation_operand]
       outvals = bind_eqn(eqn, invals)
       tap = taps.perturb.get(path)
       if tap is not None and tap[0].name in perturbations:

@@ -8,15 +8,16 @@ Kronecker layers, how to read its inputs and output derivatives.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import re
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 
 from kfac_jax_lite.losses import DISTRIBUTIONS
 from kfac_jax_lite.tagging import patterns, report
-from kfac_jax_lite.tagging.match import Match
+from kfac_jax_lite.tagging.match import Match, Part
 from kfac_jax_lite.tagging.trace import TracedLoss, trace_loss
 
 
@@ -205,7 +206,7 @@ def _weight_signature(m: Match) -> tuple[Any, ...]:
                                   for f in dataclasses.fields(m) if f.name not in _USE_FIELDS)
 
 
-def _frozen_collections(paths: list[tuple[Any, ...]]) -> dict[int, str]:
+def frozen_collections(paths: Sequence[tuple[Any, ...]]) -> dict[int, str]:
   """Leaf index -> collection name, for leaves outside ``"params"`` of a Flax
   variables dict (``{"params": ..., "batch_stats": ...}``) passed whole."""
   roots = [getattr(p[0], "key", None) if p else None for p in paths]
@@ -259,53 +260,135 @@ def tag(traced: TracedLoss, approximation: Mapping[str, str] | None = None,
   check_options(approximation, blocks)
   paths = traced.param_paths
   keystr = jax.tree_util.keystr
-  frozen = _frozen_collections(paths)
-  layers: dict[int, Layer] = {}
-  uses_of = {}
-  for m in found.layers:
-    uses_of.setdefault(m.weight_index, []).append(m)
-  for index, ms in uses_of.items():
-    name = keystr(paths[index])
-    if (sorted(found.uses.get(index, [])) != sorted(f"{m.kind}@{m.path}" for m in ms)
-        or _match_override(name, blocks) in ("diag", "none") or index in frozen
-        or len({_weight_signature(m) for m in ms}) > 1):
-      continue
-    bias = ms[0].bias_index
-    if bias is not None and (
-        any(m.bias_index != bias for m in ms) or bias in frozen
-        or sorted(found.uses.get(bias, [])) != sorted(f"bias@{m.out_path}" for m in ms)
-        or _match_override(keystr(paths[bias]), blocks) not in (None, "kron")):
-      bias = None
-    ms = tuple(dataclasses.replace(m, bias_index=bias) for m in ms)
-    input_form, output_form, note = _factor_forms(ms[0], bias is not None, max_factor_dim)
+  shapes = [tuple(v.aval.shape) for v in traced.jaxpr.jaxpr.invars[:traced.num_params]]
+  frozen = frozen_collections(paths)
+  groups = _weight_groups(found, paths, shapes, blocks, frozen)
+  biases = _biases(groups, found, paths, shapes, blocks, frozen)
+  _check_registrations(found, groups, biases, paths, shapes, blocks)
+  owned: dict[int, list[Layer]] = {}
+  for (index, part), ms in groups.items():
+    bias_index, bias_part = biases[index, part]
+    ms = tuple(dataclasses.replace(m, bias_index=bias_index, bias_part=bias_part) for m in ms)
+    input_form, output_form, note = _factor_forms(ms[0], bias_index is not None, max_factor_dim)
     if len(ms) > 1:
       note = "; ".join(filter(None, [f"shared by {len(ms)} uses: statistics summed", note]))
-    layers[index] = Layer(
-        name=name, kind=ms[0].kind, weight_path=paths[index],
-        bias_path=None if bias is None else paths[bias],
-        weight_index=index, bias_index=bias, match=ms[0], matches=ms,
+    layer = Layer(
+        name=keystr(paths[index]) + _part_suffix(part, shapes[index]), kind=ms[0].kind,
+        weight_path=paths[index], bias_path=None if bias_index is None else paths[bias_index],
+        weight_index=index, bias_index=bias_index, match=ms[0], matches=ms,
         approximation=approximation.get(ms[0].kind, "expand"),
         input_form=input_form, output_form=output_form, note=note)
-    if bias is not None:
-      layers[bias] = layers[index]
+    for i in {index, bias_index} - {None}:
+      owned.setdefault(i, []).append(layer)
   for i, path in enumerate(paths):
     if i in frozen:
-      layers[i] = _fallback(path, i, f"non-trainable collection {frozen[i]!r}: update 0",
-                            "frozen")
-    if i in layers:
+      owned[i] = [_fallback(path, i, f"non-trainable collection {frozen[i]!r}: update 0",
+                            "frozen")]
+    if i in owned:
       continue
     choice = _match_override(keystr(path), blocks)
+    uses = _leaf_uses(found.uses, i)
     if choice == "kron":
       raise ValueError(
           f"blocks asks for a Kronecker block for {keystr(path)}, but no layer "
-          f"was detected there ({_describe(found.uses.get(i, []))}).")
-    layers[i] = (_fallback(path, i, "blocks override: not preconditioned", "none")
-                 if choice == "none" else _fallback(
-                     path, i, "blocks override: diagonal" if choice == "diag"
-                     else _describe(found.uses.get(i, []))))
-  unique = {id(l): l for l in layers.values()}.values()
-  return TaggedLoss(traced=traced, layers=tuple(sorted(unique, key=lambda l: l.weight_index)),
-                    marker=marker)
+          f"was detected there ({_describe(uses)}).")
+    owned[i] = [_fallback(path, i, "blocks override: not preconditioned", "none")
+                if choice == "none" else _fallback(
+                    path, i, "blocks override: diagonal" if choice == "diag"
+                    else _describe(uses))]
+  unique = {id(l): l for ls in owned.values() for l in ls}.values()
+  return TaggedLoss(traced=traced, marker=marker, layers=tuple(
+      sorted(unique, key=lambda l: (l.weight_index, l.match.weight_part or () if l.match else ()))))
+
+
+UseKey = tuple[int, Part]
+
+
+def _weight_groups(found: patterns.WalkResult, paths: Sequence[tuple[Any, ...]],
+                   shapes: Sequence[tuple[int, ...]], blocks: Mapping[str, str],
+                   frozen: Mapping[int, str]) -> dict[UseKey, list[Match]]:
+  """The uses of each weight (leaf or slice) that form one Kronecker layer.
+
+  A weight qualifies when every use of it is a matched product reading it the
+  same way, no override asks for another block, and, for slices of a leaf
+  (a scanned stack), the accepted slices tile the whole leaf.
+  """
+  uses_of: dict[UseKey, list[Match]] = {}
+  for m in found.layers:
+    uses_of.setdefault((m.weight_index, m.weight_part), []).append(m)
+  groups = {
+      key: ms for key, ms in uses_of.items()
+      if sorted(found.uses.get(key, [])) == sorted(f"{m.kind}@{m.path}" for m in ms)
+      and _match_override(jax.tree_util.keystr(paths[key[0]]), blocks) not in ("diag", "none")
+      and key[0] not in frozen and len({_weight_signature(m) for m in ms}) == 1}
+  whole = _tiled_leaves(list(groups), found.uses, shapes)
+  return {key: ms for key, ms in groups.items() if key[0] in whole}
+
+
+def _biases(groups: Mapping[UseKey, list[Match]], found: patterns.WalkResult,
+            paths: Sequence[tuple[Any, ...]], shapes: Sequence[tuple[int, ...]],
+            blocks: Mapping[str, str], frozen: Mapping[int, str]) -> dict[UseKey, UseKey]:
+  """Each layer's bias ``(index, part)``, or ``(None, None)``."""
+  candidates = {}
+  for key, ms in groups.items():
+    bias = (ms[0].bias_index, ms[0].bias_part)
+    if bias[0] is not None and all((m.bias_index, m.bias_part) == bias for m in ms) and (
+        bias[0] not in frozen
+        and sorted(found.uses.get(bias, [])) == sorted(f"bias@{m.out_path}" for m in ms)
+        and _match_override(jax.tree_util.keystr(paths[bias[0]]), blocks) in (None, "kron")):
+      candidates[key] = bias
+  whole = _tiled_leaves(list(candidates.values()), found.uses, shapes)
+  return {key: candidates[key] if key in candidates and candidates[key][0] in whole
+          else (None, None) for key in groups}
+
+
+def _check_registrations(found: patterns.WalkResult, groups: Mapping[UseKey, Any],
+                         biases: Mapping[UseKey, UseKey], paths: Sequence[tuple[Any, ...]],
+                         shapes: Sequence[tuple[int, ...]], blocks: Mapping[str, str]) -> None:
+  """Raises if a hand-registered parameter did not become its layer."""
+  for key in sorted(found.registered, key=lambda k: (found.registered[k], str(k)), reverse=True):
+    name = jax.tree_util.keystr(paths[key[0]]) + _part_suffix(key[1], shapes[key[0]])
+    if key in groups or key in biases.values() or _match_override(name, blocks) in (
+        "diag", "none"):
+      continue
+    raise ValueError(
+        f"{name} is registered with kfl.register_dense but also used elsewhere in the "
+        f"loss ({', '.join(_leaf_uses(found.uses, key[0]))}): a registered parameter must "
+        "be used only by its registration (else it would be counted twice); remove the "
+        "other use, or the registration and let detection find the layer.")
+
+
+def _tiled_leaves(keys: Sequence[UseKey], uses: Mapping[UseKey, list[str]],
+                  shapes: Sequence[tuple[int, ...]]) -> set[int]:
+  """Leaves whose accepted keys are all their uses and tile the leaf exactly."""
+  parts: dict[int, list[Part]] = {}
+  for index, part in keys:
+    parts.setdefault(index, []).append(part)
+  return {i for i, ps in parts.items()
+          if {k for k in uses if k[0] == i} == {(i, p) for p in ps} and _tiles(ps, shapes[i])}
+
+
+def _tiles(parts: Sequence[Part], shape: tuple[int, ...]) -> bool:
+  if list(parts) == [None]:
+    return True
+  if None in parts or len(set(parts)) != len(parts):
+    return False
+  if sum(math.prod(b - a for a, b in p) for p in parts) != math.prod(shape):
+    return False
+  return not any(all(max(a1, a2) < min(b1, b2) for (a1, b1), (a2, b2) in zip(p, q))
+                 for p, q in itertools.combinations(parts, 2))
+
+
+def _part_suffix(part: Part, shape: tuple[int, ...]) -> str:
+  """``"[3]"`` for the 4th slice of a stacked leaf (``""`` for the whole leaf)."""
+  if part is None:
+    return ""
+  return "[" + ",".join(str(a) if b - a == 1 else f"{a}:{b}" if (a, b) != (0, d) else ":"
+                        for (a, b), d in zip(part, shape)).rstrip(",:") + "]"
+
+
+def _leaf_uses(uses: Mapping[UseKey, list[str]], index: int) -> list[str]:
+  return [u for key, us in uses.items() if key[0] == index for u in us]
 
 
 class LayerList(list):
@@ -330,8 +413,11 @@ def find_layers(loss_fn: Callable[[Any, Any], jax.Array], params: Any,
                 max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM) -> LayerList:
   """Lists the blocks K-FAC will use, one record per block.
 
-  Every parameter leaf appears in exactly one record: as the weight or bias of
-  a Kronecker layer (``"dense"``, ``"conv"``, ``"embedding"``), or as a
+  Every parameter leaf appears in exactly one record (a stacked leaf of a
+  scanned stack of layers: in one record per slice, named ``...[i]``): as the
+  weight or bias of a layer (``"dense"``, ``"conv"``, ``"embedding"``,
+  ``"scale"``, ``"shift"``; a weight used at several places, such as an RNN
+  cell, is one layer with several ``matches``), or as a
   ``"diagonal"`` fallback (or ``"none"``, ``"frozen"``) with a ``note`` saying why. Nothing
   is run on data: the loss is traced on abstract values. ``print`` the result
   for a table of blocks, factor shapes and optimizer-state memory.

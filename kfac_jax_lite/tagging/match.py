@@ -23,13 +23,30 @@ from kfac_jax_lite.gram import gram
 Path = tuple[int, ...]
 
 
+# A box of a parameter leaf: (start, limit) per axis; None for the whole leaf.
+Part = tuple[tuple[int, int], ...] | None
+
+
 @dataclasses.dataclass(frozen=True)
 class ParamView:
-  """A variable holding a parameter leaf seen through view equations."""
+  """A variable holding a parameter leaf (or a box of it) seen through view
+  equations."""
   index: int
   root_shape: tuple[int, ...]  # shape of the parameter leaf itself
   chain: tuple[Any, ...] = ()  # the view equations, in order of application
   broadcast: bool = False
+  # The slice of the leaf this view reads (a layer of a scanned stack).
+  part: Part = None
+
+  @property
+  def key(self) -> tuple[int, Part]:
+    """What a use of this view is a use of: the leaf, or a box of it."""
+    return self.index, self.part
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    """Shape of the leaf or of its box."""
+    return self.root_shape if self.part is None else tuple(b - a for a, b in self.part)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +72,16 @@ class Match:
   # Permutation from the product's output to the perturbed output (transposes
   # between a product and its bias add): perturbed axis i = product axis perm[i].
   out_perm: tuple[int, ...] | None = None
+  # The boxes of the weight and bias leaves used (slices of a scanned stack).
+  weight_part: Part = None
+  bias_part: Part = None
+  # Operand position of the activation, if not the other of two operands.
+  act_operand: int | None = None
+
+  @property
+  def activation_operand(self) -> int:
+    """Operand position of the activation in the equation."""
+    return 1 - self.weight_operand if self.act_operand is None else self.act_operand
 
   @property
   def perturbed_shape(self) -> tuple[int, ...]:

@@ -24,8 +24,10 @@ import math
 from typing import Any
 
 from jax.extend import core as jex_core
+import numpy as np
 
 from kfac_jax_lite.losses import MARKER_PREFIX
+from kfac_jax_lite.registration import REGISTRATION_PREFIX
 from kfac_jax_lite.tagging import conv, dense, embedding, scale
 from kfac_jax_lite.tagging.match import Match, ParamView, Path
 from kfac_jax_lite.tagging.trace import TYPE_ONLY_PRIMITIVES, inlined_body
@@ -53,9 +55,12 @@ class WalkResult:
   """Everything the walk found: layer matches, loss markers, parameter uses."""
   layers: list[Match] = dataclasses.field(default_factory=list)
   markers: list[LossMarker] = dataclasses.field(default_factory=list)
-  # param index -> list of descriptions of each use ("dense@path", "bias@path",
-  # or the primitive name (and why it was not matched) of any other use).
-  uses: dict[int, list[str]] = dataclasses.field(default_factory=dict)
+  # (param index, part) -> list of descriptions of each use ("dense@path",
+  # "bias@path", or the primitive name (and why it was not matched) of any
+  # other use); part is None for the whole leaf, or a box of it (a slice).
+  uses: dict[tuple[int, Any], list[str]] = dataclasses.field(default_factory=dict)
+  # (param index, part) -> "weight" | "bias", for layers registered by hand.
+  registered: dict[tuple[int, Any], str] = dataclasses.field(default_factory=dict)
 
 
 def _use_counts(jaxpr: jex_core.Jaxpr) -> dict[Any, int]:
@@ -81,7 +86,7 @@ class _Walker:
     self._pending: dict[int, tuple[Match, tuple[int, ...] | None]] = {}
 
   def _use(self, view: ParamView, what: str) -> None:
-    self.result.uses.setdefault(view.index, []).append(what)
+    self.result.uses.setdefault(view.key, []).append(what)
 
   def walk(self, jaxpr: jex_core.Jaxpr, views: list[ParamView | None],
            data: list[bool], prefix: Path) -> tuple[list[ParamView | None], list[bool]]:
@@ -90,6 +95,9 @@ class _Walker:
     # Batch-dependent 2-D values made by flattening a feature map: the shape
     # before the flatten (for doubly-factored dense layers).
     flat_env: dict[Any, tuple[int, ...]] = {}
+    # Values known to be all zeros (an RNN's initial state): a product with
+    # one is zero, so it is no use of the parameter at all.
+    zero_env: set[Any] = set()
     for v, pv, d in zip(jaxpr.invars, views, data):
       if pv is not None:
         view_env[v] = pv
@@ -120,6 +128,16 @@ class _Walker:
         self._mark_data(eqn, data_env, any_data)
         continue
 
+      if name in ("jit", "pjit") and str(eqn.params.get("name", "")).startswith(
+          REGISTRATION_PREFIX):
+        self._add_registered(eqn, path, in_views)
+        self._mark_data(eqn, data_env, True)
+        continue
+
+      if _is_zero(eqn, zero_env):
+        zero_env.add(eqn.outvars[0])
+        continue
+
       body = inlined_body(eqn)
       if body is not None:
         sub_jaxpr, consts = body
@@ -137,11 +155,17 @@ class _Walker:
             data_env.add(v)
         continue
 
+      if name == "slice" and _is_root(in_views[0]) and all(
+          st == 1 for st in (eqn.params["strides"] or ())):
+        pv = in_views[0]
+        view_env[eqn.outvars[0]] = dataclasses.replace(pv, chain=(eqn,), part=tuple(
+            zip(eqn.params["start_indices"], eqn.params["limit_indices"])))
+        continue
+
       if name in VIEW_PRIMITIVES | BROADCAST_PRIMITIVES and in_views[0] is not None:
         pv = in_views[0]
-        view_env[eqn.outvars[0]] = ParamView(
-            pv.index, pv.root_shape, pv.chain + (eqn,),
-            pv.broadcast or name in BROADCAST_PRIMITIVES)
+        view_env[eqn.outvars[0]] = dataclasses.replace(
+            pv, chain=pv.chain + (eqn,), broadcast=pv.broadcast or name in BROADCAST_PRIMITIVES)
         continue
 
       if name == "transpose" and id(eqn.invars[0]) in self._pending and counts.get(
@@ -192,7 +216,21 @@ class _Walker:
     if flag:
       data_env.update(eqn.outvars)
 
+  def _add_registered(self, eqn, path: Path, in_views: list[ParamView | None]) -> None:
+    """A ``kfl.register_dense`` equation: one dense layer, body not inspected."""
+    bias = str(eqn.params["name"]).endswith("_bias")
+    found = dense.registered(eqn, path, in_views, bias)
+    if isinstance(found, str):
+      raise ValueError(f"kfl.register_dense: {found}.")
+    self.result.layers.append(found)
+    self.result.registered[found.weight_index, found.weight_part] = "weight"
+    self._use(in_views[found.weight_operand], f"dense@{path}")
+    if bias:
+      self._use(in_views[-1], f"bias@{path}")
+      self.result.registered[found.bias_index, found.bias_part] = "bias"
+
   def _add_layer(self, match: Match, pv: ParamView, eqn, counts) -> None:
+    match = dataclasses.replace(match, weight_part=pv.part)
     self._use(pv, f"{match.kind}@{match.path}")
     if match.takes_bias and counts.get(eqn.outvars[0], 0) == 1:  # a bias add may follow
       self._pending[id(eqn.outvars[0])] = (match, None)
@@ -206,13 +244,13 @@ class _Walker:
       if pending is None or pv is None:
         continue
       match = dataclasses.replace(pending[0], out_perm=pending[1])
-      b_shape = tuple(eqn.invars[1 - k].aval.shape)
       if tuple(eqn.outvars[0].aval.shape) != match.perturbed_shape or math.prod(
-          pv.root_shape) != match.d_out or not _bias_broadcasts(b_shape, match):
+          pv.shape) != match.d_out or not _bias_broadcasts(_varying_axes(pv, eqn.invars[1 - k]),
+                                                           match):
         continue
       del self._pending[id(eqn.invars[k])]
       self.result.layers.append(dataclasses.replace(
-          match, out_path=path, bias_index=pv.index))
+          match, out_path=path, bias_index=pv.index, bias_part=pv.part))
       self._use(pv, f"bias@{path}")
       return True
     return False
@@ -225,13 +263,48 @@ class _Walker:
         del self._pending[key]
 
 
-def _bias_broadcasts(b_shape: tuple[int, ...], match: Match) -> bool:
+# Equations whose output is zero when any operand is / when the first one is.
+_ZERO_IF_ANY = frozenset({"dot_general", "conv_general_dilated", "mul"})
+_ZERO_IF_FIRST = frozenset({"convert_element_type", "reshape", "transpose", "squeeze",
+                            "expand_dims", "broadcast_in_dim", "copy", "copy_p"})
+
+
+def _is_zero(eqn, zero_env: set[Any]) -> bool:
+  """Whether ``eqn``'s output is all zeros (``jnp.zeros`` and what it feeds)."""
+  name = eqn.primitive.name
+  first = eqn.invars[0] if eqn.invars else None
+  if name == "broadcast_in_dim" and isinstance(first, jex_core.Literal):
+    return not np.any(first.val)
+  if name in _ZERO_IF_FIRST:
+    return not isinstance(first, jex_core.Literal) and first in zero_env
+  if name in _ZERO_IF_ANY:
+    return any(not isinstance(a, jex_core.Literal) and a in zero_env for a in eqn.invars)
+  return False
+
+
+def _is_root(pv: ParamView | None) -> bool:
+  """A whole parameter leaf, before any view equation."""
+  return pv is not None and not pv.chain and pv.part is None
+
+
+def _varying_axes(pv: ParamView, operand: Any) -> tuple[int, ...]:
+  """The axes of an added parameter operand along which its values vary.
+
+  For ``jnp.broadcast_to(b, shape)`` (Haiku) the operand has the full shape;
+  its values still vary only along the axes the broadcast maps ``b``'s
+  non-unit axes to.
+  """
+  last = pv.chain[-1] if pv.chain else None
+  if last is not None and last.primitive.name == "broadcast_in_dim":
+    src = tuple(last.invars[0].aval.shape)
+    return tuple(d for d, n in zip(last.params["broadcast_dimensions"], src) if n != 1)
+  return tuple(d for d, n in enumerate(operand.aval.shape) if n != 1)
+
+
+def _bias_broadcasts(varying: tuple[int, ...], match: Match) -> bool:
   """True if the added operand varies only along the output feature axes."""
   perm = match.out_perm or tuple(range(len(match.out_shape)))
-  if len(b_shape) != len(perm):
-    return False
-  return all(b_shape[d] == 1 for d in range(len(b_shape))
-             if perm[d] not in match.out_feature_axes)
+  return all(perm[d] in match.out_feature_axes for d in varying)
 
 
 def walk(closed: jex_core.ClosedJaxpr, num_params: int) -> WalkResult:

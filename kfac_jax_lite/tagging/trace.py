@@ -12,6 +12,8 @@ from typing import Any, Callable, Sequence
 import jax
 from jax.extend import core as jex_core
 
+from kfac_jax_lite.tagging.unroll import unroll_scans
+
 # Higher-order primitives whose body is inlined by the tagger, so that layers
 # inside a user's `jit`, a `custom_jvp` activation or `jax.checkpoint` are seen.
 # name -> params key of the body.
@@ -95,7 +97,8 @@ def trace_loss(loss_fn: Callable[[Any, Any], jax.Array], params: Any,
     batch: batch pytree of arrays or ``jax.ShapeDtypeStruct``.
 
   Returns:
-    The :class:`TracedLoss`.
+    The :class:`TracedLoss`, with scans over parameters unrolled (see
+    :mod:`kfac_jax_lite.tagging.unroll`).
   """
   path_leaves, param_treedef = jax.tree_util.tree_flatten_with_path(params)
   batch_leaves, batch_treedef = jax.tree_util.tree_flatten(batch)
@@ -110,6 +113,7 @@ def trace_loss(loss_fn: Callable[[Any, Any], jax.Array], params: Any,
     return loss_fn(p, b)
 
   closed = jax.make_jaxpr(flat_loss)(*param_avals, *batch_leaves)
+  closed = unroll_scans(closed, [*param_avals, *batch_leaves], len(param_avals))
   if len(closed.out_avals) != 1 or closed.out_avals[0].shape != ():
     raise ValueError(
         "loss_fn(params, batch) must return a scalar loss, got outputs "
@@ -133,21 +137,3 @@ def inlined_body(eqn: jex_core.JaxprEqn) -> tuple[jex_core.Jaxpr, Sequence[Any]]
   if isinstance(body, jex_core.Jaxpr):
     return body, ()
   return None
-
-
-def bind_eqn(eqn: jex_core.JaxprEqn, invals: Sequence[Any]) -> list[Any]:
-  """Evaluates one equation as ``jax.core.eval_jaxpr`` does; returns a list."""
-  bind_params = eqn.primitive.get_bind_params(eqn.params)
-  if isinstance(bind_params, tuple):  # jax < 0.9.2 returned (subfuns, params).
-    subfuns, bind_params = bind_params
-    out = eqn.primitive.bind(*subfuns, *invals, **bind_params)
-  else:
-    out = eqn.primitive.bind(*invals, **bind_params)
-  return list(out) if eqn.primitive.multiple_results else [out]
-
-
-def read(env: dict[Any, Any], atom: Any) -> Any:
-  """Reads a jaxpr atom (a ``Var`` from ``env`` or a ``Literal``'s value)."""
-  if isinstance(atom, jex_core.Literal):
-    return atom.val
-  return env[atom]
