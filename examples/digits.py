@@ -40,23 +40,22 @@ Run ``python examples/digits.py`` (``--steps``, ``--out``, ``--quick``).
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
+import itertools
 import os
 import sys
-import time
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # Before jax/scipy load BLAS.
 
 import jax  # pylint: disable=wrong-import-position
-import numpy as np  # pylint: disable=wrong-import-position
+import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import optax  # pylint: disable=wrong-import-position
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # pylint: disable=wrong-import-position
 import digits_data  # pylint: disable=wrong-import-position
-
-import kfac_jax_lite as kfl  # pylint: disable=wrong-import-position
+# Also what the benchmarks use as digits.compile_step and digits.make_train_step.
+from common import Run, compile_step, make_train_step  # pylint: disable=wrong-import-position,unused-import
 
 PROBLEMS = ("mlp", "autoencoder")
 
@@ -66,23 +65,6 @@ KFAC_HPARAMS = {
     "mlp": dict(learning_rate=0.3, damping=1e-2, kl_clip=1e-3),
     "autoencoder": dict(learning_rate=0.3, damping=1e-2, kl_clip=1e-3),
 }
-
-TrainStep = Callable[[Any, Any, Any], tuple[Any, Any, jax.Array]]
-
-
-def make_kfac(loss_fn: digits_data.LossFn, sample_batch: Any, *,
-              learning_rate: float, damping: float, kl_clip: float | None,
-              **kwargs: Any) -> optax.GradientTransformationExtraArgs:
-  """K-FAC with momentum 0.9; ``kwargs`` go to ``scale_by_kfac``."""
-  kwargs.setdefault("stats_every", 1)
-  kwargs.setdefault("inverse_every", 10)
-  return kfl.kfac(loss_fn, sample_batch, learning_rate, damping=damping,
-                  kl_clip=kl_clip, momentum=0.9, **kwargs)
-
-
-def make_adam(learning_rate: float) -> optax.GradientTransformationExtraArgs:
-  """``optax.adam`` that accepts (and ignores) ``batch=``."""
-  return optax.with_extra_args_support(optax.adam(learning_rate))
 
 
 def make_optimizer(name: str, problem: str, loss_fn: digits_data.LossFn,
@@ -101,45 +83,8 @@ def make_optimizer(name: str, problem: str, loss_fn: digits_data.LossFn,
   Returns:
     The optimizer.
   """
-  if name == "adam":
-    return make_adam(overrides.get("learning_rate", ADAM_LR[problem]))
-  if name == "kfac":
-    return make_kfac(loss_fn, sample_batch, **{**KFAC_HPARAMS[problem], **overrides})
-  raise ValueError(f"Unknown optimizer {name!r}.")
-
-
-def make_train_step(loss_fn: digits_data.LossFn,
-                    tx: optax.GradientTransformationExtraArgs) -> TrainStep:
-  """A jitted ``(params, opt_state, batch) -> (params, opt_state, loss)``."""
-  def step(params: Any, opt_state: Any, batch: Any) -> tuple[Any, Any, jax.Array]:
-    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-    updates, opt_state = tx.update(grads, opt_state, params, batch=batch)
-    return optax.apply_updates(params, updates), opt_state, loss
-  return jax.jit(step)
-
-
-def compile_step(step: TrainStep, params: Any, opt_state: Any,
-                 batch: Any) -> tuple[TrainStep, float]:
-  """Ahead-of-time compiles ``step``; returns it and the seconds it took."""
-  start = time.perf_counter()
-  compiled = step.lower(params, opt_state, batch).compile()
-  return compiled, time.perf_counter() - start
-
-
-@dataclasses.dataclass
-class Run:
-  """One training run.
-
-  Attributes:
-    steps: steps at which the training loss was evaluated (0 = init).
-    loss: full training-set loss at those steps.
-    seconds: cumulative train-step wall-clock time at those steps.
-    compile_s: compile time of the train step (first call), excluded above.
-  """
-  steps: list[int]
-  loss: list[float]
-  seconds: list[float]
-  compile_s: float
+  return common.make_optimizer(name, loss_fn, sample_batch, adam_lr=ADAM_LR[problem],
+                               kfac_hparams=KFAC_HPARAMS[problem], **overrides)
 
 
 def train(problem: str, optimizer: str, num_steps: int, *,
@@ -164,125 +109,30 @@ def train(problem: str, optimizer: str, num_steps: int, *,
     **overrides: optimizer settings, see :func:`make_optimizer`.
 
   Returns:
-    The :class:`Run`.
+    The :class:`common.Run`.
   """
   model, loss_fn = digits_data.make_problem(problem, small=small)
   params = digits_data.init_params(model, seed)
   it = digits_data.batches(train_data, batch_size, seed)
   first = next(it)
   tx = make_optimizer(optimizer, problem, loss_fn, first, **overrides)
-  opt_state = tx.init(params)
-  step, compile_s = compile_step(make_train_step(loss_fn, tx), params, opt_state, first)
   full_loss = jax.jit(loss_fn)
-  full = {k: jax.numpy.asarray(v) for k, v in train_data.items()}
-  eval_every = eval_every or max(1, num_steps // 100)
-
-  run = Run([0], [float(full_loss(params, full))], [0.0], compile_s)
-  bar = progress_bar(num_steps, f"{problem}/{optimizer}", progress)
-  elapsed, batch = 0.0, first
-  start = time.perf_counter()
-  for i in range(1, num_steps + 1):
-    params, opt_state, _ = step(params, opt_state, batch)
-    batch = next(it)
-    if i % eval_every == 0 or i == num_steps:
-      jax.block_until_ready(params)
-      elapsed += time.perf_counter() - start
-      loss = float(full_loss(params, full))
-      run.steps.append(i)
-      run.loss.append(loss)
-      run.seconds.append(elapsed)
-      bar.set_postfix(loss=f"{loss:.4f}")
-      bar.update(i - bar.n)
-      if max_seconds is not None and elapsed >= max_seconds:
-        break
-      start = time.perf_counter()
-  bar.close()
+  full = {k: jnp.asarray(v) for k, v in train_data.items()}
+  run, _ = common.fit(make_train_step(loss_fn, tx), (params, tx.init(params)),
+                      itertools.chain([first], it), num_steps,
+                      lambda state: float(full_loss(state[0], full)),
+                      label=f"{problem}/{optimizer}", eval_every=eval_every,
+                      progress=progress, max_seconds=max_seconds)
   return run
-
-
-class _NoBar:
-  n = 0
-
-  def update(self, k: int) -> None:
-    self.n += k
-
-  def set_postfix(self, **_: Any) -> None:
-    pass
-
-  def close(self) -> None:
-    pass
-
-
-def progress_bar(total: int, desc: str, enabled: bool) -> Any:
-  """A tqdm progress bar on stderr, or a silent stand-in."""
-  if not enabled:
-    return _NoBar()
-  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-  return tqdm(total=total, desc=desc, leave=False, file=sys.stderr)
-
-
-def checkpoints(run: Run, count: int = 10) -> list[int]:
-  """Indices into ``run.steps`` of about ``count`` evenly spaced evaluations."""
-  n = len(run.steps)
-  return sorted({int(round(k)) for k in np.linspace(0, n - 1, count + 1)})
-
-
-def format_table(problem: str, kfac: Run, adam: Run, floor: float = 0.0) -> str:
-  """Loss and time of both optimizers at about ten checkpoints."""
-  lines = [
-      f"{problem}: full training-set loss (floor {floor:.4f}); compile: K-FAC "
-      f"{kfac.compile_s:.2f}s, Adam {adam.compile_s:.2f}s (excluded below)",
-      f"{'step':>6} {'loss K-FAC':>11} {'loss Adam':>10} {'time K-FAC':>11} {'time Adam':>10}"]
-  for k in checkpoints(kfac):
-    lines.append(f"{kfac.steps[k]:>6} {kfac.loss[k]:>11.4g} {adam.loss[k]:>10.4g} "
-                 f"{kfac.seconds[k]:>10.2f}s {adam.seconds[k]:>9.2f}s")
-  return "\n".join(lines)
-
-
-def plot(results: dict[str, dict[str, Run]], path: str,
-         floors: dict[str, float] | None = None) -> None:
-  """2x2 figure: loss vs step and loss vs seconds for both problems (log loss).
-
-  Args:
-    results: problem -> optimizer label -> run.
-    path: the PNG to write.
-    floors: problem -> lowest reachable loss, subtracted before plotting.
-  """
-  floors = floors or {}
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, axes = plt.subplots(2, 2, figsize=(10, 8))
-  for row, (problem, runs) in enumerate(results.items()):
-    floor = floors.get(problem, 0.0)
-    for col, x_name in enumerate(("steps", "seconds")):
-      ax = axes[row, col]
-      for name, run in runs.items():
-        excess = np.maximum(np.asarray(run.loss) - floor, 1e-12)  # Log scale.
-        ax.plot(getattr(run, x_name), excess, label=name)
-      ax.set_yscale("log")
-      ax.set_xlabel("step" if x_name == "steps" else "wall-clock seconds (no compile)")
-      ax.set_ylabel(f"training loss - {floor:.3f} (floor)" if floor else "training loss")
-      ax.set_title(f"{problem}: loss vs {'step' if x_name == 'steps' else 'time'}")
-      ax.grid(True, which="both", alpha=0.3)
-      ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Run]]:
   """Runs the comparison; prints the tables and writes the plot."""
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--steps", type=int, default=1000, help="train steps per run")
-  parser.add_argument("--out", default="digits.png", help="path of the PNG plot")
-  parser.add_argument("--quick", action="store_true",
-                      help="smoke test: 20 steps, no progress bar")
-  args = parser.parse_args(argv)
+  args = common.make_parser(__doc__.splitlines()[0], 1000, "digits.png",
+                            "smoke test: 20 steps, no progress bar").parse_args(argv)
   steps = 20 if args.quick else args.steps
   train_data, _ = digits_data.load_split()
-  print(f"jax {jax.__version__} on {jax.default_backend()} "
-        f"({os.cpu_count()} CPUs); {len(train_data['x'])} training images, "
+  print(f"{common.platform_summary()}; {len(train_data['x'])} training images, "
         f"batch {digits_data.BATCH_SIZE}, {steps} steps")
   results: dict[str, dict[str, Run]] = {}
   floors = {p: digits_data.loss_floor(p, train_data) for p in PROBLEMS}
@@ -291,10 +141,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Run]]:
         name: train(problem, opt, steps, train_data=train_data,
                     progress=not args.quick)
         for name, opt in (("K-FAC", "kfac"), ("Adam", "adam"))}
-    print(format_table(problem, results[problem]["K-FAC"], results[problem]["Adam"],
-                       floors[problem]))
+    print(common.format_table(
+        f"{problem}: full training-set loss (floor {floors[problem]:.4f})",
+        results[problem]))
     print()
-  plot(results, args.out, floors)
+  common.plot(results, args.out, floors=floors)
   print(f"plot written to {args.out}")
   return results
 

@@ -25,8 +25,8 @@ import numpy as np
 
 import kfac_jax_lite as kfl
 
-Batch = dict[str, np.ndarray]
-LossFn = Callable[[Any, Batch], jax.Array]
+import common
+from common import Batch, LossFn
 
 NUM_FEATURES = 64
 NUM_CLASSES = 10
@@ -58,29 +58,8 @@ def load_split(test_fraction: float = 0.2, seed: int = 0) -> tuple[Batch, Batch]
 
 def batches(data: Batch, batch_size: int = BATCH_SIZE,
             seed: int = 0) -> Iterator[Batch]:
-  """An infinite iterator of shuffled, fixed-size minibatches.
-
-  Each epoch is a fresh permutation from a seeded numpy generator; the last
-  incomplete batch of an epoch is dropped so every batch has the same shape
-  (one compilation of the train step).
-
-  Args:
-    data: ``{"x": ..., "y": ...}`` arrays with the same leading size.
-    batch_size: examples per batch (at most the data size).
-    seed: seed of the shuffling generator.
-
-  Yields:
-    ``{"x": [batch_size, 64], "y": [batch_size]}`` numpy batches.
-  """
-  n = len(data["x"])
-  if not 0 < batch_size <= n:
-    raise ValueError(f"batch_size must be in [1, {n}], got {batch_size}.")
-  rng = np.random.default_rng(seed)
-  while True:
-    perm = rng.permutation(n)
-    for start in range(0, n - batch_size + 1, batch_size):
-      idx = perm[start:start + batch_size]
-      yield {"x": data["x"][idx], "y": data["y"][idx]}
+  """:func:`common.batches` with the digits experiments' batch size by default."""
+  return common.batches(data, batch_size, seed)
 
 
 class MLPClassifier(nn.Module):
@@ -210,10 +189,6 @@ def init_params(model: nn.Module, seed: int = 0) -> Any:
   def draw(path: tuple[Any, ...], leaf: jax.ShapeDtypeStruct) -> jax.Array:
     if jax.tree_util.keystr(path[-1:]) != "['kernel']":
       return jnp.zeros(leaf.shape, np.float32)
-    z = rng.standard_normal(leaf.shape)
-    while np.any(bad := np.abs(z) > 2.0):
-      z[bad] = rng.standard_normal(int(bad.sum()))
-    std = np.sqrt(1.0 / leaf.shape[0]) / 0.87962566103423978  # Truncation fix.
-    return jnp.asarray(z * std, np.float32)
+    return common.lecun_normal(rng, leaf.shape, leaf.shape[0])
 
   return jax.tree_util.tree_map_with_path(draw, shapes)

@@ -62,12 +62,11 @@ Run ``python examples/resnet_digits.py`` (``--steps``, ``--out``, ``--quick``).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
+import itertools
 import os
 import sys
-import time
 from typing import Any, Callable, Sequence
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # Before jax/scipy load BLAS.
@@ -79,7 +78,7 @@ import numpy as np  # pylint: disable=wrong-import-position
 import optax  # pylint: disable=wrong-import-position
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import digits  # pylint: disable=wrong-import-position
+import common  # pylint: disable=wrong-import-position
 import digits_data  # pylint: disable=wrong-import-position
 
 import kfac_jax_lite as kfl  # pylint: disable=wrong-import-position
@@ -91,18 +90,15 @@ BN_MOMENTUM = 0.9
 # Tuned settings (see the module docstring).
 ADAM_LR = 2e-2
 KFAC_HPARAMS = dict(learning_rate=0.1, damping=0.1, kl_clip=1e-3)
-OPTIMIZERS = {"K-FAC expand": ("kfac", "expand"), "K-FAC reduce": ("kfac", "reduce"),
-              "Adam": ("adam", None)}
+# label -> (optimizer, its settings beyond the tuned ones).
+OPTIMIZERS = {"K-FAC expand": ("kfac", {"conv_approximation": "expand"}),
+              "K-FAC reduce": ("kfac", {"conv_approximation": "reduce"}),
+              "Adam": ("adam", {})}
 
-# --quick: XLA's optimizations cost more compile time than they save in 20 steps.
-FAST_COMPILE = {"xla_backend_optimization_level": 0,
-                "xla_llvm_disable_expensive_passes": True}
-
-Batch = dict[str, np.ndarray]
+Batch = common.Batch
 Variables = tuple[Any, Any]  # (params, batch_stats)
 TrainLoss = Callable[[Any, Any, Batch], tuple[jax.Array, Any]]
 EvalFn = Callable[[Variables, Batch], tuple[jax.Array, jax.Array]]
-TrainStep = Callable[[Any, Any, Any, Batch], tuple[Any, Any, Any, jax.Array]]
 
 
 class ResidualBlock(nn.Module):
@@ -178,11 +174,7 @@ def init_variables(model: nn.Module, seed: int = 0) -> Variables:
   def draw(path: tuple[Any, ...], leaf: jax.ShapeDtypeStruct) -> jax.Array:
     name = path[-1].key
     if name == "kernel":
-      z = rng.standard_normal(leaf.shape)
-      while np.any(bad := np.abs(z) > 2.0):
-        z[bad] = rng.standard_normal(int(bad.sum()))
-      std = np.sqrt(1.0 / np.prod(leaf.shape[:-1])) / 0.87962566103423978
-      return jnp.asarray(z * std, np.float32)
+      return common.lecun_normal(rng, leaf.shape, int(np.prod(leaf.shape[:-1])))
     fill = 1.0 if name in ("scale", "var") else 0.0
     return jnp.full(leaf.shape, fill, np.float32)
 
@@ -191,7 +183,7 @@ def init_variables(model: nn.Module, seed: int = 0) -> Variables:
 
 
 def make_losses(model: nn.Module, batch_stats: Any
-                ) -> tuple[TrainLoss, digits_data.LossFn, EvalFn]:
+                ) -> tuple[TrainLoss, common.LossFn, EvalFn]:
   """The training loss, K-FAC's loss and the evaluation loss.
 
   Args:
@@ -239,7 +231,7 @@ class Problem:
   params: Any
   batch_stats: Any
   train_loss: TrainLoss
-  kfac_loss: digits_data.LossFn
+  kfac_loss: common.LossFn
   evaluate: EvalFn
 
 
@@ -252,34 +244,8 @@ def make_problem(widths: tuple[int, ...] = (16, 16, 32), seed: int = 0) -> Probl
   return Problem(model, params, stats, train_loss, kfac_loss, jax.jit(evaluate))
 
 
-def make_optimizer(name: str, loss_fn: digits_data.LossFn, sample_batch: Batch,
-                   approximation: str | None = None, **overrides: Any
-                   ) -> optax.GradientTransformationExtraArgs:
-  """The tuned ``"kfac"`` or ``"adam"`` optimizer.
-
-  Args:
-    name: ``"kfac"`` or ``"adam"``.
-    loss_fn: K-FAC's loss (params, batch) -> scalar.
-    sample_batch: a training batch (for K-FAC's tracing).
-    approximation: K-FAC's ``conv_approximation``, ``"expand"`` or ``"reduce"``.
-    **overrides: replace tuned settings (``learning_rate``, ``damping``,
-      ``kl_clip``; other keys go to ``scale_by_kfac``).
-
-  Returns:
-    The optimizer (``update`` accepts ``batch=``).
-  """
-  if name == "adam":
-    return optax.with_extra_args_support(
-        optax.adam(overrides.get("learning_rate", ADAM_LR)))
-  if name != "kfac":
-    raise ValueError(f"Unknown optimizer {name!r}.")
-  settings = {"stats_every": 1, "inverse_every": 10, **KFAC_HPARAMS, **overrides}
-  return kfl.kfac(loss_fn, sample_batch, settings.pop("learning_rate"), momentum=0.9,
-                  conv_approximation=approximation or "expand", **settings)
-
-
 def make_train_step(train_loss: TrainLoss,
-                    tx: optax.GradientTransformationExtraArgs) -> TrainStep:
+                    tx: optax.GradientTransformationExtraArgs) -> jax.stages.Wrapped:
   """A jitted ``(params, batch_stats, opt_state, batch) -> (..., loss)``."""
   def step(params: Any, stats: Any, opt_state: Any,
            batch: Batch) -> tuple[Any, Any, Any, jax.Array]:
@@ -290,28 +256,11 @@ def make_train_step(train_loss: TrainLoss,
   return jax.jit(step)
 
 
-@dataclasses.dataclass
-class Run:
-  """One training run.
-
-  Attributes:
-    steps: steps at which the training loss was evaluated (0 = init).
-    loss: full training-set loss (evaluation mode) at those steps.
-    seconds: cumulative train-step wall-clock time at those steps.
-    compile_s: compile time of the train step, excluded above.
-    test_accuracy: test-set accuracy at the end.
-  """
-  steps: list[int]
-  loss: list[float]
-  seconds: list[float]
-  compile_s: float
-  test_accuracy: float = float("nan")
-
-
 def train(label: str, num_steps: int, *, train_data: Batch, test_data: Batch,
           batch_size: int = BATCH_SIZE, seed: int = 0, eval_every: int | None = None,
           widths: Sequence[int] = (16, 16, 32), progress: bool = True,
-          compiler_options: dict[str, Any] | None = None, **overrides: Any) -> Run:
+          compiler_options: dict[str, Any] | None = None,
+          **overrides: Any) -> common.Run:
   """Trains the ResNet with one optimizer, timing only the train steps.
 
   Args:
@@ -325,126 +274,52 @@ def train(label: str, num_steps: int, *, train_data: Batch, test_data: Batch,
     widths: channels of the stem and the residual blocks.
     progress: show a tqdm progress bar.
     compiler_options: XLA options of the train step's compilation.
-    **overrides: optimizer settings, see :func:`make_optimizer`.
+    **overrides: optimizer settings, see :func:`common.make_optimizer`.
 
   Returns:
-    The :class:`Run`.
+    The :class:`common.Run`, with the test accuracy.
   """
   problem = make_problem(tuple(widths), seed)
   params, stats = problem.params, problem.batch_stats
-  it = digits_data.batches(train_data, batch_size, seed)
-  batch = next(it)
-  name, approximation = OPTIMIZERS[label]
-  tx = make_optimizer(name, problem.kfac_loss, batch, approximation, **overrides)
-  opt_state = tx.init(params)
-  start = time.perf_counter()
-  step = make_train_step(problem.train_loss, tx).lower(
-      params, stats, opt_state, batch).compile(compiler_options)
-  compile_s = time.perf_counter() - start
+  it = common.batches(train_data, batch_size, seed)
+  first = next(it)
+  name, settings = OPTIMIZERS[label]
+  tx = common.make_optimizer(name, problem.kfac_loss, first, adam_lr=ADAM_LR,
+                             kfac_hparams={**KFAC_HPARAMS, **settings}, **overrides)
   full, test = ({k: jnp.asarray(v) for k, v in d.items()} for d in (train_data, test_data))
-  evaluate = problem.evaluate
 
-  def full_loss(variables: Variables) -> float:
-    return float(evaluate(variables, full)[0])
+  def full_loss(state: common.State) -> float:
+    return float(problem.evaluate(state[:2], full)[0])
 
-  eval_every = eval_every or max(1, num_steps // 100)
-
-  run = Run([0], [full_loss((params, stats))], [0.0], compile_s)
-  bar = digits.progress_bar(num_steps, label, progress)
-  elapsed = 0.0
-  start = time.perf_counter()
-  for i in range(1, num_steps + 1):
-    params, stats, opt_state, _ = step(params, stats, opt_state, batch)
-    batch = next(it)
-    if i % eval_every == 0 or i == num_steps:
-      jax.block_until_ready(params)
-      elapsed += time.perf_counter() - start
-      loss = full_loss((params, stats))
-      run.steps.append(i)
-      run.loss.append(loss)
-      run.seconds.append(elapsed)
-      bar.set_postfix(loss=f"{loss:.4f}")
-      bar.update(i - bar.n)
-      start = time.perf_counter()
-  bar.close()
-  run.test_accuracy = float(evaluate((params, stats), test)[1])
+  run, state = common.fit(make_train_step(problem.train_loss, tx),
+                          (params, stats, tx.init(params)), itertools.chain([first], it),
+                          num_steps, full_loss, label=label, eval_every=eval_every,
+                          progress=progress, compiler_options=compiler_options)
+  run.test_accuracy = float(problem.evaluate(state[:2], test)[1])
   return run
 
 
-def format_table(title: str, runs: dict[str, Run], count: int = 10) -> str:
-  """Loss and time of every run at about ``count`` evenly spaced evaluations.
-
-  Args:
-    title: first line.
-    runs: label -> run (all evaluated at the same steps).
-    count: number of intervals between the rows.
-
-  Returns:
-    The table, with compile times and test accuracies in the header.
-  """
-  first = next(iter(runs.values()))
-  rows = sorted({int(round(k)) for k in np.linspace(0, len(first.steps) - 1, count + 1)})
-  width = max(11, *(len(l) + 1 for l in runs))
-  lines = [title,
-           "compile (excluded below): " + ", ".join(
-               f"{l} {r.compile_s:.1f}s" for l, r in runs.items()),
-           "test accuracy: " + ", ".join(
-               f"{l} {r.test_accuracy:.3f}" for l, r in runs.items()),
-           f"{'step':>6} " + " ".join(f"{l:>{width}}" for l in runs) + "   seconds: "
-           + " ".join(f"{l:>{width}}" for l in runs)]
-  for k in rows:
-    lines.append(f"{first.steps[k]:>6} " + " ".join(
-        f"{r.loss[k]:>{width}.4g}" for r in runs.values()) + "            " + " ".join(
-            f"{r.seconds[k]:>{width - 1}.2f}s" for r in runs.values()))
-  return "\n".join(lines)
-
-
-def plot(runs: dict[str, Run], path: str, title: str) -> None:
-  """Loss vs step and loss vs wall-clock seconds (log loss), side by side."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-  for ax, x_name in zip(axes, ("steps", "seconds")):
-    for label, run in runs.items():
-      ax.plot(getattr(run, x_name), np.maximum(run.loss, 1e-12), label=label)
-    ax.set_yscale("log")
-    ax.set_xlabel("step" if x_name == "steps" else "wall-clock seconds (no compile)")
-    ax.set_ylabel("training loss")
-    ax.set_title(f"{title}: loss vs {'step' if x_name == 'steps' else 'time'}")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, Run]:
+def main(argv: Sequence[str] | None = None) -> dict[str, common.Run]:
   """Runs the comparison; prints the layer table and the results, writes the plot."""
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--steps", type=int, default=300, help="train steps per run")
-  parser.add_argument("--out", default="resnet_digits.png", help="path of the PNG plot")
-  parser.add_argument("--quick", action="store_true",
-                      help="smoke test: 20 steps, narrower model, fast compilation, "
-                      "evaluation every 4 steps, no progress bar")
-  args = parser.parse_args(argv)
+  args = common.make_parser(
+      __doc__.splitlines()[0], 300, "resnet_digits.png").parse_args(argv)
   steps = 20 if args.quick else args.steps
   widths = (8, 8, 16) if args.quick else (16, 16, 32)
   train_data, test_data = load_images()
-  print(f"jax {jax.__version__} on {jax.default_backend()} ({os.cpu_count()} CPUs); "
-        f"{len(train_data['x'])} training images {IMAGE_SHAPE}, batch {BATCH_SIZE}, "
-        f"{steps} steps, ResNet widths {widths}")
+  print(f"{common.platform_summary()}; {len(train_data['x'])} training images "
+        f"{IMAGE_SHAPE}, batch {BATCH_SIZE}, {steps} steps, ResNet widths {widths}")
   problem = make_problem(widths)
-  sample = next(digits_data.batches(train_data, BATCH_SIZE))
+  sample = next(common.batches(train_data, BATCH_SIZE))
   print(kfl.find_layers(problem.kfac_loss, problem.params, sample))
   print()
-  quick = dict(eval_every=4, compiler_options=FAST_COMPILE) if args.quick else {}
+  quick = dict(eval_every=4, compiler_options=common.FAST_COMPILE) if args.quick else {}
   runs = {label: train(label, steps, train_data=train_data, test_data=test_data,
                        widths=widths, progress=not args.quick, **quick)
           for label in OPTIMIZERS}
-  print(format_table("ResNet on digits: full training-set loss (eval-mode BatchNorm)",
-                     runs))
-  plot(runs, args.out, "ResNet on digits")
+  title = "ResNet on digits"
+  print(common.format_table(f"{title}: full training-set loss (eval-mode BatchNorm)",
+                            runs))
+  common.plot({title: runs}, args.out)
   print(f"plot written to {args.out}")
   return runs
 

@@ -58,13 +58,12 @@ Run ``python examples/transformer_tokens.py`` (``--steps``, ``--out``,
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
+import itertools
 import os
 import sys
-import time
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Sequence
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # Before jax/scipy load BLAS.
 
@@ -72,12 +71,11 @@ import flax.linen as nn  # pylint: disable=wrong-import-position
 import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
-import optax  # pylint: disable=wrong-import-position
 
 import kfac_jax_lite as kfl  # pylint: disable=wrong-import-position
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import digits  # pylint: disable=wrong-import-position
+import common  # pylint: disable=wrong-import-position
 
 VOCAB = 16
 SEQ_LEN = 16  # tokens read; sequences have SEQ_LEN + 1 tokens
@@ -89,16 +87,13 @@ BATCH_SIZE = 64
 # Tuned settings (see the module docstring).
 ADAM_LR = 3e-3
 KFAC_HPARAMS = dict(learning_rate=0.3, damping=1e-2, kl_clip=3e-4)
-OPTIMIZERS = {"K-FAC expand": ("kfac", "expand"), "K-FAC reduce": ("kfac", "reduce"),
-              "Adam": ("adam", None)}
+# label -> (optimizer, its settings beyond the tuned ones).
+OPTIMIZERS = {"K-FAC expand": ("kfac", {"dense_approximation": "expand"}),
+              "K-FAC reduce": ("kfac", {"dense_approximation": "reduce"}),
+              "Adam": ("adam", {})}
 
-# --quick: XLA's optimizations cost more compile time than they save in 20 steps.
-FAST_COMPILE = {"xla_backend_optimization_level": 0,
-                "xla_llvm_disable_expensive_passes": True}
-
-Batch = dict[str, np.ndarray]
-LossFn = Callable[[Any, Batch], jax.Array]
-TrainStep = Callable[[Any, Any, Batch], tuple[Any, Any, jax.Array]]
+Batch = common.Batch
+LossFn = common.LossFn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,17 +159,6 @@ def make_data(seed: int = 0) -> tuple[MarkovChain, Batch, Batch]:
     seqs = chain.sample(num, SEQ_LEN + 1, seed + offset)
     sets.append({"x": seqs[:, :-1], "y": seqs[:, 1:], "seqs": seqs})
   return chain, *sets
-
-
-def batches(data: Batch, batch_size: int = BATCH_SIZE, seed: int = 0) -> Iterator[Batch]:
-  """Infinite shuffled ``{"x", "y"}`` minibatches (incomplete ones dropped)."""
-  n = len(data["x"])
-  rng = np.random.default_rng(seed)
-  while True:
-    perm = rng.permutation(n)
-    for start in range(0, n - batch_size + 1, batch_size):
-      idx = perm[start:start + batch_size]
-      yield {"x": data["x"][idx], "y": data["y"][idx]}
 
 
 class Block(nn.Module):
@@ -250,11 +234,8 @@ def init_params(model: Transformer, seed: int = 0) -> Any:
     shape = leaf.shape
     if keys[-1] == "kernel":
       qkv = len(keys) > 1 and keys[-2] in ("query", "key", "value")
-      fan_in = shape[0] if qkv else np.prod(shape[:-1])
-      z = rng.standard_normal(shape)
-      while np.any(bad := np.abs(z) > 2.0):
-        z[bad] = rng.standard_normal(int(bad.sum()))
-      return jnp.asarray(z * np.sqrt(1.0 / fan_in) / 0.87962566103423978, np.float32)
+      fan_in = shape[0] if qkv else int(np.prod(shape[:-1]))
+      return common.lecun_normal(rng, shape, fan_in)
     if keys[-1] == "embedding":
       return jnp.asarray(rng.standard_normal(shape) / np.sqrt(shape[-1]), np.float32)
     if keys[-1] == "pos_embedding":
@@ -296,62 +277,11 @@ def make_problem(width: int = 64, seed: int = 0) -> Problem:
   return Problem(model, init_params(model, seed), loss_fn, jax.jit(loss_fn))
 
 
-def make_optimizer(name: str, loss_fn: LossFn, sample_batch: Batch,
-                   approximation: str | None = None, **overrides: Any
-                   ) -> optax.GradientTransformationExtraArgs:
-  """The tuned ``"kfac"`` or ``"adam"`` optimizer.
-
-  Args:
-    name: ``"kfac"`` or ``"adam"``.
-    loss_fn: the loss.
-    sample_batch: a training batch (for K-FAC's tracing).
-    approximation: K-FAC's ``dense_approximation``, ``"expand"`` or ``"reduce"``.
-    **overrides: replace tuned settings (``learning_rate``, ``damping``,
-      ``kl_clip``; other keys go to ``scale_by_kfac``).
-
-  Returns:
-    The optimizer (``update`` accepts ``batch=``).
-  """
-  if name == "adam":
-    return optax.with_extra_args_support(
-        optax.adam(overrides.get("learning_rate", ADAM_LR)))
-  if name != "kfac":
-    raise ValueError(f"Unknown optimizer {name!r}.")
-  settings = {"stats_every": 1, "inverse_every": 10, **KFAC_HPARAMS, **overrides}
-  return kfl.kfac(loss_fn, sample_batch, settings.pop("learning_rate"), momentum=0.9,
-                  dense_approximation=approximation or "expand", **settings)
-
-
-def make_train_step(loss_fn: LossFn,
-                    tx: optax.GradientTransformationExtraArgs) -> TrainStep:
-  """A jitted ``(params, opt_state, batch) -> (params, opt_state, loss)``."""
-  def step(params: Any, opt_state: Any, batch: Batch) -> tuple[Any, Any, jax.Array]:
-    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-    updates, opt_state = tx.update(grads, opt_state, params, batch=batch)
-    return optax.apply_updates(params, updates), opt_state, loss
-  return jax.jit(step)
-
-
-@dataclasses.dataclass
-class Run:
-  """One training run.
-
-  Attributes:
-    steps: steps at which the held-out loss was evaluated (0 = init).
-    loss: held-out loss at those steps.
-    seconds: cumulative train-step wall-clock time at those steps.
-    compile_s: compile time of the train step, excluded above.
-  """
-  steps: list[int]
-  loss: list[float]
-  seconds: list[float]
-  compile_s: float
-
-
 def train(label: str, num_steps: int, *, train_data: Batch, eval_data: Batch,
           batch_size: int = BATCH_SIZE, seed: int = 0, eval_every: int | None = None,
           width: int = 64, progress: bool = True,
-          compiler_options: dict[str, Any] | None = None, **overrides: Any) -> Run:
+          compiler_options: dict[str, Any] | None = None,
+          **overrides: Any) -> common.Run:
   """Trains the transformer with one optimizer, timing only the train steps.
 
   Args:
@@ -365,122 +295,51 @@ def train(label: str, num_steps: int, *, train_data: Batch, eval_data: Batch,
     width: model width.
     progress: show a tqdm progress bar.
     compiler_options: XLA options of the train step's compilation.
-    **overrides: optimizer settings, see :func:`make_optimizer`.
+    **overrides: optimizer settings, see :func:`common.make_optimizer`.
 
   Returns:
-    The :class:`Run`.
+    The :class:`common.Run`.
   """
   problem = make_problem(width, seed)
   params, loss_fn = problem.params, problem.loss_fn
-  it = batches(train_data, batch_size, seed)
-  batch = next(it)
-  name, approximation = OPTIMIZERS[label]
-  tx = make_optimizer(name, loss_fn, batch, approximation, **overrides)
-  opt_state = tx.init(params)
-  start = time.perf_counter()
-  step = make_train_step(loss_fn, tx).lower(params, opt_state, batch).compile(
-      compiler_options)
-  compile_s = time.perf_counter() - start
+  it = common.batches(train_data, batch_size, seed)
+  first = next(it)
+  name, settings = OPTIMIZERS[label]
+  tx = common.make_optimizer(name, loss_fn, first, adam_lr=ADAM_LR,
+                             kfac_hparams={**KFAC_HPARAMS, **settings}, **overrides)
   held_out = {k: jnp.asarray(eval_data[k]) for k in ("x", "y")}
-  eval_loss = problem.eval_loss
-  eval_every = eval_every or max(1, num_steps // 100)
-
-  run = Run([0], [float(eval_loss(params, held_out))], [0.0], compile_s)
-  bar = digits.progress_bar(num_steps, label, progress)
-  elapsed = 0.0
-  start = time.perf_counter()
-  for i in range(1, num_steps + 1):
-    params, opt_state, _ = step(params, opt_state, batch)
-    batch = next(it)
-    if i % eval_every == 0 or i == num_steps:
-      jax.block_until_ready(params)
-      elapsed += time.perf_counter() - start
-      loss = float(eval_loss(params, held_out))
-      run.steps.append(i)
-      run.loss.append(loss)
-      run.seconds.append(elapsed)
-      bar.set_postfix(loss=f"{loss:.4f}")
-      bar.update(i - bar.n)
-      start = time.perf_counter()
-  bar.close()
+  run, _ = common.fit(common.make_train_step(loss_fn, tx), (params, tx.init(params)),
+                      itertools.chain([first], it), num_steps,
+                      lambda state: float(problem.eval_loss(state[0], held_out)),
+                      label=label, eval_every=eval_every, progress=progress,
+                      compiler_options=compiler_options)
   return run
 
 
-def format_table(title: str, runs: dict[str, Run], floor: float, count: int = 10) -> str:
-  """Excess loss and time of every run at about ``count`` evenly spaced evaluations.
-
-  Args:
-    title: first line.
-    runs: label -> run (all evaluated at the same steps).
-    floor: the loss floor subtracted from the losses.
-    count: number of intervals between the rows.
-
-  Returns:
-    The table, with the compile times in the header.
-  """
-  first = next(iter(runs.values()))
-  rows = sorted({int(round(k)) for k in np.linspace(0, len(first.steps) - 1, count + 1)})
-  width = max(11, *(len(l) + 1 for l in runs))
-  lines = [f"{title} (floor {floor:.4f}; excess loss over the floor below)",
-           "compile (excluded below): " + ", ".join(
-               f"{l} {r.compile_s:.1f}s" for l, r in runs.items()),
-           f"{'step':>6} " + " ".join(f"{l:>{width}}" for l in runs) + "   seconds: "
-           + " ".join(f"{l:>{width}}" for l in runs)]
-  for k in rows:
-    lines.append(f"{first.steps[k]:>6} " + " ".join(
-        f"{r.loss[k] - floor:>{width}.4g}" for r in runs.values()) + "            "
-        + " ".join(f"{r.seconds[k]:>{width - 1}.2f}s" for r in runs.values()))
-  return "\n".join(lines)
-
-
-def plot(runs: dict[str, Run], path: str, title: str, floor: float) -> None:
-  """Excess loss vs step and vs wall-clock seconds (log scale), side by side."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-  for ax, x_name in zip(axes, ("steps", "seconds")):
-    for label, run in runs.items():
-      ax.plot(getattr(run, x_name), np.maximum(np.asarray(run.loss) - floor, 1e-6),
-              label=label)
-    ax.set_yscale("log")
-    ax.set_xlabel("step" if x_name == "steps" else "wall-clock seconds (no compile)")
-    ax.set_ylabel(f"held-out loss - {floor:.3f} (floor)")
-    ax.set_title(f"{title}: loss vs {'step' if x_name == 'steps' else 'time'}")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, Run]:
+def main(argv: Sequence[str] | None = None) -> dict[str, common.Run]:
   """Runs the comparison; prints the layer table and the results, writes the plot."""
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--steps", type=int, default=300, help="train steps per run")
-  parser.add_argument("--out", default="transformer_tokens.png", help="path of the PNG plot")
-  parser.add_argument("--quick", action="store_true",
-                      help="smoke test: 20 steps, narrower model, fast compilation, "
-                      "evaluation every 4 steps, no progress bar")
-  args = parser.parse_args(argv)
+  args = common.make_parser(
+      __doc__.splitlines()[0], 300, "transformer_tokens.png").parse_args(argv)
   steps = 20 if args.quick else args.steps
   width = 32 if args.quick else 64
   chain, train_data, eval_data = make_data()
   floor = chain.loss_floor(eval_data["seqs"])
-  print(f"jax {jax.__version__} on {jax.default_backend()} ({os.cpu_count()} CPUs); "
-        f"second-order Markov chain over {VOCAB} tokens, {len(train_data['x'])} "
-        f"training sequences of {SEQ_LEN} tokens, batch {BATCH_SIZE}, {steps} steps, "
-        f"width {width}")
+  print(f"{common.platform_summary()}; second-order Markov chain over {VOCAB} tokens, "
+        f"{len(train_data['x'])} training sequences of {SEQ_LEN} tokens, batch "
+        f"{BATCH_SIZE}, {steps} steps, width {width}")
   problem = make_problem(width)
-  sample = next(batches(train_data))
+  sample = next(common.batches(train_data, BATCH_SIZE))
   print(kfl.find_layers(problem.loss_fn, problem.params, sample))
   print()
-  quick = dict(eval_every=4, compiler_options=FAST_COMPILE) if args.quick else {}
+  quick = dict(eval_every=4, compiler_options=common.FAST_COMPILE) if args.quick else {}
   runs = {label: train(label, steps, train_data=train_data, eval_data=eval_data,
                        width=width, progress=not args.quick, **quick)
           for label in OPTIMIZERS}
-  print(format_table("Transformer on Markov tokens: held-out next-token loss", runs, floor))
-  plot(runs, args.out, "Transformer on Markov tokens", floor)
+  title = "Transformer on Markov tokens"
+  print(common.format_table(f"{title}: held-out next-token loss (floor {floor:.4f}; "
+                            "excess loss over the floor below)", runs, floor))
+  common.plot({title: runs}, args.out, floors={title: floor},
+              loss_name="held-out loss", min_loss=1e-6)
   print(f"plot written to {args.out}")
   return runs
 
