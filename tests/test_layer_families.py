@@ -34,6 +34,7 @@ import optax
 import pytest
 
 import kfac_jax_lite as kfl
+from kfac_jax_lite.tagging.conv import ConvMatch
 
 Params = dict[str, Any]
 Factors = dict[str, dict[str, jax.Array]]
@@ -786,3 +787,26 @@ def test_training_tiny_cnn_and_token_model():
                {"['Embed_0']['embedding']": "embedding",
                 "['Dense_0']['kernel']": "dense"})
   assert tok[-1] < 0.5 * tok[0], tok
+
+
+@pytest.mark.parametrize("shape,filt,strides,padding,lhs_d,rhs_d", [
+    ((2, 3, 7, 6), (3, 2), (1, 1), ((1, 1), (0, 1)), (1, 1), (1, 1)),
+    ((2, 3, 9, 8), (3, 3), (2, 3), ((2, 1), (1, 0)), (1, 1), (2, 1)),
+    ((1, 2, 5, 5), (2, 2), (1, 2), ((0, 0), (1, 1)), (2, 1), (1, 2)),
+    ((2, 2, 8), (3,), (2,), ((-1, 2),), (1,), (2,)),
+    ((1, 2, 4, 4, 4), (2, 2, 2), (1, 1, 1), ((0, 1), (1, 0), (0, 0)), (1, 1, 1), (1, 1, 1)),
+])
+def test_sliced_patches_equal_conv_general_dilated_patches(shape, filt, strides, padding,
+                                                           lhs_d, rhs_d):
+  """The statistics' patches (strided slices) are exactly XLA's patches op."""
+  x = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)
+  spec = tuple(range(len(shape)))
+  m = ConvMatch(path=(), weight_index=0, weight_operand=1, weight_chain=(),
+                weight_shape=(1, 1, *filt), out_shape=(), lhs_spec=spec, rhs_spec=spec,
+                out_spec=spec, window_strides=strides, padding=padding, lhs_dilation=lhs_d,
+                rhs_dilation=rhs_d)
+  want = jax.lax.conv_general_dilated_patches(x, filt, strides, padding, lhs_dilation=lhs_d,
+                                              rhs_dilation=rhs_d,
+                                              precision=jax.lax.Precision.HIGHEST)
+  got = m.patches(x)
+  np.testing.assert_array_equal(got.reshape(got.shape[0], -1, *got.shape[3:]), want)
