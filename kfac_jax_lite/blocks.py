@@ -8,6 +8,8 @@ record (``Layer.factor_shapes``):
   axis (eq. 9). A doubly-factored layer's bias has its own full block ``B``
   with plain damping ``(B + λ I)^{-1}`` (Ba et al. 2017, §4).
 - ``F``: the exact diagonal Fisher of ``[W; b]``, ``g / (F + λ)``.
+- ``full``: the exact Fisher block of ``[W; b]`` (a ``blocks`` choice for small
+  layers), ``(F + λ I)^{-1} vec(g)``.
 """
 
 from __future__ import annotations
@@ -34,7 +36,10 @@ def inverses(layer: Layer, factors: Block, damping: jax.Array | float,
   Returns:
     Factor name -> inverse, with the keys of ``factors``.
   """
-  if layer.match.block == "diag":
+  if layer.block == "full":
+    return {"full": kronecker.damped_inverse(factors["full"], jnp.asarray(damping, jnp.float32),
+                                             method)}
+  if layer.block == "diag":
     return {"F": diagonal.damped_inverse(factors["F"], damping)}
   names = layer.kron_factors
   out = dict(zip(names, kronecker.inverses([factors[k] for k in names], damping, method)))
@@ -56,6 +61,8 @@ def precondition(layer: Layer, inv: Block, mat: jax.Array) -> jax.Array:
   """
   if "F" in inv:
     return inv["F"] * mat
+  if "full" in inv:
+    return (inv["full"] @ mat.reshape(-1)).reshape(mat.shape)
   kron = [inv[k] for k in layer.kron_factors]
   if "B" not in inv:
     return kronecker.precondition(kron, mat)

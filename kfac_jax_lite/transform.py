@@ -131,8 +131,8 @@ def scale_by_kfac(
     dense_approximation: ``"expand"`` or ``"reduce"`` for dense layers applied
       over extra axes (sequence positions; Eschenhagen et al. 2023).
     blocks: overrides of the detected blocks: regex (searched in the
-      ``keystr`` of a parameter's path) -> ``"kron"`` | ``"diag"`` | ``"none"``
-      (see :func:`kfac_jax_lite.tagging.tag`).
+      ``keystr`` of a parameter's path) -> ``"kron"`` | ``"full"`` |
+      ``"diag"`` | ``"none"`` (see :func:`kfac_jax_lite.tagging.tag`).
     max_factor_dim: largest Kronecker factor kept as a dense matrix (``None``:
       4096; static under ``optax.inject_hyperparams``): a larger
       input factor is doubly factored (``K ⊗ Ψ``, Ba et al. 2017, §4) when the

@@ -367,16 +367,7 @@ def eqx_case(eqx: Any, family: str, bias: bool = True) -> Case:
 
 
 @pytest.mark.parametrize("family,bias", [
-    ("dense", True), ("dense", False),
-    pytest.param("conv", True, marks=pytest.mark.xfail(strict=True, reason=(
-        "eqx.nn.Conv2d under jax.vmap: the conv output goes through reshape + "
-        "squeeze before the [F, 1, 1] bias is added; the bias is not matched "
-        "as the conv's bias and becomes a separate 'shift' block"))),
-    ("conv", False),
-    pytest.param("embedding", True, marks=pytest.mark.xfail(strict=True, reason=(
-        "eqx.nn.Embedding under jax.vmap: weight[i] of a scalar index becomes "
-        "a gather with start_index_map (0, 1) and slice_sizes (1, E), not "
-        "recognized as a row lookup: diagonal fallback"))),
+    ("dense", True), ("dense", False), ("conv", True), ("conv", False), ("embedding", True),
     ("layernorm", True), ("batchnorm", True), ("attention", True), ("attention", False)])
 def test_equinox_layer_records(eqx: Any, family: str, bias: bool):
   check_records(*eqx_case(eqx, family, bias))

@@ -810,3 +810,39 @@ def test_sliced_patches_equal_conv_general_dilated_patches(shape, filt, strides,
                                               precision=jax.lax.Precision.HIGHEST)
   got = m.patches(x)
   np.testing.assert_array_equal(got.reshape(got.shape[0], -1, *got.shape[3:]), want)
+
+
+def test_vmapped_row_lookup_and_vmapped_conv_bias_equal_batched_forms():
+  """Equinox-style per-example code under ``jax.vmap`` (a gather of a whole
+  row by ``(id, 0)``; a conv whose bias is added after a unit-axis round
+  trip) gives the same layers and factors as the batched forms."""
+  rng = np.random.default_rng(3)
+  params = {"table": jnp.asarray(rng.normal(size=(7, 4)), jnp.float32),
+            "k": jnp.asarray(rng.normal(size=(3, 4, 2, 2)), jnp.float32),  # OIHW
+            "kb": jnp.asarray(rng.normal(size=(3, 1, 1)), jnp.float32)}
+  batch = {"tok": jnp.asarray(rng.integers(0, 7, (5, 3, 3))),
+           "y": jnp.asarray(rng.integers(0, 3, 5))}
+
+  def conv1(x, k):  # one example [C, H, W]
+    return jax.lax.conv_general_dilated(x[None], k, (1, 1), "VALID")[0]
+
+  def loss(vmapped):
+    def fn(p, b):
+      if vmapped:
+        e = jax.vmap(jax.vmap(jax.vmap(lambda i: p["table"][i])))(b["tok"])
+        h = jax.vmap(lambda x: conv1(x, p["k"]) + p["kb"])(jnp.moveaxis(e, -1, 1))
+      else:
+        e = p["table"][b["tok"]]
+        h = jax.lax.conv_general_dilated(jnp.moveaxis(e, -1, 1), p["k"], (1, 1),
+                                         "VALID") + p["kb"][None]
+      return kfl.losses.softmax_cross_entropy(jnp.mean(h, (2, 3)), b["y"])
+    return fn
+
+  kinds = [sorted((l.name, l.kind, l.bias_path is not None)
+                  for l in kfl.find_layers(loss(v), params, batch)) for v in (True, False)]
+  assert kinds[0] == kinds[1] == [("['k']", "conv", True), ("['table']", "embedding", False)]
+  got = [kfl.estimate_curvature(loss(v), params, batch, key=jax.random.key(0),
+                                estimator="exact") for v in (True, False)]
+  for name in ("['k']", "['table']"):
+    for f in ("A", "G"):
+      np.testing.assert_allclose(got[0][name][f], got[1][name][f], rtol=1e-5, atol=1e-7)

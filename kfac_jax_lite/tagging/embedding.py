@@ -67,8 +67,14 @@ def match(eqn: Any, path: Path, in_views: Sequence[ParamView | None],
   dn = eqn.params["dimension_numbers"]
   table = tuple(eqn.invars[0].aval.shape)
   out = tuple(eqn.outvars[0].aval.shape)
-  if (len(table) != 2 or tuple(dn.collapsed_slice_dims) != (0,)
-      or tuple(dn.start_index_map) != (0,) or tuple(dn.offset_dims) != (len(out) - 1,)
+  # table[ids] gathers rows by one index; under jax.vmap (Equinox) the index
+  # also names column 0 of a whole-row slice, kept as a unit axis.
+  row_map = tuple(dn.start_index_map) == (0,) and tuple(dn.collapsed_slice_dims) == (0,)
+  vmapped = (tuple(dn.start_index_map) == (0, 1) and tuple(dn.collapsed_slice_dims) == ()
+             and ("CLIP" in str(eqn.params.get("mode")) or
+                  "PROMISE" in str(eqn.params.get("mode"))))
+  offsets = (len(out) - 1,) if row_map else (len(out) - 2, len(out) - 1)
+  if (len(table) != 2 or not (row_map or vmapped) or tuple(dn.offset_dims) != offsets
       or tuple(eqn.params["slice_sizes"]) != (1, table[1])
       or getattr(dn, "operand_batching_dims", ()) != ()):
     return "gather that is not a row lookup"

@@ -89,7 +89,7 @@ def diagonal_fisher(layer: Layer, xs: Sequence[jax.Array], dss: Sequence[jax.Arr
   """The diagonal Fisher ``F`` of ``[W; b]`` from per-example gradients.
 
   Args:
-    layer: a layer whose ``match.block == "diag"``.
+    layer: a layer whose ``block`` is ``"diag"`` (or ``"full"``).
     xs: the activation operand of each use.
     dss: output derivatives ``[S, *out_shape]`` of each use.
     num_cases: number of cases the loss averages over.
@@ -98,10 +98,23 @@ def diagonal_fisher(layer: Layer, xs: Sequence[jax.Array], dss: Sequence[jax.Arr
     ``[d_in(+1), d_out]`` float32: ``Σ_{s,n} g ⊙ g / num_cases``, ``g`` the
     per-example gradient summed over uses.
   """
-  g = sum(u.per_example_grads(x, u.unpermute(ds.astype(jnp.float32)),
-                              bias=layer.bias_index is not None)
-          for u, x, ds in zip(layer.matches, xs, dss))
-  return jnp.sum(jnp.square(g), axis=(0, 1)) / num_cases
+  return jnp.sum(jnp.square(_per_example_grads(layer, xs, dss)), axis=(0, 1)) / num_cases
+
+
+def full_fisher(layer: Layer, xs: Sequence[jax.Array], dss: Sequence[jax.Array],
+                num_cases: int) -> jax.Array:
+  """The whole Fisher block ``Σ_{s,n} vec(g) vec(g)^T / num_cases`` of ``[W; b]``
+  (row-major ``vec``), from per-example gradients (``"full"`` blocks)."""
+  g = _per_example_grads(layer, xs, dss)
+  return gram(g.reshape(-1, layer.d_in * layer.d_out)) / num_cases
+
+
+def _per_example_grads(layer: Layer, xs: Sequence[jax.Array],
+                       dss: Sequence[jax.Array]) -> jax.Array:
+  """``[S, N, d_in(+1), d_out]`` per-example gradients, summed over uses."""
+  return sum(u.per_example_grads(x, u.unpermute(ds.astype(jnp.float32)),
+                                 bias=layer.bias_index is not None)
+             for u, x, ds in zip(layer.matches, xs, dss))
 
 
 def layer_factors(layer: Layer, xs: Sequence[jax.Array], dss: Sequence[jax.Array],
@@ -117,7 +130,9 @@ def layer_factors(layer: Layer, xs: Sequence[jax.Array], dss: Sequence[jax.Array
   Returns:
     Factor name -> float32 array.
   """
-  if layer.match.block == "diag":
+  if layer.block == "full":
+    return {"full": full_fisher(layer, xs, dss, num_cases)}
+  if layer.block == "diag":
     return {"F": diagonal_fisher(layer, xs, dss, num_cases)}
   return {**input_factors(layer, xs), **output_factors(layer, dss, num_cases)}
 

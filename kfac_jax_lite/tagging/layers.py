@@ -67,6 +67,14 @@ class Layer:
   approximation: str = dataclasses.field(default="expand", repr=False)
   input_form: str = dataclasses.field(default="full", repr=False)
   output_form: str = dataclasses.field(default="full", repr=False)
+  full_block: bool = dataclasses.field(default=False, repr=False)
+
+  @property
+  def block(self) -> str:
+    """``"kron"`` (Kronecker factors), ``"diag"`` (exact diagonal Fisher ``F``)
+    or ``"full"`` (the exact Fisher block of ``[W; b]``, a ``blocks`` choice)."""
+    assert self.match is not None
+    return "full" if self.full_block else self.match.block
 
   @property
   def d_in(self) -> int:
@@ -77,8 +85,7 @@ class Layer:
   @property
   def kron_factors(self) -> tuple[str, ...]:
     """Names of the Kronecker factors in Kronecker order (empty for ``"F"``)."""
-    assert self.match is not None
-    if self.match.block == "diag":
+    if self.block != "kron":
       return ()
     return ("K", "Psi", "G") if self.input_form == "doubly" else ("A", "G")
 
@@ -86,9 +93,11 @@ class Layer:
   def factor_shapes(self) -> dict[str, tuple[int, ...]]:
     """Shapes of the factors: ``A`` and ``G`` of a Kronecker block (a vector
     when diagonal); ``K``, ``Ψ``, ``G`` and the bias block ``B`` of a
-    doubly-factored one; or ``F``, the diagonal Fisher of ``[W; b]``."""
-    assert self.match is not None
-    if self.match.block == "diag":
+    doubly-factored one; ``F``, the diagonal Fisher of ``[W; b]``; or
+    ``full``, its whole Fisher block (row-major ``vec``)."""
+    if self.block == "full":
+      return {"full": (self.d_in * self.d_out,) * 2}
+    if self.block == "diag":
       return {"F": (self.d_in, self.d_out)}
     d = self.d_out
     g = (d,) if self.output_form == "diagonal" else (d, d)
@@ -144,7 +153,8 @@ def _describe(uses: list[str]) -> str:
   return f"used by {', '.join(kinds)}: no Kronecker pattern: diagonal fallback"
 
 
-BLOCK_CHOICES = ("kron", "diag", "none")
+BLOCK_CHOICES = ("kron", "diag", "full", "none")
+FULL_KINDS = ("dense", "conv", "scale", "shift")
 DEFAULT_MAX_FACTOR_DIM = 4096
 
 
@@ -224,8 +234,10 @@ def tag(traced: TracedLoss, approximation: Mapping[str, str] | None = None,
     traced: the output of :func:`trace_loss`.
     approximation: layer kind -> ``"expand"`` | ``"reduce"`` (default expand).
     blocks: user overrides, regex (searched in the ``keystr`` of a leaf's
-      path) -> ``"kron"`` (must be a detected layer), ``"diag"`` (diagonal
-      fallback) or ``"none"`` (gradient passed through unpreconditioned). The
+      path) -> ``"kron"`` (must be a detected layer), ``"full"`` (the exact
+      Fisher block of a detected dense / conv / scale layer's ``[W; b]``, at
+      most ``max_factor_dim`` parameters), ``"diag"`` (diagonal fallback) or
+      ``"none"`` (gradient passed through unpreconditioned). The
       first matching pattern wins; a bias follows its own pattern, else its
       weight's.
     max_factor_dim: largest Kronecker factor kept as a dense matrix. A larger
@@ -269,11 +281,18 @@ def tag(traced: TracedLoss, approximation: Mapping[str, str] | None = None,
   for (index, part), ms in groups.items():
     bias_index, bias_part = biases[index, part]
     ms = tuple(dataclasses.replace(m, bias_index=bias_index, bias_part=bias_part) for m in ms)
-    input_form, output_form, note = _factor_forms(ms[0], bias_index is not None, max_factor_dim)
+    name = keystr(paths[index]) + _part_suffix(part, shapes[index])
+    full = _match_override(name, blocks) == "full"
+    if full:
+      _check_full(name, ms[0], bias_index is not None, max_factor_dim)
+      input_form, output_form, note = "full", "full", "blocks override: full Fisher block"
+    else:
+      input_form, output_form, note = _factor_forms(ms[0], bias_index is not None,
+                                                    max_factor_dim)
     if len(ms) > 1:
       note = "; ".join(filter(None, [f"shared by {len(ms)} uses: statistics summed", note]))
     layer = Layer(
-        name=keystr(paths[index]) + _part_suffix(part, shapes[index]), kind=ms[0].kind,
+        name=name, kind=ms[0].kind, full_block=full,
         weight_path=paths[index], bias_path=None if bias_index is None else paths[bias_index],
         weight_index=index, bias_index=bias_index, match=ms[0], matches=ms,
         approximation=approximation.get(ms[0].kind, "expand"),
@@ -288,10 +307,10 @@ def tag(traced: TracedLoss, approximation: Mapping[str, str] | None = None,
       continue
     choice = _match_override(keystr(path), blocks)
     uses = _leaf_uses(found.uses, i)
-    if choice == "kron":
+    if choice in ("kron", "full"):
       raise ValueError(
-          f"blocks asks for a Kronecker block for {keystr(path)}, but no layer "
-          f"was detected there ({_describe(uses)}).")
+          f"blocks asks for a {'Kronecker' if choice == 'kron' else 'full'} block for "
+          f"{keystr(path)}, but no layer was detected there ({_describe(uses)}).")
     owned[i] = [_fallback(path, i, "blocks override: not preconditioned", "none")
                 if choice == "none" else _fallback(
                     path, i, "blocks override: diagonal" if choice == "diag"
@@ -335,11 +354,24 @@ def _biases(groups: Mapping[UseKey, list[Match]], found: patterns.WalkResult,
     if bias[0] is not None and all((m.bias_index, m.bias_part) == bias for m in ms) and (
         bias[0] not in frozen
         and sorted(found.uses.get(bias, [])) == sorted(f"bias@{m.out_path}" for m in ms)
-        and _match_override(jax.tree_util.keystr(paths[bias[0]]), blocks) in (None, "kron")):
+        and _match_override(jax.tree_util.keystr(paths[bias[0]]), blocks) in (
+            None, "kron", "full")):
       candidates[key] = bias
   whole = _tiled_leaves(list(candidates.values()), found.uses, shapes)
   return {key: candidates[key] if key in candidates and candidates[key][0] in whole
           else (None, None) for key in groups}
+
+
+def _check_full(name: str, m: Match, has_bias: bool, max_factor_dim: int) -> None:
+  """Raises unless a ``"full"`` override fits the layer."""
+  if m.kind not in FULL_KINDS:
+    raise ValueError(f"blocks asks for a full block for {name}, a {m.kind} layer; full "
+                     f"blocks are for {', '.join(FULL_KINDS)} layers.")
+  size = (m.d_in + has_bias) * m.d_out
+  if size > max_factor_dim:
+    raise ValueError(f"blocks asks for a full block for {name}: {size} parameters, more "
+                     f"than max_factor_dim = {max_factor_dim}; use 'kron' or 'diag', or "
+                     "raise max_factor_dim.")
 
 
 def _check_registrations(found: patterns.WalkResult, groups: Mapping[UseKey, Any],

@@ -126,8 +126,12 @@ class Match:
     raise NotImplementedError
 
   def per_example_grads(self, x: jax.Array, ds: jax.Array, *, bias: bool) -> jax.Array:
-    """``[S, N, d_in(+1), d_out]`` per-example gradients (``"diag"`` blocks)."""
-    raise NotImplementedError
+    """``[S, N, d_in(+1), d_out]`` per-example gradients ``Σ_t a_t ds_t^T``
+    (``"diag"`` and ``"full"`` blocks), ``ds`` in the product's layout."""
+    rows = self.input_rows(x.astype(jnp.float32))
+    if bias:
+      rows = jnp.concatenate([rows, jnp.ones_like(rows[..., :1])], -1)
+    return jnp.einsum("ntd,sntk->sndk", rows, self.output_rows(ds))
 
   def input_matrix_rows(self, x: jax.Array, *, bias: bool, reduce: bool) -> jax.Array:
     """The activation rows the input factor is built from.

@@ -168,12 +168,8 @@ class _Walker:
             pv, chain=pv.chain + (eqn,), broadcast=pv.broadcast or name in BROADCAST_PRIMITIVES)
         continue
 
-      if name == "transpose" and id(eqn.invars[0]) in self._pending and counts.get(
-          eqn.outvars[0], 0) == 1:
-        match, perm = self._pending.pop(id(eqn.invars[0]))
-        step = tuple(eqn.params["permutation"])
-        self._pending[id(eqn.outvars[0])] = (
-            match, step if perm is None else tuple(perm[i] for i in step))
+      if (eqn.invars and id(eqn.invars[0]) in self._pending
+          and counts.get(eqn.outvars[0], 0) == 1 and self._follow_pending(eqn)):
         self._mark_data(eqn, data_env, True)
         continue
 
@@ -237,6 +233,27 @@ class _Walker:
     else:
       self.result.layers.append(match)
 
+  def _follow_pending(self, eqn) -> bool:
+    """Carries a product still looking for its bias through a transpose, or a
+    reshape / squeeze that only adds or drops unit axes (``jax.vmap`` of an
+    Equinox conv does both); the bias add must see the product's values."""
+    match, perm = self._pending[id(eqn.invars[0])]
+    name = eqn.primitive.name
+    shape_in = tuple(eqn.invars[0].aval.shape)
+    shape_out = tuple(eqn.outvars[0].aval.shape)
+    current = dataclasses.replace(match, out_perm=perm).perturbed_shape
+    if name == "transpose" and shape_in == current:
+      step = tuple(eqn.params["permutation"])
+      perm = step if perm is None else tuple(perm[i] for i in step)
+    elif name in ("reshape", "squeeze", "expand_dims") and _drop_ones(shape_in) == _drop_ones(
+        shape_out) and (shape_in == current or shape_out == current):
+      pass
+    else:
+      return False
+    del self._pending[id(eqn.invars[0])]
+    self._pending[id(eqn.outvars[0])] = (match, perm)
+    return True
+
   def _match_bias(self, eqn, path, in_views) -> bool:
     for k in (0, 1):
       pending = self._pending.get(id(eqn.invars[k]))
@@ -280,6 +297,10 @@ def _is_zero(eqn, zero_env: set[Any]) -> bool:
   if name in _ZERO_IF_ANY:
     return any(not isinstance(a, jex_core.Literal) and a in zero_env for a in eqn.invars)
   return False
+
+
+def _drop_ones(shape: tuple[int, ...]) -> tuple[int, ...]:
+  return tuple(d for d in shape if d != 1)
 
 
 def _is_root(pv: ParamView | None) -> bool:

@@ -17,8 +17,8 @@ def block_type(layer: Layer) -> str:
   or ``"zero"`` (frozen)."""
   if layer.match is None:
     return {"diagonal": "diag", "frozen": "zero"}.get(layer.kind, "none")
-  if layer.match.block == "diag":
-    return "diag fisher"
+  if layer.block != "kron":
+    return {"diag": "diag fisher", "full": "full"}[layer.block]
   diag = [f"diag {k}" for k, form in (("A", layer.input_form), ("G", layer.output_form))
           if form == "diagonal"]
   kron = "kron3" if layer.input_form == "doubly" else "kron"
