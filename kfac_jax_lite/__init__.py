@@ -13,11 +13,13 @@ from kfac_jax_lite.alias import kfac
 from kfac_jax_lite.curvature_api import estimate_curvature
 from kfac_jax_lite.tagging.layers import find_layers
 from kfac_jax_lite.curvature.kl_clip import kl_scale
+from kfac_jax_lite.placement import sharded_state_specs
 from kfac_jax_lite.transform import KfacState, scale_by_kfac
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AccumulateState", "KfacState", "accumulate", "estimate_curvature",
-    "find_layers", "kfac", "kl_scale", "losses", "scale_by_kfac", "tagging",
+    "find_layers", "kfac", "kl_scale", "losses", "scale_by_kfac",
+    "sharded_state_specs", "tagging",
 ]
