@@ -292,12 +292,13 @@ def communication(problem: str, n: int) -> dict[str, dict[str, float]]:
   result sizes in bytes, ``{config: {kind: bytes}}`` for the kinds of
   :data:`COLLECTIVES`, split into ``"grads"`` (every step), ``"stats"`` (on
   statistics steps) and ``"inverses"`` (on inverse steps) parts, plus
-  ``"memory"``, a device's inverse bytes. ``kfac+dist`` all-gathers every
-  device's share padded to the largest; ``kfac+shard`` all-to-alls row slices
-  (``ceil(d / n)`` rows of each inverse) padded to the largest share's, adds
-  a 4-byte ``pmin`` of the finiteness flag, and all-gathers the
-  preconditioned gradient twice per step (``A^{-1}`` row blocks, then
-  ``G^{-1}``). Every digits layer is dense: no diagonal inverses to gather.
+  ``"memory"``, a device's inverse bytes. Both distributed configurations
+  all-to-all the owners' row slices (``ceil(d / n)`` rows of each inverse,
+  padded to the largest share's); ``kfac+dist`` then all-gathers every
+  device's slices; ``kfac+shard`` keeps them, adds a 4-byte ``pmin`` of the
+  finiteness flag, and all-gathers the preconditioned gradient twice per step
+  (``A^{-1}`` row blocks, then ``G^{-1}``). Every digits layer is dense: no
+  diagonal inverses to gather.
 
   Args:
     problem: ``"mlp"`` or ``"autoencoder"``.
@@ -321,9 +322,9 @@ def communication(problem: str, n: int) -> dict[str, dict[str, float]]:
   def rows(d: int) -> int:
     return math.ceil(d / n)
 
-  largest = max(sum(dims[m][0] ** 2 + dims[m][1] ** 2 for m in share) for share in shares)
   slices = max(sum(rows(dims[m][0]) * dims[m][0] + rows(dims[m][1]) * dims[m][1]
                    for m in share) for share in shares)
+  memory = f32 * sum(rows(a) * a + rows(g) * g for a, g in dims.values())
   precondition = n * sum(rows(a) * g + rows(g) * a for a, g in dims.values())
   zero = dict.fromkeys(COLLECTIVES, 0.0)
   adam = {"grads": {**zero, "all-reduce": grads + f32}, "stats": zero, "inverses": zero,
@@ -331,12 +332,13 @@ def communication(problem: str, n: int) -> dict[str, dict[str, float]]:
   kfac = {**adam, "stats": {**zero, "all-reduce": factors}, "memory": factors}
   return {
       "adam": adam, "kfac": kfac,
-      "kfac+dist": {**kfac, "inverses": {**zero, "all-gather": f32 * n * largest}},
+      "kfac+dist": {**kfac, "inverses": {**zero, "all-to-all": f32 * n * slices,
+                                          "all-gather": n * memory}},
       "kfac+shard": {
           "grads": {**zero, "all-reduce": grads + f32, "all-gather": f32 * precondition},
           "stats": kfac["stats"],
           "inverses": {**zero, "all-reduce": f32, "all-to-all": f32 * n * slices},
-          "memory": f32 * sum(rows(a) * a + rows(g) * g for a, g in dims.values())},
+          "memory": memory},
   }
 
 

@@ -1,29 +1,31 @@
 """Where the factor inverses live on the devices of a ``pmap`` / ``shard_map`` axis.
 
 The inverses are computed once across the devices: each device inverts a
-cost-balanced share of the layers (:func:`kfac_jax_lite.schedule.balanced_groups`),
-and then, as in KAISA (Pauloski et al., SC21):
+cost-balanced share of the layers (:func:`kfac_jax_lite.schedule.balanced_groups`)
+and splits every Kronecker inverse matrix into ``n`` row slices of
+``ceil(d / n)`` rows (zero rows pad ``d`` to a multiple of ``n``); one
+``all_to_all`` hands slice ``j`` of every layer to device ``j`` (each device
+packs its slices into one float32 buffer per destination, padded to the
+largest share's). Then, as in KAISA (Pauloski et al., SC21):
 
-* ``"replicated"`` (KAISA's COMM-OPT): every device keeps every inverse. Each
-  device packs its share into one flat float32 buffer, padded to the largest
-  share's size; one ``all_gather`` makes ``[n_devices, size]`` and every
-  layer's inverses are read from its owner's row. The preconditioning then
-  needs no communication.
-* ``"sharded"`` (KAISA's MEM-OPT): every device keeps a row slice of each
-  Kronecker inverse matrix, ``ceil(d / n)`` of its ``d`` rows (rows padded
-  with zeros to a multiple of ``n``), so the inverses take about ``1/n`` of
-  the memory per device. An ``all_to_all`` sends each owner's row slices to
-  their devices. The preconditioning is distributed: the factors of a layer
-  act on the modes of its gradient in turn (``A^{-1}`` on the rows, then
-  ``G^{-1}`` on the columns; both symmetric); for each, a device multiplies
-  its row slice into the full gradient and one ``all_gather`` per factor,
-  batched over all layers, assembles the product, so two gathers of the
-  gradients' size per step.
+* ``"replicated"`` (KAISA's COMM-OPT): one ``all_gather`` of every device's
+  slices (the same size on every device, whoever owns the layers) gives every
+  device every inverse; the preconditioning needs no communication. A device
+  receives about ``(n-1)/n`` of (all inverses + the largest share) per
+  refresh, where a ``psum`` of zero-filled inverses costs twice all inverses.
+* ``"sharded"`` (KAISA's MEM-OPT): every device keeps only its row slices, so
+  the inverses take about ``1/n`` of the memory per device. The
+  preconditioning is distributed: the factors of a layer act on the modes of
+  its gradient in turn (``A^{-1}`` on the rows, then ``G^{-1}`` on the
+  columns; both symmetric); for each, a device multiplies its row slice into
+  the full gradient and one ``all_gather`` per factor, batched over all
+  layers, assembles the product: two gathers of the gradients' size per step.
 
 Diagonal inverses (the token-frequency input factor of an embedding, the
 diagonal Fisher ``"F"`` of scale-and-shift parameters) are small and stay
-replicated in both placements; the factors themselves (the moving averages)
-are replicated too.
+whole in both placements: each owner packs its share's into one buffer, padded
+to the largest share's, and one ``all_gather`` gives them to every device.
+The factors themselves (the moving averages) are replicated in both.
 """
 
 from __future__ import annotations
@@ -62,8 +64,9 @@ def check_placement(inverse_placement: str, axis_name: str | None) -> None:
 
 
 def is_sharded(key: str, shape: Sequence[int]) -> bool:
-  """Whether a factor's inverse is row-sharded under ``"sharded"``: a
-  Kronecker factor matrix, not a diagonal factor or a diagonal Fisher ``"F"``."""
+  """Whether a factor's inverse is distributed (and, with ``"sharded"``,
+  kept) in row slices: a Kronecker factor matrix, not a diagonal factor or a
+  diagonal Fisher ``"F"``."""
   return key != "F" and len(shape) == 2
 
 
@@ -122,7 +125,7 @@ def distribute(compute: Callable[[tuple[str, ...]], Inverses], names: tuple[str,
     factors: layer name -> factor name -> factor (for the shapes).
     axis_name: the ``pmap`` / ``shard_map`` axis.
     sharded: keep only this device's row slice of every Kronecker matrix
-      (``"sharded"``), or every inverse whole (``"replicated"``).
+      (``"sharded"``), or gather every inverse whole (``"replicated"``).
 
   Returns:
     Layer name -> factor name -> inverse (or row slice) for ``names``.
@@ -131,9 +134,8 @@ def distribute(compute: Callable[[tuple[str, ...]], Inverses], names: tuple[str,
   shares = schedule.balanced_groups({m: costs[m] for m in names}, n)
   keys = [[(m, k, factors[m][k].shape) for m in share for k in factors[m]]
           for share in shares]
-  whole = [[e for e in share if not (sharded and is_sharded(e[1], e[2]))]
-           for share in keys]
-  split = [[e for e in share if sharded and is_sharded(e[1], e[2])] for share in keys]
+  whole = [[e for e in share if not is_sharded(e[1], e[2])] for share in keys]
+  split = [[e for e in share if is_sharded(e[1], e[2])] for share in keys]
   whole_size = max(sum(math.prod(s) for _, _, s in share) for share in whole)
   split_size = max(sum(_rows(s[0], n) * s[1] for _, _, s in share) for share in split)
 
@@ -164,6 +166,15 @@ def distribute(compute: Callable[[tuple[str, ...]], Inverses], names: tuple[str,
       for m, k, s in share:
         size = _rows(s[0], n) * s[1]
         out[m][k] = received[i, offset:offset + size].reshape(-1, s[1])
+        offset += size
+    if not sharded:
+      entries = [e for share in split for e in share]
+      everyone = jax.lax.all_gather(_pack([out[m][k] for m, k, _ in entries], sum(
+          _rows(s[0], n) * s[1] for _, _, s in entries)), axis_name, to="invarying")
+      offset = 0
+      for m, k, s in entries:
+        size = _rows(s[0], n) * s[1]
+        out[m][k] = everyone[:, offset:offset + size].reshape(-1, s[1])[:s[0]]
         offset += size
   return out
 
