@@ -76,6 +76,7 @@ def _rows(d: int, n: int) -> int:
 
 
 def _axis_size(axis_name: str) -> int:
+  """The size of ``axis_name``; a ``ValueError`` outside its ``pmap`` / ``shard_map``."""
   try:
     return jax.lax.axis_size(axis_name)
   except NameError as e:

@@ -158,9 +158,9 @@ def scale_by_kfac(
       estimate to it; the next ordinary update averages them all with its
       own before the moving average).
     distribute_inverses: with ``axis_name``, every device inverts only a
-      cost-balanced share of the layers and an ``all_gather`` gives every
-      device all of them, so each inverse is computed once across the
-      devices instead of on every device.
+      cost-balanced share of the layers, exchanged with an ``all_to_all`` of
+      row slices and an ``all_gather``, so each inverse is computed once
+      across the devices instead of on every device.
     inverse_placement: where the inverses live (see
       :mod:`kfac_jax_lite.placement`; KAISA, Pauloski et al. 2021):
       ``"replicated"`` (COMM-OPT), every device keeps every inverse;
