@@ -10,11 +10,14 @@ the tuned optimizers of ``examples/digits.py``:
    the train step is ``jax.pmap``-ed over ``axis_name="batch"`` and ``pmean``s
    the gradients; K-FAC (``stats_every=1``, ``inverse_every=10``, given the
    same ``axis_name`` so it averages its factor statistics) and Adam run under
-   the same ``pmap``, in interleaved rounds, and so does K-FAC with
-   ``distribute_inverses=True`` (N > 1). The fake devices share the machine's
-   cores, so absolute times grow with N: the K-FAC/Adam ratio is what
-   matters. Also the all-reduce volume per step, from the parameter and factor
-   sizes, checked against the all-reduce ops of the compiled HLO.
+   the same ``pmap``, in interleaved rounds, and so do (N > 1, chosen with
+   ``--placement``) K-FAC with ``distribute_inverses=True`` (``kfac+dist``:
+   inverses replicated, KAISA's COMM-OPT) and with
+   ``inverse_placement="sharded"`` (``kfac+shard``: KAISA's MEM-OPT). The fake
+   devices share the machine's cores, so absolute times grow with N: the
+   K-FAC/Adam ratio is what matters. Also the communication per step and the
+   inverse memory per device, from the parameter and factor sizes, checked
+   against the collectives of the compiled HLO.
 2. Step-time distribution of the autoencoder (1 device, batch 256,
    ``inverse_every=10``) with and without ``staggered_inverses``, for
    ``eigh`` and ``cholesky``: median, p90, max, max/median over steps 1..S
@@ -28,7 +31,8 @@ Every step is timed to completion (``jax.block_until_ready``); compilation is
 ahead of time and excluded (it dominates the run time: about 30 step
 compilations). ``OPENBLAS_NUM_THREADS`` defaults to 1 (see
 ``examples/digits.py``). Run ``python benchmarks/scaling.py`` (``--quick``
-for a short run on 1 and 8 devices, 60 steps in part 2).
+for a short run on 1 and 8 devices, 60 steps in part 2; ``--scaling-only``
+for part 1 alone).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import platform
 import re
 import subprocess
 import sys
+import math
 import time
 from typing import Any, Sequence
 
@@ -111,30 +116,32 @@ def kib(n: float) -> str:
 
 
 _HLO_ARRAY = re.compile(r"\b(pred|bf16|[fsu]\d+)\[([\d,]*)\]")
-_HLO_ALL_REDUCE = re.compile(r"=\s*(.*?)\s+all-reduce(?:-start)?\(")
+COLLECTIVES = ("all-reduce", "all-gather", "all-to-all")
+_HLO_COLLECTIVE = re.compile(r"=\s*(.*?)\s+(all-reduce|all-gather|all-to-all)(?:-start)?\(")
 
 
-def hlo_all_reduce_bytes(hlo_text: str) -> int:
-  """Bytes reduced by every all-reduce op of an HLO module, all branches.
+def hlo_collective_bytes(hlo_text: str) -> dict[str, int]:
+  """Bytes of every collective op of an HLO module, all branches, by kind.
 
-  Each ``all-reduce`` (or ``all-reduce-start``) is counted once, with the
-  size of its result (an array or a tuple of arrays), whether or not it sits
-  in a conditional branch.
+  Each ``all-reduce`` / ``all-gather`` / ``all-to-all`` (or its ``-start``)
+  is counted once, with the size of its result (an array or a tuple of
+  arrays), whether or not it sits in a conditional branch.
 
   Args:
     hlo_text: the compiled module's text (``compiled.as_text()``).
 
   Returns:
-    The total size in bytes.
+    ``{kind: bytes}`` for the kinds in :data:`COLLECTIVES`.
   """
-  total = 0
+  total = dict.fromkeys(COLLECTIVES, 0)
   for line in hlo_text.splitlines():
-    match = _HLO_ALL_REDUCE.search(line)
+    match = _HLO_COLLECTIVE.search(line)
     if not match:
       continue
     for dtype, dims in _HLO_ARRAY.findall(match.group(1)):
       size = int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
-      total += size * (1 if dtype == "pred" else int(re.sub(r"\D", "", dtype)) // 8)
+      total[match.group(2)] += size * (1 if dtype == "pred" else
+                                       int(re.sub(r"\D", "", dtype)) // 8)
   return total
 
 
@@ -194,15 +201,29 @@ def make_pmap_step(loss_fn: digits_data.LossFn,
   return jax.pmap(step, axis_name=AXIS)
 
 
-def weak_scaling_child(num_devices: int, rounds: int) -> dict[str, Any]:
+PLACEMENT_CONFIGS = {
+    "kfac+dist": dict(distribute_inverses=True),
+    "kfac+shard": dict(inverse_placement="sharded"),
+}
+
+
+def _placement_configs(placement: str) -> list[str]:
+  """The distributed K-FAC configurations ``--placement`` selects."""
+  return {"replicated": ["kfac+dist"], "sharded": ["kfac+shard"],
+          "both": list(PLACEMENT_CONFIGS)}[placement]
+
+
+def weak_scaling_child(num_devices: int, rounds: int, placement: str) -> dict[str, Any]:
   """Times Adam and K-FAC under ``pmap`` on this process's devices.
 
   Args:
     num_devices: expected ``jax.device_count()``.
     rounds: interleaved rounds of ``ROUND`` steps per configuration.
+    placement: ``"replicated"``, ``"sharded"`` or ``"both"``: the
+      distributed-inverse configurations to time (N > 1).
 
   Returns:
-    ``{problem: {config: {"times", "compile_s", "hlo_all_reduce_bytes"}}}``.
+    ``{problem: {config: {"times", "compile_s", "hlo_bytes"}}}``.
   """
   if jax.device_count() != num_devices:
     raise SystemExit(f"expected {num_devices} devices, got {jax.devices()}")
@@ -233,27 +254,29 @@ def weak_scaling_child(num_devices: int, rounds: int) -> dict[str, Any]:
         "kfac": ("kfac", dict(axis_name=AXIS)),
     }
     if n > 1:
-      configs["kfac+dist"] = ("kfac", dict(axis_name=AXIS, distribute_inverses=True))
+      configs.update({name: ("kfac", dict(axis_name=AXIS, **PLACEMENT_CONFIGS[name]))
+                      for name in _placement_configs(placement)})
     runners = []
     for name, (opt, kwargs) in configs.items():
       tx = digits.make_optimizer(opt, problem, loss_fn, local, stats_every=STATS_EVERY,
                                  inverse_every=INVERSE_EVERY, **kwargs)
-      runner = Timed(name, make_pmap_step(loss_fn, tx), replicate(params),
-                     replicate(tx.init(params)), batches)
+      # Built inside pmap: a sharded state differs per device.
+      state = jax.pmap(tx.init, axis_name=AXIS)(replicate(params))
+      runner = Timed(name, make_pmap_step(loss_fn, tx), replicate(params), state, batches)
       runner.run(1, timed=False)  # Step 0: every K-FAC inverse, first dispatch.
       runners.append(runner)
     interleave(runners, rounds, ROUND)
     out[problem] = {r.name: {"times": r.times, "counts": r.counts,
                              "compile_s": r.compile_s,
-                             "hlo_all_reduce_bytes": hlo_all_reduce_bytes(r.step.as_text())}
+                             "hlo_bytes": hlo_collective_bytes(r.step.as_text())}
                     for r in runners}
   return out
 
 
-def run_child(num_devices: int, rounds: int) -> dict[str, Any]:
+def run_child(num_devices: int, rounds: int, placement: str) -> dict[str, Any]:
   """Runs this script with ``--devices num_devices``; returns its JSON."""
   cmd = [sys.executable, os.path.abspath(__file__), "--devices", str(num_devices),
-         "--rounds", str(rounds)]
+         "--rounds", str(rounds), "--placement", placement]
   proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
                         env=dict(os.environ))
   if proc.returncode != 0:
@@ -262,18 +285,64 @@ def run_child(num_devices: int, rounds: int) -> dict[str, Any]:
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def communication(problem: str) -> dict[str, int]:
-  """Parameter and Kronecker-factor bytes of ``problem`` (float32)."""
+def communication(problem: str, n: int) -> dict[str, dict[str, float]]:
+  """Collective payloads per step and inverse memory per device (float32).
+
+  From the factor shapes and the library's cost-balanced shares. Payloads are
+  result sizes in bytes, ``{config: {kind: bytes}}`` for the kinds of
+  :data:`COLLECTIVES`, split into ``"grads"`` (every step), ``"stats"`` (on
+  statistics steps) and ``"inverses"`` (on inverse steps) parts, plus
+  ``"memory"``, a device's inverse bytes. Both distributed configurations
+  all-to-all the owners' row slices (``ceil(d / n)`` rows of each inverse,
+  padded to the largest share's); ``kfac+dist`` then all-gathers every
+  device's slices; ``kfac+shard`` keeps them, adds a 4-byte ``pmin`` of the
+  finiteness flag, and all-gathers the preconditioned gradient twice per step
+  (``A^{-1}`` row blocks, then ``G^{-1}``). Every digits layer is dense: no
+  diagonal inverses to gather.
+
+  Args:
+    problem: ``"mlp"`` or ``"autoencoder"``.
+    n: number of devices.
+
+  Returns:
+    The payloads of ``adam``, ``kfac``, ``kfac+dist`` and ``kfac+shard``.
+  """
+  from kfac_jax_lite import schedule  # pylint: disable=import-outside-toplevel
+  from kfac_jax_lite.tagging import tag, trace_loss  # pylint: disable=import-outside-toplevel
   model, loss_fn = digits_data.make_problem(problem)
   params = digits_data.init_params(model)
   sample = {"x": jax.ShapeDtypeStruct((PER_DEVICE_BATCH, digits_data.NUM_FEATURES), np.float32),
             "y": jax.ShapeDtypeStruct((PER_DEVICE_BATCH,), np.int32)}
-  state = kfl.scale_by_kfac(loss_fn, sample, damping=1e-2).init(params)
-  return {"grads": tree_bytes(params), "factors": tree_bytes(state.factors),
-          "inverses": tree_bytes(state.inverses)}
+  tagged = tag(trace_loss(loss_fn, params, sample))
+  shares = schedule.balanced_groups(schedule.inversion_costs(tagged), n)
+  dims = {l.name: (l.d_in, l.d_out) for l in tagged.factored}
+  grads, f32 = tree_bytes(params), 4
+  factors = f32 * sum(a * a + g * g for a, g in dims.values())
+
+  def rows(d: int) -> int:
+    return math.ceil(d / n)
+
+  slices = max(sum(rows(dims[m][0]) * dims[m][0] + rows(dims[m][1]) * dims[m][1]
+                   for m in share) for share in shares)
+  memory = f32 * sum(rows(a) * a + rows(g) * g for a, g in dims.values())
+  precondition = n * sum(rows(a) * g + rows(g) * a for a, g in dims.values())
+  zero = dict.fromkeys(COLLECTIVES, 0.0)
+  adam = {"grads": {**zero, "all-reduce": grads + f32}, "stats": zero, "inverses": zero,
+          "memory": 0.0}
+  kfac = {**adam, "stats": {**zero, "all-reduce": factors}, "memory": factors}
+  return {
+      "adam": adam, "kfac": kfac,
+      "kfac+dist": {**kfac, "inverses": {**zero, "all-to-all": f32 * n * slices,
+                                          "all-gather": n * memory}},
+      "kfac+shard": {
+          "grads": {**zero, "all-reduce": grads + f32, "all-gather": f32 * precondition},
+          "stats": kfac["stats"],
+          "inverses": {**zero, "all-reduce": f32, "all-to-all": f32 * n * slices},
+          "memory": memory},
+  }
 
 
-def weak_scaling(device_counts: Sequence[int], rounds: int) -> None:
+def weak_scaling(device_counts: Sequence[int], rounds: int, placement: str) -> None:
   """Part 1: runs one child per device count and prints the tables."""
   print(f"1. Weak scaling: pmap over N fake CPU devices, {PER_DEVICE_BATCH} "
         f"examples per device, K-FAC stats_every={STATS_EVERY}, "
@@ -284,7 +353,7 @@ def weak_scaling(device_counts: Sequence[int], rounds: int) -> None:
   results: dict[int, dict[str, Any]] = {}
   for n in device_counts:
     start = time.perf_counter()
-    results[n] = run_child(n, rounds)
+    results[n] = run_child(n, rounds, placement)
     print(f"   (N={n}: child process {time.perf_counter() - start:.1f}s, "
           f"load {os.getloadavg()[0]:.2f})", flush=True)
   header = (f"{'model':<12}{'N':>3}  {'optimizer':<11}{'median ms':>10}{'mean ms':>10}"
@@ -307,35 +376,47 @@ def weak_scaling(device_counts: Sequence[int], rounds: int) -> None:
               f"{run['compile_s']:>10.1f}")
     print()
   print(f"   inv step ms: median of the steps that refresh the inverses (step % "
-        f"{INVERSE_EVERY} == 0); kfac+dist: each device inverts a share, a psum "
-        "gathers them. No kfac+dist at N=1.")
+        f"{INVERSE_EVERY} == 0); kfac+dist: each device inverts a share, an "
+        "all-gather gives every device all inverses; kfac+shard: each device keeps "
+        "row slices of the inverses (all-to-all) and the preconditioning is "
+        "distributed (two all-gathers per step). Neither at N=1.")
   print()
 
-  print("All-reduce payload per step (float32; a ring all-reduce sends about "
-        "2(N-1)/N times the payload per device, for every row alike)")
-  header = (f"{'model':<12}{'optimizer':<22}{'grads KiB':>10}{'factors KiB':>12}"
-            f"{'inverses KiB':>13}{'total KiB':>10}{'/Adam':>7}{'HLO KiB':>9}")
-  print(header)
-  print("-" * len(header))
   n_max = max(device_counts)
+  print(f"Communication per step on N={n_max} devices (float32 payloads, amortized over "
+        "the statistics / inverse steps) and inverse memory per device")
+  header = (f"{'model':<12}{'optimizer':<19}{'all-reduce':>11}{'all-gather':>11}"
+            f"{'all-to-all':>11}{'recv/dev':>10}{'/Adam':>7}{'inv mem/dev':>12}"
+            f"{'HLO = model':>12}")
+  print(header + "\n" + "-" * len(header))
   for problem in digits.PROBLEMS:
-    sizes = communication(problem)
-    rows = [("adam", 1, None, False), ("kfac", STATS_EVERY, INVERSE_EVERY, False),
-            ("kfac+dist", STATS_EVERY, INVERSE_EVERY, True),
-            ("kfac s10/i50", 10, 50, False), ("kfac+dist s10/i50", 10, 50, True)]
-    for name, s_every, i_every, dist in rows:
-      factors = 0.0 if i_every is None else sizes["factors"] / s_every
-      inverses = sizes["inverses"] / i_every if dist else 0.0
-      total = sizes["grads"] + factors + inverses
-      hlo = results[n_max][problem].get(name, {}).get("hlo_all_reduce_bytes")
-      # The HLO counts every all-reduce once per step, whether or not it is
-      # due: grads + loss (4 B) + factors (+ the distributed inverses' psum).
-      hlo_s = kib(hlo) if hlo is not None and n_max > 1 else "-"
-      print(f"{problem:<12}{name:<22}{kib(sizes['grads']):>10}{kib(factors):>12}"
-            f"{kib(inverses):>13}{kib(total):>10}{total / sizes['grads']:>6.2f}x"
-            f"{hlo_s:>9}")
-  print(f"   HLO KiB: every all-reduce in the compiled N={n_max} step, counted once "
-        "whether due or not (grads + 4 B loss + factors [+ inverses psum]).")
+    model_bytes = communication(problem, n_max)
+    configs = [("adam", "adam", 1, 1)] + [
+        (name + suffix, name, s_every, i_every)
+        for suffix, s_every, i_every in (("", STATS_EVERY, INVERSE_EVERY), (" s10/i50", 10, 50))
+        for name in ("kfac", "kfac+dist", "kfac+shard")]
+    adam_recv = None
+    for label, name, s_every, i_every in configs:
+      parts = model_bytes[name]
+      per_step = {k: parts["grads"][k] + parts["stats"][k] / s_every
+                  + parts["inverses"][k] / i_every for k in COLLECTIVES}
+      # Ring algorithms: a device receives 2(N-1)/N of an all-reduce's payload
+      # and (N-1)/N of an all-gather's or all-to-all's.
+      recv = (n_max - 1) / n_max * (2 * per_step["all-reduce"] + per_step["all-gather"]
+                                    + per_step["all-to-all"])
+      adam_recv = adam_recv or recv
+      # The HLO counts every collective once per step, whether due or not.
+      hlo = results[n_max][problem].get(name, {}).get("hlo_bytes")
+      check = "-" if hlo is None or n_max == 1 or label != name else (
+          "yes" if all(hlo[k] == parts["grads"][k] + parts["stats"][k] + parts["inverses"][k]
+                       for k in COLLECTIVES) else
+          "no: " + "/".join(kib(hlo[k]) for k in COLLECTIVES))
+      print(f"{problem:<12}{label:<19}" + "".join(f"{kib(per_step[k]):>11}" for k in COLLECTIVES)
+            + f"{kib(recv):>10}{recv / adam_recv:>6.2f}x{kib(parts['memory']):>12}{check:>12}")
+  print("   KiB. recv/dev: received per device per step by ring algorithms (2(N-1)/N of "
+        "an all-reduce's payload, (N-1)/N of an all-gather's / all-to-all's). HLO = model: "
+        f"the collectives of the compiled N={n_max} step (each counted once, due or not) "
+        "have the modelled sizes, per kind.")
   print()
 
 
@@ -470,20 +551,27 @@ def main(argv: list[str] | None = None) -> None:
                       help="internal: run the weak-scaling child on N fake devices")
   parser.add_argument("--rounds", type=int, default=None,
                       help=f"weak-scaling rounds of {ROUND} steps per configuration")
+  parser.add_argument("--placement", choices=("replicated", "sharded", "both"),
+                      default="both", help="distributed-inverse configurations in part 1: "
+                      "kfac+dist (replicated inverses), kfac+shard (sharded), or both")
+  parser.add_argument("--scaling-only", action="store_true", help="run part 1 only")
   parser.add_argument("--spike-steps", type=int, default=None,
                       help="timed steps per configuration in part 2 (default 200)")
   args = parser.parse_args(argv)
   rounds = args.rounds or (1 if args.quick else 2)
   if args.devices is not None:
-    print(json.dumps(weak_scaling_child(args.devices, rounds)))
+    print(json.dumps(weak_scaling_child(args.devices, rounds, args.placement)))
     return
 
   start = time.perf_counter()
   print(machine_info())
   print()
   device_counts = QUICK_DEVICE_COUNTS if args.quick else DEVICE_COUNTS
-  weak_scaling(device_counts, rounds)
+  weak_scaling(device_counts, rounds, args.placement)
   part1 = time.perf_counter() - start
+  if args.scaling_only:
+    print(f"runtime {part1:.0f}s")
+    return
 
   cache: dict[tuple[str, str], tuple[Any, int]] = {}
   spike_steps = args.spike_steps or (60 if args.quick else 200)

@@ -14,6 +14,7 @@ from kfac_jax_lite.curvature_api import estimate_curvature
 from kfac_jax_lite.registration import register_dense
 from kfac_jax_lite.tagging.layers import find_layers
 from kfac_jax_lite.curvature.kl_clip import kl_scale
+from kfac_jax_lite.placement import sharded_state_specs
 from kfac_jax_lite.transform import KfacState, scale_by_kfac
 
 __version__ = "0.1.0"
@@ -21,5 +22,5 @@ __version__ = "0.1.0"
 __all__ = [
     "AccumulateState", "KfacState", "accumulate", "estimate_curvature",
     "find_layers", "kfac", "kl_scale", "losses", "register_dense", "scale_by_kfac",
-    "tagging",
+    "sharded_state_specs", "tagging",
 ]

@@ -48,6 +48,31 @@ def inverses(layer: Layer, factors: Block, damping: jax.Array | float,
   return out
 
 
+def products(layer: Layer, inv: Block,
+             mat: jax.Array) -> list[tuple[jax.Array, list[jax.Array]]]:
+  """A Kronecker or full block as products: (gradient part, its inverses).
+
+  The weight rows go with the Kronecker factors, in Kronecker order; a
+  doubly-factored layer's bias row with its own block ``B``; a full block's
+  whole ``vec`` with its one inverse.
+
+  Args:
+    layer: the layer record (not a diagonal-Fisher ``"F"`` block).
+    inv: its damped inverses.
+    mat: the ``[d_in(+1), d_out]`` gradient matrix.
+
+  Returns:
+    The parts of ``mat`` (in order, concatenating to its row-major ``vec``)
+    with the inverses acting on each.
+  """
+  if "full" in inv:
+    return [(mat.reshape(-1), [inv["full"]])]
+  kron = [inv[k] for k in layer.kron_factors]
+  if "B" not in inv:
+    return [(mat, kron)]
+  return [(mat[:-1], kron), (mat[-1], [inv["B"]])]
+
+
 def precondition(layer: Layer, inv: Block, mat: jax.Array) -> jax.Array:
   """Applies one layer's inverse block to its gradient matrix.
 
@@ -61,10 +86,5 @@ def precondition(layer: Layer, inv: Block, mat: jax.Array) -> jax.Array:
   """
   if "F" in inv:
     return inv["F"] * mat
-  if "full" in inv:
-    return (inv["full"] @ mat.reshape(-1)).reshape(mat.shape)
-  kron = [inv[k] for k in layer.kron_factors]
-  if "B" not in inv:
-    return kronecker.precondition(kron, mat)
-  b = inv["B"] * mat[-1] if inv["B"].ndim == 1 else inv["B"] @ mat[-1]
-  return jnp.concatenate([kronecker.precondition(kron, mat[:-1]), b[None]], axis=0)
+  return jnp.concatenate([kronecker.precondition(invs, part).reshape(-1)
+                          for part, invs in products(layer, inv, mat)]).reshape(mat.shape)

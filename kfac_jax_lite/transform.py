@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kfac_jax_lite import blocks as blocks_lib, guard, masking, schedule
+from kfac_jax_lite import blocks as blocks_lib, guard, masking, placement, schedule
 from kfac_jax_lite.curvature import diagonal, kl_clip as kl_clip_lib, kronecker
 from kfac_jax_lite.curvature.estimators import check_estimator
 from kfac_jax_lite.statistics import factor_estimate
@@ -44,7 +44,9 @@ class KfacState(NamedTuple):
     key: raw ``uint32[2]`` PRNG key for Fisher sampling.
     stats_count: number of factor estimates committed to the moving averages.
     factors: layer name -> ``{"A": ..., "G": ...}`` moving averages (float32).
-    inverses: layer name -> ``{"A": ..., "G": ...}`` damped inverses (float32).
+    inverses: layer name -> ``{"A": ..., "G": ...}`` damped inverses (float32;
+      this device's row slices of the matrices with
+      ``inverse_placement="sharded"``).
     diag: parameter-shaped tree: squared-gradient moving average for leaves
       under the diagonal fallback, ``None`` for Kronecker-owned leaves.
     pending: with ``accumulate_statistics``, ``{"count": n, "sums": factors}``:
@@ -100,6 +102,7 @@ def scale_by_kfac(
     stats_batch_fraction: float | None = None,
     accumulate_statistics: bool = False,
     distribute_inverses: bool = False,
+    inverse_placement: str = "replicated",
     sample_params: Any = None,
     seed: int = 0,
     axis_name: str | None = None,
@@ -155,10 +158,22 @@ def scale_by_kfac(
       estimate to it; the next ordinary update averages them all with its
       own before the moving average).
     distribute_inverses: with ``axis_name``, every device inverts only a
-      cost-balanced share of the layers and a ``psum`` gathers the inverses,
-      so each inverse is computed once per step across devices instead of on
-      every device (KAISA's COMM-OPT placement: all devices keep all
-      inverses).
+      cost-balanced share of the layers, exchanged with an ``all_to_all`` of
+      row slices and an ``all_gather``, so each inverse is computed once
+      across the devices instead of on every device.
+    inverse_placement: where the inverses live (see
+      :mod:`kfac_jax_lite.placement`; KAISA, Pauloski et al. 2021):
+      ``"replicated"`` (COMM-OPT), every device keeps every inverse;
+      ``"sharded"`` (MEM-OPT; needs ``axis_name``, implies
+      ``distribute_inverses``), every device keeps a ``ceil(d / n)``-row slice
+      of each Kronecker inverse matrix (about ``1/n`` of the inverse memory;
+      diagonal inverses stay whole) and the preconditioning is distributed:
+      two ``all_gather`` of the gradients' size per step. Then ``init`` must
+      run inside the ``pmap`` / ``shard_map`` (``jax.pmap(tx.init,
+      axis_name=...)``; under ``shard_map``, use
+      :func:`kfac_jax_lite.sharded_state_specs` as the state's specs). Not
+      for ``jit`` on a mesh without ``axis_name`` (a ``ValueError``): use
+      ``shard_map`` with ``axis_name`` there.
     sample_params: the full parameters (arrays or ``jax.ShapeDtypeStruct``),
       needed only inside ``optax.masked`` / ``optax.partition``, which hide
       the masked-out parameters from ``init``. There, ``update`` also needs
@@ -203,6 +218,9 @@ def scale_by_kfac(
     raise ValueError("stats_batch_fraction must be None or a Python float in (0, 1] "
                      f"(under optax.inject_hyperparams, list it in static_args), got "
                      f"{stats_batch_fraction}.")
+  placement.check_placement(inverse_placement, axis_name)
+  sharded = inverse_placement == "sharded"
+  distribute_inverses = distribute_inverses or sharded
   if distribute_inverses and axis_name is None:
     raise ValueError("distribute_inverses needs axis_name (the pmap / shard_map "
                      "axis to spread the inversions over).")
@@ -251,7 +269,7 @@ def scale_by_kfac(
     factors = {l.name: {k: jnp.zeros(shape, jnp.float32)
                         for k, shape in l.factor_shapes.items()}
                for l in tagged.factored}
-    inverses = jax.tree.map(jnp.zeros_like, factors)
+    inverses = placement.init_inverses(factors, axis_name if sharded else None)
     pending = ({"count": zero, "sums": jax.tree.map(jnp.zeros_like, factors)}
                if accumulate_statistics else None)
     return KfacState(zero, key, zero, factors, inverses, _diag_tree(tagged, params),
@@ -323,19 +341,12 @@ def scale_by_kfac(
       return {n: blocks_lib.inverses(by_name[n], factors[n], damping, inverse_method)
               for n in names}
 
-    def compute_spread(names: tuple[str, ...]) -> dict[str, dict[str, jax.Array]]:
-      """Each device inverts a cost-balanced share; a psum gathers them all."""
-      shares = schedule.balanced_groups({n: costs[n] for n in names},
-                                        jax.lax.psum(1, axis_name))
-      zero = {n: jax.tree.map(jnp.zeros_like, state.inverses[n]) for n in names}
-      mine = jax.lax.switch(jax.lax.axis_index(axis_name), [
-          functools.partial(lambda share: {**zero, **compute(share)}, share)
-          for share in shares])
-      return jax.lax.psum(mine, axis_name)
-
     def refresh(names: tuple[str, ...]) -> dict[str, dict[str, jax.Array]]:
-      fresh = compute_spread(names) if distribute_inverses else compute(names)
-      fresh = guard.select(guard.all_finite(fresh), fresh, {n: state.inverses[n] for n in names})
+      fresh = (placement.distribute(compute, names, costs, factors, axis_name, sharded)
+               if distribute_inverses else compute(names))
+      ok = guard.all_finite(fresh)
+      ok = placement.all_devices(ok, axis_name) if sharded else ok
+      fresh = guard.select(ok, fresh, {n: state.inverses[n] for n in names})
       return {**state.inverses, **fresh}
 
     everything = tuple(factors)
@@ -362,6 +373,7 @@ def scale_by_kfac(
       out[i] = out[i] + value if i in written else value
       written.add(i)
 
+    mats = {}
     for layer in tagged.factored:
       w = leaves[layer.weight_index]
       if masking.is_masked(w):
@@ -370,10 +382,12 @@ def scale_by_kfac(
       if layer.bias_index is not None:
         b = leaves[layer.bias_index]
         b = jnp.zeros_like(full_leaves[layer.bias_index], w.dtype) if masking.is_masked(b) else b
-      mat = geometry.params_to_matrix(layer, w.astype(jnp.float32),
-                                      None if b is None else b.astype(jnp.float32))
-      pre = blocks_lib.precondition(layer, inverses[layer.name], mat)
-      w_out, b_out = geometry.matrix_to_params(layer, pre, w, b)
+      mats[layer] = (b, geometry.params_to_matrix(layer, w.astype(jnp.float32),
+                                                  None if b is None else b.astype(jnp.float32)))
+    pres = placement.precondition({l: mat for l, (_, mat) in mats.items()}, inverses,
+                                  axis_name if sharded else None)
+    for layer, (b, _) in mats.items():
+      w_out, b_out = geometry.matrix_to_params(layer, pres[layer], leaves[layer.weight_index], b)
       put(layer.weight_index, w_out)
       if b is not None and not masking.is_masked(leaves[layer.bias_index]):
         put(layer.bias_index, b_out)

@@ -156,7 +156,9 @@ def run_pmap(**kwargs: Any) -> tuple[Arrays, dict[str, Any]]:
   K-FAC averages its factor statistics itself through ``axis_name``. The
   arrays keep the device axis so the test can check the replicas agree.
   ``kwargs`` go to the optimizer (``distribute_inverses=True`` for the mode
-  that spreads the inversions over the devices).
+  that spreads the inversions over the devices, ``inverse_placement=
+  "sharded"`` for the one that also shards the inverses: its state is built
+  inside ``pmap``, each device's holding its own slices).
   """
   batches = make_batches()
   tx = make_optimizer(local_batch(batches[0]), axis_name=AXIS, **kwargs)
@@ -166,13 +168,16 @@ def run_pmap(**kwargs: Any) -> tuple[Arrays, dict[str, Any]]:
 
   step = jax.pmap(_sgd_step(tx, grads_fn), axis_name=AXIS)
   params = _replicate(init_params())
-  state = _replicate(tx.init(init_params()))
+  if kwargs.get("inverse_placement") == "sharded":
+    state = jax.pmap(tx.init, axis_name=AXIS)(params)
+  else:
+    state = _replicate(tx.init(init_params()))
   for batch in batches:
     params, state = step(params, state, _split(batch))
   return snapshot(params, state), {}
 
 
-def run_shard_map(check_vma: bool) -> tuple[Arrays, dict[str, Any]]:
+def run_shard_map(check_vma: bool, **kwargs: Any) -> tuple[Arrays, dict[str, Any]]:
   """Top-level ``jax.shard_map`` over a 1-D ``"batch"`` mesh.
 
   What jax 0.10.2 does with the gradient of a replicated parameter (``P()``
@@ -191,15 +196,20 @@ def run_shard_map(check_vma: bool) -> tuple[Arrays, dict[str, Any]]:
     (Differentiating ``pmean(loss)`` here would NOT: it gives the local
     gradient.)
 
+  With ``inverse_placement="sharded"`` the state is built inside
+  ``shard_map`` and its sharded inverses are ``P(AXIS)`` (global shape
+  ``[NUM_DEVICES * rows, d]``), see ``kfl.sharded_state_specs``.
+
   Args:
     check_vma: passed to ``jax.shard_map``.
+    **kwargs: passed to the optimizer.
 
   Returns:
     ``(snapshot, meta)``.
   """
   batches = make_batches()
   mesh = jax.make_mesh((NUM_DEVICES,), (AXIS,))
-  tx = make_optimizer(local_batch(batches[0]), axis_name=AXIS)
+  tx = make_optimizer(local_batch(batches[0]), axis_name=AXIS, **kwargs)
 
   if check_vma:
     def grads_fn(params: Any, batch: Any) -> Any:
@@ -208,18 +218,27 @@ def run_shard_map(check_vma: bool) -> tuple[Arrays, dict[str, Any]]:
     def grads_fn(params: Any, batch: Any) -> Any:
       return jax.lax.pmean(jax.grad(loss_fn)(params, batch), AXIS)
 
-  step = jax.jit(jax.shard_map(
-      _sgd_step(tx, grads_fn), mesh=mesh, in_specs=(P(), P(), P(AXIS)),
-      out_specs=(P(), P()), check_vma=check_vma))
   replicated = NamedSharding(mesh, P())
   # The default (Explicit) mesh makes shard_map check the in_specs against
   # the arguments' shardings, so the inputs must be placed accordingly.
   params = jax.device_put(init_params(), replicated)
-  state = jax.device_put(tx.init(init_params()), replicated)
+  if kwargs.get("inverse_placement") == "sharded":
+    specs = kfl.sharded_state_specs(tx.init, params, mesh, AXIS)
+    state = jax.jit(jax.shard_map(tx.init, mesh=mesh, in_specs=P(), out_specs=specs,
+                                  check_vma=check_vma))(params)
+  else:
+    specs = P()
+    state = jax.device_put(tx.init(init_params()), replicated)
+  step = jax.jit(jax.shard_map(
+      _sgd_step(tx, grads_fn), mesh=mesh, in_specs=(P(), specs, P(AXIS)),
+      out_specs=(P(), specs), check_vma=check_vma))
   for batch in batches:
     params, state = step(params, state,
                          jax.device_put(batch, NamedSharding(mesh, P(AXIS))))
-  return snapshot(params, state), {"axis_types": str(mesh.axis_types)}
+  shards = {f"{name}|{k}": list(leaf.addressable_shards[0].data.shape)
+            for name, fac in state[0].inverses.items() for k, leaf in fac.items()}
+  return snapshot(params, state), {"axis_types": str(mesh.axis_types),
+                                   "inverse_shard_shapes": shards}
 
 
 def run_gspmd(axis_type: jax.sharding.AxisType | None) -> tuple[Arrays, dict[str, Any]]:
@@ -279,6 +298,59 @@ def run_gspmd(axis_type: jax.sharding.AxisType | None) -> tuple[Arrays, dict[str
   finally:
     jax.monitoring.unregister_event_duration_listener(on_event)
   return snapshot(params, state), meta
+
+
+VOCAB, TOKENS, EMBED = 5, 2, 4
+
+
+MAX_FACTOR_DIM = TOKENS * EMBED  # The dense layer's A (with its bias row) is larger.
+
+
+def token_loss_fn(params: Any, batch: Any) -> jax.Array:
+  """Embedding -> RMS norm with a scale -> tanh, flattened -> dense.
+
+  Its blocks have a diagonal input factor (the embedding's ``A``) and a
+  diagonal Fisher (``"F"``, the norm's scale), which stay whole when the
+  inverses are sharded, beside Kronecker matrices, which are sharded: the
+  embedding's ``G`` and, with ``max_factor_dim=MAX_FACTOR_DIM``, the dense
+  layer's doubly-factored ``K``, ``Psi``, ``G`` and its bias block ``B``.
+  """
+  h = params["table"][batch["ids"]]
+  h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + 1e-6) * params["gamma"]
+  logits = jnp.tanh(h).reshape(h.shape[0], -1) @ params["w"] + params["b"]
+  return kfl.losses.softmax_cross_entropy(logits, batch["y"])
+
+
+def run_pmap_tokens() -> tuple[Arrays, dict[str, Any]]:
+  """``pmap`` on ``token_loss_fn``: ``"sharded"`` inverses and the default.
+
+  The default placement (every device inverts everything itself) is the
+  reference here; the arrays are ``"{placement}|{kind}|{name}"``.
+  """
+  rng = np.random.default_rng(1)
+  params = {"table": rng.normal(size=(VOCAB, EMBED)).astype(np.float32),
+            "gamma": (1 + 0.1 * rng.normal(size=EMBED)).astype(np.float32),
+            "w": (rng.normal(size=(TOKENS * EMBED, D_OUT)) / 2).astype(np.float32),
+            "b": np.zeros(D_OUT, np.float32)}
+  batches = [{"ids": rng.integers(0, VOCAB, (GLOBAL_BATCH, TOKENS)).astype(np.int32),
+              "y": rng.integers(0, D_OUT, GLOBAL_BATCH).astype(np.int32)}
+             for _ in range(NUM_STEPS)]
+  out = {}
+  for placement in ("replicated", "sharded"):
+    tx = kfl.kfac(token_loss_fn, local_batch(batches[0]), LEARNING_RATE, damping=DAMPING,
+                  estimator="exact", inverse_every=1, axis_name=AXIS,
+                  max_factor_dim=MAX_FACTOR_DIM, inverse_placement=placement)
+
+    def grads_fn(p: Any, batch: Any) -> Any:
+      return jax.lax.pmean(jax.grad(token_loss_fn)(p, batch), AXIS)
+
+    step = jax.pmap(_sgd_step(tx, grads_fn), axis_name=AXIS)
+    p = _replicate(params)
+    state = jax.pmap(tx.init, axis_name=AXIS)(p)
+    for batch in batches:
+      p, state = step(p, state, _split(batch))
+    out.update(snapshot(p, state, prefix=f"{placement}|"))
+  return out, {}
 
 
 def run_pmap_mc() -> tuple[Arrays, dict[str, Any]]:
@@ -346,8 +418,15 @@ RUNNERS: dict[str, Callable[[], tuple[Arrays, dict[str, Any]]]] = {
     "pmap_spread": lambda: run_pmap(distribute_inverses=True),
     "shard_map_novma": lambda: run_shard_map(check_vma=False),
     "shard_map_vma": lambda: run_shard_map(check_vma=True),
+    "shard_map_spread": lambda: run_shard_map(check_vma=True, distribute_inverses=True),
+    "pmap_sharded": lambda: run_pmap(inverse_placement="sharded"),
+    "shard_map_sharded_vma": lambda: run_shard_map(check_vma=True,
+                                                   inverse_placement="sharded"),
+    "shard_map_sharded_novma": lambda: run_shard_map(check_vma=False,
+                                                     inverse_placement="sharded"),
     "gspmd_auto": lambda: run_gspmd(jax.sharding.AxisType.Auto),
     "gspmd_explicit": lambda: run_gspmd(None),
+    "pmap_tokens": run_pmap_tokens,
     "pmap_mc": run_pmap_mc,
     "shard_map_grads": run_shard_map_grads,
 }

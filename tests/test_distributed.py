@@ -18,6 +18,9 @@ Modes (see ``distributed_worker.py`` for each one's code):
   ``axis_name``, on an Auto mesh and on the default (Explicit) mesh (used
   under ``jax.set_mesh``).
 * ``pmap_mc``: the Monte-Carlo estimator draws different targets per device.
+* ``*_spread``: ``distribute_inverses=True``; ``*_sharded``:
+  ``inverse_placement="sharded"`` (each device keeps row slices of the
+  inverses; ``pmap_tokens`` adds diagonal blocks, which stay whole).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -139,11 +143,89 @@ def test_pmap_matches_single_device(results: Results, mode: str):
 @pytest.mark.parametrize("mode", [
     "shard_map_novma",
     "shard_map_vma",
+    "shard_map_spread",
 ])
 def test_shard_map_matches_single_device(results: Results, mode: str):
   # shard_map_novma: check_vma=False, grads = pmean(grad(local mean loss)).
   # shard_map_vma: check_vma=True, grads = grad(pmean(local mean loss)).
   _assert_matches_reference(results.mode(mode), results.reference)
+
+
+def _rows(d: int) -> int:
+  """Rows of a ``d``-row inverse each device keeps when sharded."""
+  return math.ceil(d / worker.NUM_DEVICES)
+
+
+def _assert_sharded_inverses(got: dict[str, np.ndarray], whole: dict[str, np.ndarray],
+                             stacked: bool) -> None:
+  """Sharded inverses are row slices of ``whole``'s, the rest equals ``whole``.
+
+  Args:
+    got: a sharded-placement run's arrays.
+    whole: the reference arrays (full inverses).
+    stacked: ``got`` has a leading device axis (``pmap``; the replicas of
+      everything but the inverse slices must be equal).
+  """
+  n = worker.NUM_DEVICES
+  assert sorted(got) == sorted(whole)
+  for key, ref in whole.items():
+    value = got[key]
+    if key.startswith("inverses|") and ref.ndim == 2 and not key.endswith("|F"):
+      d = ref.shape[0]
+      assert value.shape == ((n, _rows(d), d) if stacked else (n * _rows(d), d)), key
+      value = value.reshape(n * _rows(d), d)
+      np.testing.assert_array_equal(value[d:], 0.0, err_msg=f"{key} padding rows")
+      value = value[:d]
+    elif stacked:
+      assert value.shape == (n, *ref.shape), key
+      for dev in range(1, n):
+        np.testing.assert_array_equal(value[dev], value[0], err_msg=f"{key} device {dev}")
+      value = value[0]
+    np.testing.assert_allclose(value, ref, rtol=RTOL, atol=ATOL * np.max(np.abs(ref)),
+                               err_msg=key)
+
+
+@pytest.mark.parametrize("mode", ["pmap_sharded", "shard_map_sharded_vma",
+                                  "shard_map_sharded_novma"])
+def test_sharded_inverses_match_single_device(results: Results, mode: str):
+  # Parameters and factors equal the 1-device run's; each device's inverse
+  # state is its ceil(d/8) rows of the 1-device inverses (zero-padded rows).
+  _assert_sharded_inverses(results.mode(mode), results.reference,
+                           stacked=mode.startswith("pmap"))
+
+
+@pytest.mark.parametrize("mode", ["shard_map_sharded_vma", "shard_map_sharded_novma"])
+def test_sharded_inverse_state_per_device(results: Results, mode: str):
+  results.mode(mode)  # fails if the mode raised
+  shapes = results.meta[mode]["inverse_shard_shapes"]
+  reference = {k[len("inverses|"):]: v.shape for k, v in results.reference.items()
+               if k.startswith("inverses|")}
+  assert sorted(shapes) == sorted(reference)
+  for key, (d, d2) in reference.items():
+    assert shapes[key] == [_rows(d), d2], key
+  sharded = sum(_rows(d) * d2 for d, d2 in reference.values())
+  whole = sum(d * d2 for d, d2 in reference.values())
+  # 36 of 203 floats here (ceil(d/8) rows of tiny factors); 1/8 as d grows.
+  assert sharded / whole < 0.18
+
+
+def test_sharded_keeps_diagonal_inverses_whole(results: Results):
+  """Embedding (diagonal ``A``) and norm scale (``"F"``): whole on every device.
+
+  The doubly-factored dense layer's ``K``, ``Psi``, ``G`` and bias block ``B``
+  are sharded like any Kronecker matrix.
+  """
+  got = results.mode("pmap_tokens")
+  whole = {k[len("replicated|"):]: v[0] for k, v in got.items()
+           if k.startswith("replicated|")}
+  sharded = {k[len("sharded|"):]: v for k, v in got.items() if k.startswith("sharded|")}
+  assert sharded["inverses|['table']|A"].shape == (worker.NUM_DEVICES, worker.VOCAB)
+  assert sharded["inverses|['gamma']|F"].shape[1:] == whole["inverses|['gamma']|F"].shape
+  assert sharded["inverses|['table']|G"].shape == (
+      worker.NUM_DEVICES, _rows(worker.EMBED), worker.EMBED)
+  assert {k.split("|")[-1] for k in sharded if k.startswith("inverses|['w']")} == {
+      "K", "Psi", "G", "B"}
+  _assert_sharded_inverses(sharded, whole, stacked=True)
 
 
 def test_shard_map_gradient_patterns(results: Results):
@@ -255,3 +337,27 @@ def test_shard_map_without_axis_name_is_a_clear_error():
                                   out_specs=(spec(), spec())))
   with pytest.raises(ValueError, match="axis_name"):
     sharded(params, tx.init(params), batch)
+
+
+def _tiny_loss(p: Any, b: Any) -> jax.Array:
+  return kfl.losses.squared_error(b["x"] @ p["w"], b["y"])
+
+
+_TINY_BATCH = {"x": jnp.ones((4, 3)), "y": jnp.ones((4, 2))}
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(inverse_placement="mem-opt", axis_name="batch"), "Unknown inverse_placement"),
+    (dict(inverse_placement="sharded"), "needs axis_name.*shard_map"),
+])
+def test_inverse_placement_errors(kwargs: dict[str, Any], match: str):
+  for make in (kfl.scale_by_kfac, lambda *a, **k: kfl.kfac(*a, 0.1, **k)):
+    with pytest.raises(ValueError, match=match):
+      make(_tiny_loss, _TINY_BATCH, damping=1e-2, **kwargs)
+
+
+def test_sharded_init_outside_the_axis_is_a_clear_error():
+  tx = kfl.scale_by_kfac(_tiny_loss, _TINY_BATCH, damping=1e-2, axis_name="batch",
+                         inverse_placement="sharded")
+  with pytest.raises(ValueError, match="init inside the pmap"):
+    tx.init({"w": jnp.ones((3, 2))})

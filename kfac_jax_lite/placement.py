@@ -1,0 +1,284 @@
+"""Where the factor inverses live on the devices of a ``pmap`` / ``shard_map`` axis.
+
+The inverses are computed once across the devices: each device inverts a
+cost-balanced share of the layers (:func:`kfac_jax_lite.schedule.balanced_groups`)
+and splits every Kronecker inverse matrix into ``n`` row slices of
+``ceil(d / n)`` rows (zero rows pad ``d`` to a multiple of ``n``); one
+``all_to_all`` hands slice ``j`` of every layer to device ``j`` (each device
+packs its slices into one float32 buffer per destination, padded to the
+largest share's). Then, as in KAISA (Pauloski et al., SC21):
+
+* ``"replicated"`` (KAISA's COMM-OPT): one ``all_gather`` of every device's
+  slices (the same size on every device, whoever owns the layers) gives every
+  device every inverse; the preconditioning needs no communication. A device
+  receives about ``(n-1)/n`` of (all inverses + the largest share) per
+  refresh, where a ``psum`` of zero-filled inverses costs twice all inverses.
+* ``"sharded"`` (KAISA's MEM-OPT): every device keeps only its row slices, so
+  the inverses take about ``1/n`` of the memory per device. The
+  preconditioning is distributed: the factors of a layer act on the modes of
+  its gradient in turn (``A^{-1}`` on the rows, then ``G^{-1}`` on the
+  columns; both symmetric); for each, a device multiplies its row slice into
+  the full gradient and one ``all_gather`` per factor, batched over all
+  layers, assembles the product: two gathers of the gradients' size per step.
+
+Diagonal inverses (the token-frequency input factor of an embedding, the
+diagonal Fisher ``"F"`` of scale-and-shift parameters) are small and stay
+whole in both placements: each owner packs its share's into one buffer, padded
+to the largest share's, and one ``all_gather`` gives them to every device.
+The factors themselves (the moving averages) are replicated in both.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from kfac_jax_lite import blocks, schedule
+from kfac_jax_lite.tagging.layers import Layer
+
+PLACEMENTS = ("replicated", "sharded")
+
+Inverses = dict[str, dict[str, jax.Array]]
+
+
+def check_placement(inverse_placement: str, axis_name: str | None) -> None:
+  """Raises ``ValueError`` for an unknown placement or a missing axis.
+
+  Args:
+    inverse_placement: one of :data:`PLACEMENTS`.
+    axis_name: the ``pmap`` / ``shard_map`` axis, or ``None``.
+  """
+  if inverse_placement not in PLACEMENTS:
+    raise ValueError(f"Unknown inverse_placement {inverse_placement!r}; use one of "
+                     f"{', '.join(PLACEMENTS)}.")
+  if inverse_placement == "sharded" and axis_name is None:
+    raise ValueError(
+        "inverse_placement='sharded' needs axis_name: run the step under "
+        "jax.pmap or jax.shard_map over that axis (with jit on a mesh and no "
+        "axis_name, use the default 'replicated').")
+
+
+def is_sharded(key: str, shape: Sequence[int]) -> bool:
+  """Whether a factor's inverse is distributed (and, with ``"sharded"``,
+  kept) in row slices: a Kronecker factor matrix, not a diagonal factor or a
+  diagonal Fisher ``"F"``."""
+  return key != "F" and len(shape) == 2
+
+
+def _rows(d: int, n: int) -> int:
+  """Rows of a ``d``-row matrix per device, padded to a multiple of ``n``."""
+  return -(-d // n)
+
+
+def _axis_size(axis_name: str) -> int:
+  """The size of ``axis_name``; a ``ValueError`` outside its ``pmap`` / ``shard_map``."""
+  try:
+    return jax.lax.axis_size(axis_name)
+  except NameError as e:
+    raise ValueError(
+        f"inverse_placement='sharded': call init inside the pmap / shard_map "
+        f"over {axis_name!r} (e.g. jax.pmap(tx.init, axis_name={axis_name!r}) on "
+        "replicated parameters, or jax.shard_map(tx.init, ..., out_specs="
+        "kfac_jax_lite.sharded_state_specs(...))), so each device builds its own "
+        "slice of the inverses.") from e
+
+
+def init_inverses(factors: Inverses, axis_name: str | None) -> Inverses:
+  """Zero inverses: like ``factors``, or this device's row slices.
+
+  Args:
+    factors: layer name -> factor name -> factor (full shapes).
+    axis_name: the axis the inverses are sharded over (``"sharded"``), or
+      ``None`` for full inverses.
+
+  Returns:
+    The zero inverses; a sharded matrix of ``d`` rows has ``ceil(d / n)``.
+  """
+  if axis_name is None:
+    return jax.tree.map(jnp.zeros_like, factors)
+  n = _axis_size(axis_name)
+  return {name: {k: jnp.zeros((_rows(f.shape[0], n), *f.shape[1:]), jnp.float32)
+                 if is_sharded(k, f.shape) else jnp.zeros_like(f)
+                 for k, f in fac.items()} for name, fac in factors.items()}
+
+
+def _pack(parts: list[jax.Array], size: int) -> jax.Array:
+  """Concatenates the flattened ``parts`` (float32), zero-padded to ``size``."""
+  return jnp.concatenate([p.reshape(-1).astype(jnp.float32) for p in parts]
+                         + [jnp.zeros([size - sum(p.size for p in parts)], jnp.float32)])
+
+
+def distribute(compute: Callable[[tuple[str, ...]], Inverses], names: tuple[str, ...],
+               costs: Mapping[str, int], factors: Inverses, axis_name: str,
+               sharded: bool) -> Inverses:
+  """Each device inverts a cost-balanced share of ``names``; all get theirs.
+
+  Args:
+    compute: layer names -> their inverses (full matrices).
+    names: the layers to invert.
+    costs: layer name -> inversion cost (see
+      :func:`kfac_jax_lite.schedule.inversion_costs`).
+    factors: layer name -> factor name -> factor (for the shapes).
+    axis_name: the ``pmap`` / ``shard_map`` axis.
+    sharded: keep only this device's row slice of every Kronecker matrix
+      (``"sharded"``), or gather every inverse whole (``"replicated"``).
+
+  Returns:
+    Layer name -> factor name -> inverse (or row slice) for ``names``.
+  """
+  n = jax.lax.axis_size(axis_name)
+  shares = schedule.balanced_groups({m: costs[m] for m in names}, n)
+  keys = [[(m, k, factors[m][k].shape) for m in share for k in factors[m]]
+          for share in shares]
+  whole = [[e for e in share if not is_sharded(e[1], e[2])] for share in keys]
+  split = [[e for e in share if is_sharded(e[1], e[2])] for share in keys]
+  whole_size = max(sum(math.prod(s) for _, _, s in share) for share in whole)
+  split_size = max(sum(_rows(s[0], n) * s[1] for _, _, s in share) for share in split)
+
+  def owner(i: int) -> tuple[jax.Array, jax.Array]:
+    """Device ``i``'s share: its whole inverses, and ``[n, size]`` slices."""
+    inv = compute(shares[i])
+    blocks = [jnp.pad(inv[m][k], ((0, _rows(s[0], n) * n - s[0]), (0, 0))).reshape(n, -1)
+              for m, k, s in split[i]]
+    slices = jnp.concatenate(blocks + [jnp.zeros((n, split_size - sum(
+        b.shape[1] for b in blocks)), jnp.float32)], axis=1)
+    return _pack([inv[m][k] for m, k, _ in whole[i]], whole_size), slices
+
+  mine_whole, mine_split = jax.lax.switch(
+      jax.lax.axis_index(axis_name), [functools.partial(owner, i) for i in range(n)])
+  out: Inverses = {m: {} for m in names}
+  if whole_size:
+    rows = jax.lax.all_gather(mine_whole, axis_name, to="invarying")
+    for i, share in enumerate(whole):
+      offset = 0
+      for m, k, s in share:
+        out[m][k] = rows[i, offset:offset + math.prod(s)].reshape(s)
+        offset += math.prod(s)
+  if split_size:
+    # Row j of every device's buffer goes to device j: row i here is owner i's.
+    received = jax.lax.all_to_all(mine_split, axis_name, 0, 0)
+    for i, share in enumerate(split):
+      offset = 0
+      for m, k, s in share:
+        size = _rows(s[0], n) * s[1]
+        out[m][k] = received[i, offset:offset + size].reshape(-1, s[1])
+        offset += size
+    if not sharded:
+      entries = [e for share in split for e in share]
+      everyone = jax.lax.all_gather(_pack([out[m][k] for m, k, _ in entries], sum(
+          _rows(s[0], n) * s[1] for _, _, s in entries)), axis_name, to="invarying")
+      offset = 0
+      for m, k, s in entries:
+        size = _rows(s[0], n) * s[1]
+        out[m][k] = everyone[:, offset:offset + size].reshape(-1, s[1])[:s[0]]
+        offset += size
+  return out
+
+
+def all_devices(ok: jax.Array, axis_name: str) -> jax.Array:
+  """``ok`` on every device of the axis (a boolean that all devices agree on)."""
+  return jax.lax.pmin(ok.astype(jnp.int32), axis_name) > 0
+
+
+def precondition(mats: Mapping[Layer, jax.Array], inverses: Inverses,
+                 axis_name: str | None) -> dict[Layer, jax.Array]:
+  """Preconditioned gradient matrices, distributed where inverses are sharded.
+
+  A layer with row-sharded inverses: its gradient is seen as a tensor with
+  one mode per Kronecker factor, in Kronecker order (``[d_in, d_out]`` for
+  ``A``, ``G``; ``[t, c, d_out]`` for ``K``, ``Ψ``, ``G``; a doubly-factored
+  bias row is a one-mode tensor of its block ``B``, as is a full block's
+  ``vec``; see :func:`kfac_jax_lite.blocks.products`). Factor by factor, each
+  device contracts its row slice of the (symmetric) inverse with the
+  factor's mode, giving its block of that mode, and one ``all_gather`` per
+  factor position, batched over all layers, assembles the products; a
+  diagonal factor scales its mode locally.
+
+  Args:
+    mats: layer -> gradient matrix ``[∇W; ∇b]`` (float32, replicated).
+    inverses: layer name -> factor name -> inverse (or row slice).
+    axis_name: the axis the inverses are sharded over, or ``None``.
+
+  Returns:
+    Layer -> preconditioned gradient matrix.
+  """
+  out = {}
+  counts = {}  # layer -> number of its products
+  products = []  # (layer, part index, its inverses)
+  tensors = {}
+  for layer, mat in mats.items():
+    inv = inverses[layer.name]
+    if axis_name is None or not any(is_sharded(k, x.shape) for k, x in inv.items()):
+      out[layer] = blocks.precondition(layer, inv, mat)
+      continue
+    parts = blocks.products(layer, inv, mat)
+    counts[layer] = len(parts)
+    for i, (part, invs) in enumerate(parts):
+      products.append(((layer, i), invs))
+      tensors[layer, i] = part.astype(jnp.float32).reshape([x.shape[-1] for x in invs])
+  for mode in range(max((len(invs) for _, invs in products), default=0)):
+    pieces = {}
+    for key, invs in products:
+      if mode >= len(invs):
+        continue
+      x, t = invs[mode], tensors[key]
+      if x.ndim == 1:
+        tensors[key] = t * x.reshape([-1 if i == mode else 1 for i in range(t.ndim)])
+      else:
+        pieces[key] = jnp.tensordot(x, t, axes=(1, mode))  # this mode first
+    if not pieces:
+      continue
+    gathered = jax.lax.all_gather(_pack(list(pieces.values()), sum(
+        p.size for p in pieces.values())), axis_name, to="invarying")
+    offset = 0
+    for key, piece in pieces.items():
+      block = gathered[:, offset:offset + piece.size].reshape(-1, *piece.shape[1:])
+      tensors[key] = jnp.moveaxis(block[:tensors[key].shape[mode]], 0, mode)
+      offset += piece.size
+  for layer, mat in mats.items():
+    if layer not in out:
+      parts = [tensors[layer, i].reshape(-1) for i in range(counts[layer])]
+      out[layer] = jnp.concatenate(parts).reshape(mat.shape)
+  return out
+
+
+def sharded_state_specs(init_fn: Callable[[Any], Any], params: Any,
+                        mesh: jax.sharding.Mesh, axis_name: str) -> Any:
+  """``shard_map`` specs of an optimizer state with sharded K-FAC inverses.
+
+  With ``scale_by_kfac(..., inverse_placement="sharded")`` under
+  ``jax.shard_map``, each device's state holds its own row slices of the
+  Kronecker inverses: they are ``PartitionSpec(axis_name)`` (a global shape
+  of ``[n * ceil(d / n), d]``), every other leaf is replicated,
+  ``PartitionSpec()``. Use the result as the state's ``in_specs`` /
+  ``out_specs``, and build the state inside ``shard_map`` too::
+
+    specs = kfl.sharded_state_specs(tx.init, params, mesh, "batch")
+    state = jax.jit(jax.shard_map(tx.init, mesh=mesh, in_specs=P(),
+                                  out_specs=specs))(params)
+
+  Args:
+    init_fn: the optimizer's ``init`` (``scale_by_kfac``'s, or a chain's
+      holding it).
+    params: the parameters (arrays or ``jax.ShapeDtypeStruct``).
+    mesh: the ``shard_map`` mesh.
+    axis_name: the mesh axis the K-FAC ``axis_name`` names.
+
+  Returns:
+    A tree of ``PartitionSpec`` with the state's structure.
+  """
+  local = jax.eval_shape(jax.shard_map(init_fn, mesh=mesh, in_specs=PartitionSpec(),
+                                       out_specs=PartitionSpec(), check_vma=False), params)
+
+  def spec(path: tuple[Any, ...], leaf: Any) -> PartitionSpec:
+    keys = [getattr(p, "name", getattr(p, "key", None)) for p in path]
+    inverse = len(keys) >= 3 and keys[-3] == "inverses"
+    return (PartitionSpec(axis_name) if inverse and is_sharded(keys[-1], leaf.shape)
+            else PartitionSpec())
+
+  return jax.tree_util.tree_map_with_path(spec, local)
