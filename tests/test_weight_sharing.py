@@ -240,3 +240,42 @@ def test_scan_over_the_unroll_limit_gets_the_diagonal_fallback(monkeypatch: Any)
   assert layers["['w']"].kind == "diagonal" and "scan" in layers["['w']"].note
   assert layers["['b']"].kind == "diagonal"
   assert layers["['w_in']"].kind == "dense" and layers["['w_out']"].kind == "dense"
+
+
+def test_nnx_scan_stack_is_detected_per_slice():
+  from flax import nnx
+
+  class Block(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+      self.lin = nnx.Linear(D_H, D_H, rngs=rngs)
+
+    def __call__(self, x):
+      return jnp.tanh(self.lin(x))
+
+  @nnx.split_rngs(splits=L)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def make_blocks(rngs: nnx.Rngs) -> Block:
+    return Block(rngs)
+
+  class Net(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+      self.inp = nnx.Linear(D_IN, D_H, rngs=rngs)
+      self.blocks = make_blocks(rngs)
+      self.head = nnx.Linear(D_H, K, rngs=rngs)
+
+    def __call__(self, x):
+      @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+      def body(h, block):
+        return block(h)
+      return self.head(body(self.inp(x), self.blocks))
+
+  graphdef, params = nnx.split(Net(nnx.Rngs(0)), nnx.Param)
+  batch = stack_batch()
+
+  def loss(p, b):
+    return _xent(nnx.merge(graphdef, p)(b["x"]), b["y"])
+
+  layers = kfl.find_layers(loss, params, batch)
+  stacked = sorted(l.name for l in layers if "blocks" in l.name)
+  assert len(stacked) == L and all(n.endswith(f"[{i}]") for i, n in enumerate(stacked))
+  assert all(l.kind == "dense" and l.bias_path is not None for l in layers)
