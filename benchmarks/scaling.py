@@ -480,7 +480,7 @@ def spikes(steps: int, round_steps: int,
     print(f"   {r.name:<24}" + "".join(f"{np.median(t[phase == k]):>7.1f}"
                                       for k in range(INVERSE_EVERY)))
   costs = _inversion_shares(loss_fn, params, batches[0])
-  print(f"   inversion cost per staggered group (d_A^3 + d_G^3, share of all): {costs}")
+  print(f"   inversion cost per staggered group (d^3 per factor, share of all): {costs}")
   print()
 
 
@@ -488,7 +488,7 @@ def _inversion_shares(loss_fn: digits_data.LossFn, params: Any, batch: Any) -> s
   """The cost shares of the staggered groups, largest first."""
   from kfac_jax_lite import schedule  # pylint: disable=import-outside-toplevel
   from kfac_jax_lite.tagging import tag, trace_loss  # pylint: disable=import-outside-toplevel
-  costs = schedule.inversion_costs(tag(trace_loss(loss_fn, params, batch)))
+  costs = schedule.factor_costs(tag(trace_loss(loss_fn, params, batch)))
   total = sum(costs.values())
   groups = schedule.balanced_groups(costs, INVERSE_EVERY)
   shares = sorted((sum(costs[n] for n in g) / total for g in groups), reverse=True)

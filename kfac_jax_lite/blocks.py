@@ -14,17 +14,20 @@ record (``Layer.factor_shapes``):
 
 from __future__ import annotations
 
+from typing import Collection
+
 import jax
 import jax.numpy as jnp
 
 from kfac_jax_lite.curvature import diagonal, kronecker
+from kfac_jax_lite.curvature.damping import factored_damping
 from kfac_jax_lite.tagging.layers import Layer
 
 Block = dict[str, jax.Array]
 
 
 def inverses(layer: Layer, factors: Block, damping: jax.Array | float,
-             method: str) -> Block:
+             method: str, only: Collection[str] | None = None) -> Block:
   """The damped inverses of one layer's factors.
 
   Args:
@@ -32,20 +35,21 @@ def inverses(layer: Layer, factors: Block, damping: jax.Array | float,
     factors: its factor moving averages.
     damping: Tikhonov damping ``λ``.
     method: ``"eigh"`` or ``"cholesky"`` (see :mod:`kfac_jax_lite.curvature.kronecker`).
+    only: the factors to invert (all if ``None``); the damping of a
+      Kronecker factor still comes from all of its block's factors.
 
   Returns:
-    Factor name -> inverse, with the keys of ``factors``.
+    Factor name -> inverse, for the factors asked for.
   """
-  if layer.block == "full":
-    return {"full": kronecker.damped_inverse(factors["full"], jnp.asarray(damping, jnp.float32),
-                                             method)}
+  keys = set(factors) if only is None else set(only)
+  lam = jnp.asarray(damping, jnp.float32)
   if layer.block == "diag":
     return {"F": diagonal.damped_inverse(factors["F"], damping)}
   names = layer.kron_factors
-  out = dict(zip(names, kronecker.inverses([factors[k] for k in names], damping, method)))
-  if "B" in factors:
-    out["B"] = kronecker.damped_inverse(factors["B"], jnp.asarray(damping, jnp.float32), method)
-  return out
+  shifts = dict(zip(names, factored_damping([factors[k] for k in names], damping)))
+  shifts.update({k: lam for k in ("B", "full") if k in factors})  # plain Tikhonov
+  return {k: kronecker.damped_inverse(factors[k], shifts[k], method)
+          for k in factors if k in keys}
 
 
 def products(layer: Layer, inv: Block,

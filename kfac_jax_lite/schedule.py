@@ -10,27 +10,36 @@ import jax
 from kfac_jax_lite.tagging.layers import TaggedLoss
 
 
+def factor_costs(tagged: TaggedLoss) -> dict[tuple[str, str], int]:
+  """(layer name, factor name) -> the cost of inverting that factor: ``d^3``
+  for a matrix, its size for a diagonal factor or a diagonal Fisher."""
+  return {(l.name, k): math.prod(s) if len(s) == 1 or k == "F" else s[0] ** 3
+          for l in tagged.factored for k, s in l.factor_shapes.items()}
+
+
 def inversion_costs(tagged: TaggedLoss) -> dict[str, int]:
-  """Layer name -> ``d_A^3 + d_G^3``, the cost of inverting its factors
-  (a diagonal factor or a diagonal Fisher costs its size)."""
-  return {l.name: sum(math.prod(s) if len(s) == 1 or k == "F" else s[0] ** 3
-                      for k, s in l.factor_shapes.items()) for l in tagged.factored}
+  """Layer name -> the cost of inverting all its factors (``d_A^3 + d_G^3``)."""
+  out: dict[str, int] = {}
+  for (name, _), cost in factor_costs(tagged).items():
+    out[name] = out.get(name, 0) + cost
+  return out
 
 
-def balanced_groups(costs: dict[str, int], num_groups: int) -> list[tuple[str, ...]]:
-  """Splits layers into groups of about equal inversion cost.
+def balanced_groups(costs: dict[Any, int], num_groups: int) -> list[tuple[Any, ...]]:
+  """Splits layers (or factors) into groups of about equal inversion cost.
 
   Greedy longest-processing-time assignment (each layer, costliest first,
   goes to the least loaded group).
 
   Args:
-    costs: layer name -> cost (see :func:`inversion_costs`).
+    costs: layer name (or factor key) -> cost (see :func:`inversion_costs`,
+      :func:`factor_costs`).
     num_groups: number of groups (some may be empty).
 
   Returns:
-    ``num_groups`` tuples of layer names.
+    ``num_groups`` tuples of layer names (or factor keys).
   """
-  groups: list[list[str]] = [[] for _ in range(num_groups)]
+  groups: list[list[Any]] = [[] for _ in range(num_groups)]
   loads = [0] * num_groups
   for name in sorted(costs, key=lambda n: (-costs[n], n)):
     k = loads.index(min(loads))

@@ -349,13 +349,28 @@ def scale_by_kfac(
       fresh = guard.select(ok, fresh, {n: state.inverses[n] for n in names})
       return {**state.inverses, **fresh}
 
+    def refresh_factors(keys: tuple[tuple[str, str], ...]) -> dict[str, dict[str, jax.Array]]:
+      """Refreshes single factors (a layer's factors may be due on different steps)."""
+      wanted: dict[str, list[str]] = {}
+      for name, k in keys:
+        wanted.setdefault(name, []).append(k)
+      fresh = {n: blocks_lib.inverses(by_name[n], factors[n], damping, inverse_method, ks)
+               for n, ks in wanted.items()}
+      old = {n: {k: state.inverses[n][k] for k in ks} for n, ks in wanted.items()}
+      fresh = guard.select(guard.all_finite(fresh), fresh, old)
+      return {n: {**inv, **fresh.get(n, {})} for n, inv in state.inverses.items()}
+
     everything = tuple(factors)
     if staggered_inverses:
-      groups = schedule.balanced_groups(costs, inverse_every)
+      # Balanced per factor (finer than per layer, so one large layer does not
+      # fill a step); per layer when the layers are also spread over devices.
+      groups = (schedule.balanced_groups(costs, inverse_every) if distribute_inverses else
+                schedule.balanced_groups(schedule.factor_costs(tagged), inverse_every))
+      due = refresh if distribute_inverses else refresh_factors
       inverses = jax.lax.cond(
           state.count == 0, lambda: refresh(everything),
           lambda: jax.lax.switch(state.count % inverse_every,
-                                 [functools.partial(refresh, g) for g in groups]))
+                                 [functools.partial(due, g) for g in groups]))
     else:
       inverses = schedule.every(inverse_every, state.count, lambda: refresh(everything),
                                 lambda: state.inverses)
