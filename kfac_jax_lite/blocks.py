@@ -46,7 +46,8 @@ def inverses(layer: Layer, factors: Block, damping: jax.Array | float,
   if layer.block == "diag":
     return {"F": diagonal.damped_inverse(factors["F"], damping)}
   names = layer.kron_factors
-  shifts = dict(zip(names, factored_damping([factors[k] for k in names], damping)))
+  shifts = dict(zip(names, factored_damping([factors[k] for k in names], damping))
+                if names else {})
   shifts.update({k: lam for k in ("B", "full") if k in factors})  # plain Tikhonov
   return {k: kronecker.damped_inverse(factors[k], shifts[k], method)
           for k in factors if k in keys}
