@@ -27,7 +27,7 @@ import optax
 from kfac_jax_lite import blocks as blocks_lib, guard, masking, placement, schedule
 from kfac_jax_lite.curvature import diagonal, kl_clip as kl_clip_lib, kronecker
 from kfac_jax_lite.curvature.estimators import check_estimator
-from kfac_jax_lite.statistics import factor_estimate
+from kfac_jax_lite.statistics import factor_estimate, pmean_factors
 from kfac_jax_lite.tagging import geometry
 from kfac_jax_lite.tagging.layers import (DEFAULT_MAX_FACTOR_DIM, TaggedLoss, check_options,
                                          tag)
@@ -307,7 +307,7 @@ def scale_by_kfac(
             lambda x: x[:max(1, math.ceil(stats_batch_fraction * x.shape[0]))], batch)
       est = factor_estimate(tagged_for(params, stats_batch), params, stats_batch,
                             subkey, estimator=estimator, num_samples=num_samples)
-      return jax.lax.pmean(est, axis_name) if axis_name is not None else est
+      return pmean_factors(est, axis_name) if axis_name is not None else est
 
     if kfac_accumulate_only:
       def add_pending():
