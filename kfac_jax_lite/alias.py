@@ -7,7 +7,7 @@ from typing import Any, Callable, Mapping
 import jax
 import optax
 
-from kfac_jax_lite.tagging.layers import frozen_collections
+from kfac_jax_lite.tagging.trainable import non_trainable
 from kfac_jax_lite.transform import ScalarOrSchedule, scale_by_kfac
 
 
@@ -104,9 +104,9 @@ def kfac(
 def _trainable(params: Any) -> Any:
   """``False`` for the leaves of non-trainable collections (``batch_stats`` of
   a whole Flax variables dict), which must not decay."""
-  path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-  frozen = frozen_collections([p for p, _ in path_leaves])
-  return jax.tree_util.tree_unflatten(treedef, [i not in frozen for i in range(len(path_leaves))])
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  frozen = non_trainable(params)
+  return jax.tree_util.tree_unflatten(treedef, [i not in frozen for i in range(len(leaves))])
 
 
 def _is_zero(value: Any) -> bool:

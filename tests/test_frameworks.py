@@ -22,9 +22,6 @@ batch-wide value, not a per-example activation: diagonal fallback, a
 documented limitation. Attention projections are dense layers; the ``q·kᵀ``
 and ``attn·v`` products of two activations are never layers.
 
-Where the library misses what the issue requires, the test states the
-requirement and is marked ``xfail(strict=True)`` with the reason.
-
 Then: one short K-FAC training run per framework on a teacher's labels;
 Haiku and Equinox softmax-regression updates against a numpy oracle of the
 exact Fisher's Kronecker factors; BatchNorm statistics passed inside a linen
@@ -539,9 +536,6 @@ def test_linen_batch_stats_get_zero_updates(weight_decay: float):
     assert np.all(flat[name] == 0.0), (name, flat[name])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "nnx.BatchStat leaves of a whole nnx.split(model) state are not recognized "
-    "as non-trainable: diagonal fallback"))
 def test_nnx_whole_state_leaves_batch_stats_untagged():
   graphdef, state = nnx.split(nnx.eval_shape(lambda: nnx_model("batchnorm")))
   state = random_like(state)

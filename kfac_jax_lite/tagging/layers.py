@@ -216,15 +216,6 @@ def _weight_signature(m: Match) -> tuple[Any, ...]:
                                   for f in dataclasses.fields(m) if f.name not in _USE_FIELDS)
 
 
-def frozen_collections(paths: Sequence[tuple[Any, ...]]) -> dict[int, str]:
-  """Leaf index -> collection name, for leaves outside ``"params"`` of a Flax
-  variables dict (``{"params": ..., "batch_stats": ...}``) passed whole."""
-  roots = [getattr(p[0], "key", None) if p else None for p in paths]
-  if "params" not in roots or len(set(roots)) == 1:
-    return {}
-  return {i: str(r) for i, r in enumerate(roots) if r != "params"}
-
-
 def tag(traced: TracedLoss, approximation: Mapping[str, str] | None = None,
         blocks: Mapping[str, str] | None = None,
         max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM) -> TaggedLoss:
@@ -273,7 +264,7 @@ def tag(traced: TracedLoss, approximation: Mapping[str, str] | None = None,
   paths = traced.param_paths
   keystr = jax.tree_util.keystr
   shapes = [tuple(v.aval.shape) for v in traced.jaxpr.jaxpr.invars[:traced.num_params]]
-  frozen = frozen_collections(paths)
+  frozen = traced.frozen
   groups = _weight_groups(found, paths, shapes, blocks, frozen)
   biases = _biases(groups, found, paths, shapes, blocks, frozen)
   _check_registrations(found, groups, biases, paths, shapes, blocks)

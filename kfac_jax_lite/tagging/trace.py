@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 import jax
 from jax.extend import core as jex_core
 
+from kfac_jax_lite.tagging.trainable import non_trainable
 from kfac_jax_lite.tagging.unroll import unroll_scans
 
 # Higher-order primitives whose body is inlined by the tagger, so that layers
@@ -44,6 +45,8 @@ class TracedLoss:
     param_treedef: tree structure of the parameters.
     batch_treedef: tree structure of the batch.
     batch_avals: shape/dtype of every batch leaf.
+    frozen: flat index -> collection of the non-trainable parameter leaves
+      (see :mod:`kfac_jax_lite.tagging.trainable`).
   """
 
   jaxpr: jex_core.ClosedJaxpr
@@ -51,6 +54,7 @@ class TracedLoss:
   param_treedef: Any
   batch_treedef: Any
   batch_avals: tuple[jax.ShapeDtypeStruct, ...]
+  frozen: dict[int, str] = dataclasses.field(default_factory=dict, hash=False, compare=False)
 
   @property
   def num_params(self) -> int:
@@ -123,7 +127,8 @@ def trace_loss(loss_fn: Callable[[Any, Any], jax.Array], params: Any,
       param_paths=tuple(path for path, _ in path_leaves),
       param_treedef=param_treedef,
       batch_treedef=batch_treedef,
-      batch_avals=tuple(abstractify(batch_leaves)))
+      batch_avals=tuple(abstractify(batch_leaves)),
+      frozen=non_trainable(params))
 
 
 def inlined_body(eqn: jex_core.JaxprEqn) -> tuple[jex_core.Jaxpr, Sequence[Any]] | None:
