@@ -180,6 +180,42 @@ def distribute(compute: Callable[[tuple[str, ...]], Inverses], names: tuple[str,
   return out
 
 
+def distribute_on_mesh(compute: Callable[[tuple[str, ...], Inverses], Inverses],
+                       names: tuple[str, ...], costs: Mapping[str, int],
+                       factors: Inverses) -> Inverses:
+  """:func:`distribute` under ``jax.jit`` on a mesh (GSPMD, no ``axis_name``).
+
+  The inversions are spread over all the devices of the context mesh (set by
+  ``jax.set_mesh``) by a ``shard_map`` over its axes: the factors go in
+  replicated, each device inverts its share, the replicated inverses come out.
+
+  Args:
+    compute: ``(layer names, factors) -> inverses``.
+    names: the layers to invert.
+    costs: layer name -> inversion cost.
+    factors: layer name -> factor name -> factor (replicated).
+
+  Returns:
+    Layer name -> factor name -> inverse, replicated.
+
+  Raises:
+    ValueError: without a mesh in context.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    raise ValueError(
+        "distribute_inverses under jax.jit without axis_name spreads the inversions "
+        "over the mesh set with jax.set_mesh(mesh); run the step under it, or use "
+        "pmap / shard_map with axis_name.")
+  axes = tuple(mesh.axis_names)
+
+  def spread(facs: Inverses) -> Inverses:
+    return distribute(lambda ns: compute(ns, facs), names, costs, facs, axes, False)
+
+  return jax.shard_map(spread, in_specs=PartitionSpec(), out_specs=PartitionSpec())(
+      {n: factors[n] for n in names})
+
+
 def all_devices(ok: jax.Array, axis_name: str) -> jax.Array:
   """``ok`` on every device of the axis (a boolean that all devices agree on)."""
   return jax.lax.pmin(ok.astype(jnp.int32), axis_name) > 0

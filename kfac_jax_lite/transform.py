@@ -157,10 +157,12 @@ def scale_by_kfac(
       (``update(..., kfac_accumulate_only=True)`` adds a micro-batch's
       estimate to it; the next ordinary update averages them all with its
       own before the moving average).
-    distribute_inverses: with ``axis_name``, every device inverts only a
-      cost-balanced share of the layers, exchanged with an ``all_to_all`` of
-      row slices and an ``all_gather``, so each inverse is computed once
-      across the devices instead of on every device.
+    distribute_inverses: every device inverts only a cost-balanced share of
+      the layers, exchanged with an ``all_to_all`` of row slices and an
+      ``all_gather``, so each inverse is computed once across the devices
+      instead of on every device: over ``axis_name`` under ``pmap`` /
+      ``shard_map``; under ``jit`` on a mesh (no ``axis_name``), over all the
+      devices of the mesh set with ``jax.set_mesh``.
     inverse_placement: where the inverses live (see
       :mod:`kfac_jax_lite.placement`; KAISA, Pauloski et al. 2021):
       ``"replicated"`` (COMM-OPT), every device keeps every inverse;
@@ -221,9 +223,6 @@ def scale_by_kfac(
   placement.check_placement(inverse_placement, axis_name)
   sharded = inverse_placement == "sharded"
   distribute_inverses = distribute_inverses or sharded
-  if distribute_inverses and axis_name is None:
-    raise ValueError("distribute_inverses needs axis_name (the pmap / shard_map "
-                     "axis to spread the inversions over).")
   if staggered_inverses and not isinstance(inverse_every, int):
     raise ValueError("staggered_inverses needs a Python-int inverse_every (under "
                      "optax.inject_hyperparams, list it in static_args).")
@@ -337,13 +336,18 @@ def scale_by_kfac(
 
     by_name = {l.name: l for l in tagged.factored}
 
-    def compute(names: tuple[str, ...]) -> dict[str, dict[str, jax.Array]]:
-      return {n: blocks_lib.inverses(by_name[n], factors[n], damping, inverse_method)
+    def compute(names: tuple[str, ...], facs: Any = None) -> dict[str, dict[str, jax.Array]]:
+      facs = factors if facs is None else facs
+      return {n: blocks_lib.inverses(by_name[n], facs[n], damping, inverse_method)
               for n in names}
 
     def refresh(names: tuple[str, ...]) -> dict[str, dict[str, jax.Array]]:
-      fresh = (placement.distribute(compute, names, costs, factors, axis_name, sharded)
-               if distribute_inverses else compute(names))
+      if not distribute_inverses:
+        fresh = compute(names)
+      elif axis_name is None:
+        fresh = placement.distribute_on_mesh(compute, names, costs, factors)
+      else:
+        fresh = placement.distribute(compute, names, costs, factors, axis_name, sharded)
       ok = guard.all_finite(fresh)
       ok = placement.all_devices(ok, axis_name) if sharded else ok
       fresh = guard.select(ok, fresh, {n: state.inverses[n] for n in names})

@@ -241,21 +241,24 @@ def run_shard_map(check_vma: bool, **kwargs: Any) -> tuple[Arrays, dict[str, Any
                                    "inverse_shard_shapes": shards}
 
 
-def run_gspmd(axis_type: jax.sharding.AxisType | None) -> tuple[Arrays, dict[str, Any]]:
+def run_gspmd(axis_type: jax.sharding.AxisType | None,
+              **kwargs: Any) -> tuple[Arrays, dict[str, Any]]:
   """``jax.jit`` on a batch sharded over the mesh; no ``axis_name``.
 
   Args:
     axis_type: the mesh axis type, or ``None`` for ``jax.make_mesh``'s
       default (Explicit in jax 0.10.2).
+    **kwargs: passed to the optimizer.
 
   Returns:
     ``(snapshot, meta)``; meta holds the number of traces and backend
-    compilations of each call and the output state's shardings per step.
+    compilations of each call, the output state's shardings per step and the
+    collectives of the compiled step.
   """
   batches = make_batches()
   axis_types = None if axis_type is None else (axis_type,)
   mesh = jax.make_mesh((NUM_DEVICES,), (AXIS,), axis_types=axis_types)
-  tx = make_optimizer(batches[0])
+  tx = make_optimizer(batches[0], **kwargs)
   traces = []
   compiles = []
 
@@ -297,6 +300,9 @@ def run_gspmd(axis_type: jax.sharding.AxisType | None) -> tuple[Arrays, dict[str
           for leaf in jax.tree.leaves(state[0].factors)))
   finally:
     jax.monitoring.unregister_event_duration_listener(on_event)
+  with jax.set_mesh(mesh):
+    hlo = step.lower(params, state, sharded).compile().as_text()
+  meta["collectives"] = [c for c in ("all-to-all", "all-gather") if c in hlo]
   return snapshot(params, state), meta
 
 
@@ -426,6 +432,7 @@ RUNNERS: dict[str, Callable[[], tuple[Arrays, dict[str, Any]]]] = {
                                                      inverse_placement="sharded"),
     "gspmd_auto": lambda: run_gspmd(jax.sharding.AxisType.Auto),
     "gspmd_explicit": lambda: run_gspmd(None),
+    "gspmd_spread": lambda: run_gspmd(None, distribute_inverses=True),
     "pmap_tokens": run_pmap_tokens,
     "pmap_mc": run_pmap_mc,
     "shard_map_grads": run_shard_map_grads,

@@ -258,6 +258,7 @@ def test_shard_map_gradient_patterns(results: Results):
 _GSPMD = [
     "gspmd_auto",
     "gspmd_explicit",
+    "gspmd_spread",  # distribute_inverses over the mesh set with jax.set_mesh
 ]
 
 
@@ -276,6 +277,8 @@ def test_gspmd_step_compiles_once_and_keeps_shardings(results: Results, mode: st
   first = meta["state_shardings"][0]
   assert all(s == first for s in meta["state_shardings"][1:])
   assert all(meta["factors_replicated"])
+  # The inversions are spread over the devices only when asked for.
+  assert ("all-to-all" in meta["collectives"]) == (mode == "gspmd_spread")
 
 
 def test_pmap_mc_devices_draw_different_samples(results: Results):
