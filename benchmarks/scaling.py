@@ -317,8 +317,7 @@ def communication(problem: str, n: int) -> dict[str, dict[str, float]]:
   shares = schedule.balanced_groups(schedule.inversion_costs(tagged), n)
   dims = {l.name: (l.d_in, l.d_out) for l in tagged.factored}
   grads, f32 = tree_bytes(params), 4
-  # The factor all-reduce sends the upper triangles only (statistics.pmean_factors).
-  factors = f32 * sum(a * (a + 1) // 2 + g * (g + 1) // 2 for a, g in dims.values())
+  factors = f32 * sum(a * a + g * g for a, g in dims.values())
 
   def rows(d: int) -> int:
     return math.ceil(d / n)
@@ -330,8 +329,7 @@ def communication(problem: str, n: int) -> dict[str, dict[str, float]]:
   zero = dict.fromkeys(COLLECTIVES, 0.0)
   adam = {"grads": {**zero, "all-reduce": grads + f32}, "stats": zero, "inverses": zero,
           "memory": 0.0}
-  kfac = {**adam, "stats": {**zero, "all-reduce": factors},
-          "memory": f32 * sum(a * a + g * g for a, g in dims.values())}
+  kfac = {**adam, "stats": {**zero, "all-reduce": factors}, "memory": factors}
   return {
       "adam": adam, "kfac": kfac,
       "kfac+dist": {**kfac, "inverses": {**zero, "all-to-all": f32 * n * slices,

@@ -34,6 +34,7 @@ def kfac(
     stats_batch_fraction: float | None = None,
     accumulate_statistics: bool = False,
     distribute_inverses: bool = False,
+    symmetry_aware: bool = False,
     inverse_placement: str = "replicated",
     sample_params: Any = None,
     seed: int = 0,
@@ -72,6 +73,7 @@ def kfac(
     stats_batch_fraction: see :func:`kfac_jax_lite.scale_by_kfac`.
     accumulate_statistics: see :func:`kfac_jax_lite.scale_by_kfac`.
     distribute_inverses: see :func:`kfac_jax_lite.scale_by_kfac`.
+    symmetry_aware: see :func:`kfac_jax_lite.scale_by_kfac`.
     inverse_placement: see :func:`kfac_jax_lite.scale_by_kfac`.
     sample_params: see :func:`kfac_jax_lite.scale_by_kfac`.
     seed: see :func:`kfac_jax_lite.scale_by_kfac`.
@@ -90,7 +92,8 @@ def kfac(
       max_factor_dim=max_factor_dim, staggered_inverses=staggered_inverses,
       stats_batch_fraction=stats_batch_fraction,
       accumulate_statistics=accumulate_statistics,
-      distribute_inverses=distribute_inverses, inverse_placement=inverse_placement,
+      distribute_inverses=distribute_inverses, symmetry_aware=symmetry_aware,
+      inverse_placement=inverse_placement,
       sample_params=sample_params,
       seed=seed, axis_name=axis_name)]
   if not _is_zero(weight_decay):

@@ -32,6 +32,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from kfac_jax_lite.curvature import symmetric
 from kfac_jax_lite.curvature.estimators import output_cotangents
 from kfac_jax_lite.losses import DISTRIBUTIONS
 from kfac_jax_lite.tagging import geometry
@@ -102,9 +103,10 @@ _SYMMETRIC = frozenset({"A", "G", "K", "Psi", "B", "full"})
 def pmean_factors(est: Factors, axis_name: str) -> Factors:
   """``lax.pmean`` of factor estimates over a device axis, in one all-reduce.
 
-  Only the upper triangle of each symmetric factor matrix is sent (and
-  mirrored back): about half the traffic of averaging the matrices, which
-  is most of K-FAC's communication per statistics step.
+  Only the upper triangle of each symmetric factor matrix is sent
+  (:mod:`kfac_jax_lite.curvature.symmetric`): about half the traffic of
+  averaging the matrices, which is most of K-FAC's communication per
+  statistics step.
 
   Args:
     est: layer name -> factor name -> estimate.
@@ -113,20 +115,18 @@ def pmean_factors(est: Factors, axis_name: str) -> Factors:
   Returns:
     The averages, shaped like ``est``.
   """
+  if jax.lax.axis_size(axis_name) == 1:
+    return est
   path_leaves, treedef = jax.tree_util.tree_flatten_with_path(est)
-  symmetric = [getattr(path[-1], "key", None) in _SYMMETRIC and x.ndim == 2
-               for path, x in path_leaves]
+  symmetric_leaf = [getattr(path[-1], "key", None) in _SYMMETRIC and x.ndim == 2
+                    for path, x in path_leaves]
   leaves = [x for _, x in path_leaves]
-  parts = [x[jnp.triu_indices(x.shape[0])] if sym else x.reshape(-1)
-           for x, sym in zip(leaves, symmetric)]
+  parts = [symmetric.pack(x) if sym else x.reshape(-1)
+           for x, sym in zip(leaves, symmetric_leaf)]
   flat = jax.lax.pmean(jnp.concatenate(parts), axis_name)
   out, offset = [], 0
-  for x, sym, part in zip(leaves, symmetric, parts):
+  for x, sym, part in zip(leaves, symmetric_leaf, parts):
     chunk = flat[offset:offset + part.size]
     offset += part.size
-    if sym:
-      upper = jnp.zeros(x.shape, chunk.dtype).at[jnp.triu_indices(x.shape[0])].set(chunk)
-      out.append(upper + jnp.triu(upper, 1).T)
-    else:
-      out.append(chunk.reshape(x.shape))
+    out.append(symmetric.unpack(chunk, x.shape[0]) if sym else chunk.reshape(x.shape))
   return jax.tree_util.tree_unflatten(treedef, out)

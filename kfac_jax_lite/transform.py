@@ -102,6 +102,7 @@ def scale_by_kfac(
     stats_batch_fraction: float | None = None,
     accumulate_statistics: bool = False,
     distribute_inverses: bool = False,
+    symmetry_aware: bool = False,
     inverse_placement: str = "replicated",
     sample_params: Any = None,
     seed: int = 0,
@@ -163,6 +164,11 @@ def scale_by_kfac(
       instead of on every device: over ``axis_name`` under ``pmap`` /
       ``shard_map``; under ``jit`` on a mesh (no ``axis_name``), over all the
       devices of the mesh set with ``jax.set_mesh``.
+    symmetry_aware: with ``axis_name``, all-reduce only the upper triangles
+      of the symmetric factors (packed by transposes and masks): half the
+      bytes of the factor all-reduce, most of K-FAC's traffic, for some
+      packing work on every device; worth it where the interconnect, not
+      compute, is the limit (off by default, as in KAISA's kfac-pytorch).
     inverse_placement: where the inverses live (see
       :mod:`kfac_jax_lite.placement`; KAISA, Pauloski et al. 2021):
       ``"replicated"`` (COMM-OPT), every device keeps every inverse;
@@ -306,7 +312,10 @@ def scale_by_kfac(
             lambda x: x[:max(1, math.ceil(stats_batch_fraction * x.shape[0]))], batch)
       est = factor_estimate(tagged_for(params, stats_batch), params, stats_batch,
                             subkey, estimator=estimator, num_samples=num_samples)
-      return pmean_factors(est, axis_name) if axis_name is not None else est
+      if axis_name is None:
+        return est
+      return (pmean_factors(est, axis_name) if symmetry_aware
+              else jax.lax.pmean(est, axis_name))
 
     if kfac_accumulate_only:
       def add_pending():

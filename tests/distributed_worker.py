@@ -422,6 +422,8 @@ def run_shard_map_grads() -> tuple[Arrays, dict[str, Any]]:
 RUNNERS: dict[str, Callable[[], tuple[Arrays, dict[str, Any]]]] = {
     "pmap": run_pmap,
     "pmap_spread": lambda: run_pmap(distribute_inverses=True),
+    "pmap_symmetric": lambda: run_pmap(symmetry_aware=True),
+    "shard_map_symmetric": lambda: run_shard_map(check_vma=True, symmetry_aware=True),
     "shard_map_novma": lambda: run_shard_map(check_vma=False),
     "shard_map_vma": lambda: run_shard_map(check_vma=True),
     "shard_map_spread": lambda: run_shard_map(check_vma=True, distribute_inverses=True),

@@ -129,9 +129,10 @@ def test_reference_first_layer_input_factor_is_brute_force_ema(results: Results)
                        - np.asarray(init["l1"]["kernel"]))) > 1e-3
 
 
-@pytest.mark.parametrize("mode", ["pmap", "pmap_spread"])
+@pytest.mark.parametrize("mode", ["pmap", "pmap_spread", "pmap_symmetric"])
 def test_pmap_matches_single_device(results: Results, mode: str):
   # pmap_spread: distribute_inverses=True, each device inverts a share.
+  # pmap_symmetric: symmetry_aware=True, factors all-reduced as upper triangles.
   got = results.mode(mode)
   for key, stacked in got.items():
     assert stacked.shape[0] == worker.NUM_DEVICES, key
@@ -144,6 +145,7 @@ def test_pmap_matches_single_device(results: Results, mode: str):
     "shard_map_novma",
     "shard_map_vma",
     "shard_map_spread",
+    "shard_map_symmetric",
 ])
 def test_shard_map_matches_single_device(results: Results, mode: str):
   # shard_map_novma: check_vma=False, grads = pmean(grad(local mean loss)).
