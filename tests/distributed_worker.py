@@ -327,11 +327,14 @@ def token_loss_fn(params: Any, batch: Any) -> jax.Array:
   return kfl.losses.softmax_cross_entropy(logits, batch["y"])
 
 
-def run_pmap_tokens() -> tuple[Arrays, dict[str, Any]]:
+def run_pmap_tokens(**kwargs: Any) -> tuple[Arrays, dict[str, Any]]:
   """``pmap`` on ``token_loss_fn``: ``"sharded"`` inverses and the default.
 
   The default placement (every device inverts everything itself) is the
   reference here; the arrays are ``"{placement}|{kind}|{name}"``.
+
+  Args:
+    **kwargs: passed to the optimizer.
   """
   rng = np.random.default_rng(1)
   params = {"table": rng.normal(size=(VOCAB, EMBED)).astype(np.float32),
@@ -345,7 +348,7 @@ def run_pmap_tokens() -> tuple[Arrays, dict[str, Any]]:
   for placement in ("replicated", "sharded"):
     tx = kfl.kfac(token_loss_fn, local_batch(batches[0]), LEARNING_RATE, damping=DAMPING,
                   estimator="exact", inverse_every=1, axis_name=AXIS,
-                  max_factor_dim=MAX_FACTOR_DIM, inverse_placement=placement)
+                  max_factor_dim=MAX_FACTOR_DIM, inverse_placement=placement, **kwargs)
 
     def grads_fn(p: Any, batch: Any) -> Any:
       return jax.lax.pmean(jax.grad(token_loss_fn)(p, batch), AXIS)
@@ -436,6 +439,7 @@ RUNNERS: dict[str, Callable[[], tuple[Arrays, dict[str, Any]]]] = {
     "gspmd_explicit": lambda: run_gspmd(None),
     "gspmd_spread": lambda: run_gspmd(None, distribute_inverses=True),
     "pmap_tokens": run_pmap_tokens,
+    "pmap_tokens_full": lambda: run_pmap_tokens(blocks={r"\['gamma'\]": "full"}),
     "pmap_mc": run_pmap_mc,
     "shard_map_grads": run_shard_map_grads,
 }

@@ -187,6 +187,17 @@ def _assert_sharded_inverses(got: dict[str, np.ndarray], whole: dict[str, np.nda
                                err_msg=key)
 
 
+def test_sharded_full_block_matches_replicated(results: Results):
+  """A ``"full"`` block's inverse (here the norm scale's) is row-sliced like a
+  Kronecker matrix and preconditions through the distributed products."""
+  got = results.mode("pmap_tokens_full")
+  whole = {k[len("replicated|"):]: v[0] for k, v in got.items()
+           if k.startswith("replicated|")}
+  sharded = {k[len("sharded|"):]: v for k, v in got.items() if k.startswith("sharded|")}
+  assert "inverses|['gamma']|full" in whole
+  _assert_sharded_inverses(sharded, whole, stacked=True)
+
+
 @pytest.mark.parametrize("mode", ["pmap_sharded", "shard_map_sharded_vma",
                                   "shard_map_sharded_novma"])
 def test_sharded_inverses_match_single_device(results: Results, mode: str):
