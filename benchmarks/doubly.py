@@ -38,7 +38,6 @@ tables. ``OPENBLAS_NUM_THREADS`` defaults to 1 (see ``examples/digits.py``).
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import sys
 import time
@@ -58,6 +57,7 @@ import digits_data  # pylint: disable=wrong-import-position
 import kfac_jax_lite as kfl  # pylint: disable=wrong-import-position
 from kfac_jax_lite import blocks  # pylint: disable=wrong-import-position
 from step_time import machine_info  # pylint: disable=wrong-import-position
+import timing  # pylint: disable=wrong-import-position
 
 SIDE, PAD, CHANNELS = 12, 2, 32  # 8x8 digits padded to 12x12; 12*12*32 = 4608 features
 BATCH_SIZE = 128
@@ -131,7 +131,7 @@ def memory(compiled: Any) -> tuple[int | None, int | None]:
                 - stats.alias_size_in_bytes)
 
 
-class Runner:
+class Runner(timing.TimedSteps):
   """One optimizer's compiled step, its running state and its step times."""
 
   def __init__(self, loss_fn: common.LossFn, params: Any, batches: list[common.Batch],
@@ -147,25 +147,12 @@ class Runner:
     """
     tx = common.make_optimizer(name, loss_fn, batches[0], adam_lr=ADAM_LR,
                                kfac_hparams=KFAC_HPARAMS, **settings)
-    self.state = (params, tx.init(params))
-    self.step, self.compile_s = common.compile_step(
-        common.make_train_step(loss_fn, tx), *self.state, batches[0])
-    self.temp_bytes, self.total_bytes = memory(self.step)
-    self.batches = itertools.cycle(batches)
-    self.times: list[float] = []
-    self.steps = 0
+    state = (params, tx.init(params))
+    step, self.compile_s = common.compile_step(
+        common.make_train_step(loss_fn, tx), *state, batches[0])
+    super().__init__(step, state, batches)
+    self.temp_bytes, self.total_bytes = memory(step)
     self.run(WARMUP_STEPS, record=False)
-
-  def run(self, steps: int, record: bool = True) -> None:
-    """Runs ``steps`` steps, each timed to completion when ``record``."""
-    for _ in range(steps):
-      batch = next(self.batches)
-      start = time.perf_counter()
-      self.state = tuple(self.step(*self.state, batch)[:-1])
-      jax.block_until_ready(self.state)
-      if record:
-        self.times.append(time.perf_counter() - start)
-      self.steps += 1
 
 
 def kfac_state(opt_state: Any) -> kfl.KfacState:
@@ -240,16 +227,12 @@ def main(argv: Sequence[str] | None = None) -> None:
   runners.update({v: Runner(loss_fn, params, batches, "kfac", max_factor_dim=d,
                             inverse_method=args.inverse_method)
                   for v, d in VARIANTS.items()})
-  order = list(runners.values())
-  for r in range(args.rounds):
-    shift = r % len(order)
-    for runner in order[shift:] + order[:shift]:
-      runner.run(args.round_steps)
+  timing.interleave(list(runners.values()), args.rounds, args.round_steps)
   full_loss = jax.jit(loss_fn)
   data = jax.device_put(data)
   adam = runners["adam"]
   med_a, mean_a = np.median(adam.times), np.mean(adam.times)
-  steps = adam.steps
+  steps = adam.count
 
   print(f"\nStep time ({args.rounds} interleaved rounds of {args.round_steps} steps, "
         f"{WARMUP_STEPS} warm-up steps excluded; K-FAC stats 1, inverses 10, "

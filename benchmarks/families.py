@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import os
 import sys
 import time
@@ -52,6 +51,7 @@ import transformer_tokens  # pylint: disable=wrong-import-position
 
 import kfac_jax_lite as kfl  # pylint: disable=wrong-import-position
 from step_time import machine_info  # pylint: disable=wrong-import-position
+import timing  # pylint: disable=wrong-import-position
 
 APPROXIMATIONS = ("expand", "reduce")
 SCHEDULES = ((1, 10), (10, 50))  # (stats_every, inverse_every)
@@ -106,7 +106,7 @@ def transformer_family() -> Family:
 FAMILIES = {"resnet": resnet_family, "transformer": transformer_family}
 
 
-class Runner:
+class Runner(timing.TimedSteps):
   """One optimizer's compiled step, its running state and its step times."""
 
   def __init__(self, family: Family, name: str, **settings: Any):
@@ -121,22 +121,10 @@ class Runner:
     tx = common.make_optimizer(name, family.loss_fn, family.batches[0],
                                adam_lr=family.module.ADAM_LR,
                                kfac_hparams=family.module.KFAC_HPARAMS, **settings)
-    self.state = (*family.initial_state, tx.init(params))
-    self.step, self.compile_s = common.compile_step(
-        family.make_step(tx), *self.state, family.batches[0])
-    self.batches = itertools.cycle(family.batches)
-    self.times: list[float] = []
+    state = (*family.initial_state, tx.init(params))
+    step, self.compile_s = common.compile_step(family.make_step(tx), *state, family.batches[0])
+    super().__init__(step, state, family.batches)
     self.run(WARMUP_STEPS, record=False)
-
-  def run(self, steps: int, record: bool = True) -> None:
-    """Runs ``steps`` steps, each timed to completion when ``record``."""
-    for _ in range(steps):
-      batch = next(self.batches)
-      start = time.perf_counter()
-      self.state = tuple(self.step(*self.state, batch)[:-1])
-      jax.block_until_ready(self.state)
-      if record:
-        self.times.append(time.perf_counter() - start)
 
 
 def step_rows(family: Family, rounds: int,
@@ -155,11 +143,7 @@ def step_rows(family: Family, rounds: int,
   kfac = {(a, s): Runner(family, "kfac", **{family.option: a}, stats_every=s[0],
                          inverse_every=s[1])
           for a in APPROXIMATIONS for s in SCHEDULES}
-  runners = [adam, *kfac.values()]
-  for r in range(rounds):
-    shift = r % len(runners)
-    for runner in runners[shift:] + runners[:shift]:
-      runner.run(round_steps)
+  timing.interleave([adam, *kfac.values()], rounds, round_steps)
   med_a, mean_a = np.median(adam.times), np.mean(adam.times)
   rows = []
   for (approximation, (stats, inverses)), x in kfac.items():

@@ -76,6 +76,7 @@ from jax.sharding import PartitionSpec as P  # pylint: disable=wrong-import-posi
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
 import digits  # pylint: disable=wrong-import-position
 import digits_data  # pylint: disable=wrong-import-position
+import timing  # pylint: disable=wrong-import-position
 
 import kfac_jax_lite as kfl  # pylint: disable=wrong-import-position
 
@@ -145,47 +146,22 @@ def hlo_collective_bytes(hlo_text: str) -> dict[str, int]:
   return total
 
 
-class Timed:
+class Timed(timing.TimedSteps):
   """A compiled train step, its running state and its per-step times.
 
   Attributes:
     name: label of the configuration.
     step: the compiled ``(params, state, batch) -> (params, state, loss)``.
     compile_s: seconds the ahead-of-time compilation took.
-    times: seconds of every timed step, in order.
-    counts: the optimizer step index of every timed step.
   """
 
   def __init__(self, name: str, step: Any, params: Any, state: Any,
                batches: list[Any]):
     self.name = name
     start = time.perf_counter()
-    self.step = step.lower(params, state, batches[0]).compile()
+    compiled = step.lower(params, state, batches[0]).compile()
     self.compile_s = time.perf_counter() - start
-    self.params, self.state, self.batches = params, state, batches
-    self.count = 0
-    self.times: list[float] = []
-    self.counts: list[int] = []
-
-  def run(self, steps: int, timed: bool = True) -> None:
-    """Runs ``steps`` steps, each one timed to completion."""
-    for _ in range(steps):
-      batch = self.batches[self.count % len(self.batches)]
-      start = time.perf_counter()
-      self.params, self.state, loss = self.step(self.params, self.state, batch)
-      jax.block_until_ready((self.params, self.state, loss))
-      if timed:
-        self.times.append(time.perf_counter() - start)
-        self.counts.append(self.count)
-      self.count += 1
-
-
-def interleave(runners: list[Timed], rounds: int, steps: int) -> None:
-  """``rounds`` rounds of ``steps`` steps per runner, rotating the order."""
-  for r in range(rounds):
-    shift = r % len(runners)
-    for runner in runners[shift:] + runners[:shift]:
-      runner.run(steps)
+    super().__init__(compiled, (params, state), batches)
 
 
 # ----------------------------------------------------- 1. weak scaling ------
@@ -263,9 +239,9 @@ def weak_scaling_child(num_devices: int, rounds: int, placement: str) -> dict[st
       # Built inside pmap: a sharded state differs per device.
       state = jax.pmap(tx.init, axis_name=AXIS)(replicate(params))
       runner = Timed(name, make_pmap_step(loss_fn, tx), replicate(params), state, batches)
-      runner.run(1, timed=False)  # Step 0: every K-FAC inverse, first dispatch.
+      runner.run(1, record=False)  # Step 0: every K-FAC inverse, first dispatch.
       runners.append(runner)
-    interleave(runners, rounds, ROUND)
+    timing.interleave(runners, rounds, ROUND)
     out[problem] = {r.name: {"times": r.times, "counts": r.counts,
                              "compile_s": r.compile_s,
                              "hlo_bytes": hlo_collective_bytes(r.step.as_text())}
@@ -449,9 +425,9 @@ def spikes(steps: int, round_steps: int,
                      digits.make_train_step(loss_fn, tx), params, state, batches)
       if method == "eigh" and not staggered:
         cache[(problem, "kfac")] = (runner.step, tree_bytes(state))
-      runner.run(1, timed=False)  # Step 0 computes every inverse in both modes.
+      runner.run(1, record=False)  # Step 0 computes every inverse in both modes.
       runners.append(runner)
-  interleave(runners, steps // round_steps, round_steps)
+  timing.interleave(runners, steps // round_steps, round_steps)
 
   print(f"2. Step-time distribution: {problem}, 1 device, batch "
         f"{digits_data.BATCH_SIZE}, stats_every={STATS_EVERY}, "

@@ -30,7 +30,6 @@ import argparse
 import os
 import platform
 import sys
-import time
 from typing import Any
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # Before jax/scipy load BLAS.
@@ -41,6 +40,7 @@ import numpy as np  # pylint: disable=wrong-import-position
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
 import digits  # pylint: disable=wrong-import-position
 import digits_data  # pylint: disable=wrong-import-position
+import timing  # pylint: disable=wrong-import-position
 
 ROUND = 50  # Steps per timing round: a multiple of every period below.
 KFAC_CONFIGS = (
@@ -70,7 +70,7 @@ def _label(cfg: dict[str, Any]) -> str:
   return f"s{cfg['stats_every']}/i{cfg['inverse_every']}/{cfg['inverse_method']}"
 
 
-class _Timed:
+class _Timed(timing.TimedSteps):
   """One optimizer's compiled step, its running state and its timings."""
 
   def __init__(self, name: str, problem: str, loss_fn: digits_data.LossFn,
@@ -78,22 +78,10 @@ class _Timed:
     self.name = name
     tx = digits.make_optimizer("adam" if name == "adam" else "kfac", problem,
                                loss_fn, batches[0], **cfg)
-    self.params, self.state = params, tx.init(params)
-    self.batches = batches
-    self.step, self.compile_s = digits.compile_step(
-        digits.make_train_step(loss_fn, tx), self.params, self.state, batches[0])
-    self.times: list[float] = []
-    self.count = 0
-
-  def run_round(self, steps: int) -> None:
-    """Runs ``steps`` steps, timing each one to completion."""
-    for _ in range(steps):
-      batch = self.batches[self.count % len(self.batches)]
-      start = time.perf_counter()
-      self.params, self.state, loss = self.step(self.params, self.state, batch)
-      jax.block_until_ready((self.params, self.state, loss))
-      self.times.append(time.perf_counter() - start)
-      self.count += 1
+    state = (params, tx.init(params))
+    step, self.compile_s = digits.compile_step(
+        digits.make_train_step(loss_fn, tx), *state, batches[0])
+    super().__init__(step, state, batches)
 
 
 def step_times(problem: str, rounds: int) -> list[str]:
@@ -106,10 +94,7 @@ def step_times(problem: str, rounds: int) -> list[str]:
   runners = [_Timed("adam", problem, loss_fn, params, batches)]
   runners += [_Timed(_label(c), problem, loss_fn, params, batches, **c)
               for c in KFAC_CONFIGS]
-  for r in range(rounds):
-    shift = r % len(runners)
-    for runner in runners[shift:] + runners[:shift]:
-      runner.run_round(ROUND)
+  timing.interleave(runners, rounds, ROUND)
   adam = runners[0]
   med_a, mean_a = np.median(adam.times), np.mean(adam.times)
   lines = []
