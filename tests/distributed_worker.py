@@ -446,11 +446,38 @@ RUNNERS: dict[str, Callable[[], tuple[Arrays, dict[str, Any]]]] = {
 
 
 def _short_traceback(exc: BaseException) -> str:
-  """The traceback frames in kfac_jax_lite / this file, plus the error."""
+  """The traceback frames in kfac_jax_lite / the workers, plus the error."""
   frames = [f for f in traceback.extract_tb(exc.__traceback__)
-            if "kfac_jax_lite" in f.filename or f.filename == __file__]
-  lines = traceback.format_list(frames)
-  return "".join(lines) + f"{type(exc).__name__}: {exc}"
+            if "kfac_jax_lite" in f.filename or f.filename.endswith("_worker.py")]
+  return "".join(traceback.format_list(frames)) + f"{type(exc).__name__}: {exc}"
+
+
+def run_modes(runners: dict[str, Callable[[], tuple[Arrays, dict[str, Any]]]],
+              modes: list[str]) -> tuple[Arrays, dict[str, Any]]:
+  """Runs each mode, catching its error, with wall and CPU seconds.
+
+  Args:
+    runners: mode -> runner returning ``(arrays, info)``.
+    modes: the modes to run, in order.
+
+  Returns:
+    ``"{mode}|{key}"`` arrays, and per mode ``{"ok", "error", "traceback",
+    "seconds", "cpu_seconds", **info}``.
+  """
+  arrays: Arrays = {}
+  meta: dict[str, Any] = {}
+  for mode in modes:
+    start, cpu_start = time.perf_counter(), time.process_time()
+    try:
+      result, info = runners[mode]()
+      arrays.update({f"{mode}|{k}": v for k, v in result.items()})
+      meta[mode] = {"ok": True, "error": None, "traceback": None, **info}
+    except Exception as exc:  # pylint: disable=broad-except
+      meta[mode] = {"ok": False, "error": f"{type(exc).__name__}: {exc}",
+                    "traceback": _short_traceback(exc)}
+    meta[mode]["seconds"] = round(time.perf_counter() - start, 2)
+    meta[mode]["cpu_seconds"] = round(time.process_time() - cpu_start, 2)
+  return arrays, meta
 
 
 def main(argv: list[str]) -> int:
@@ -461,19 +488,7 @@ def main(argv: list[str]) -> int:
     raise SystemExit(f"need {NUM_DEVICES} devices (XLA_FLAGS="
                      f"--xla_force_host_platform_device_count={NUM_DEVICES}), "
                      f"got {jax.devices()}")
-  arrays: Arrays = {}
-  meta: dict[str, Any] = {}
-  for mode in modes:
-    start, cpu_start = time.perf_counter(), time.process_time()
-    try:
-      result, info = RUNNERS[mode]()
-      arrays.update({f"{mode}|{k}": v for k, v in result.items()})
-      meta[mode] = {"ok": True, "error": None, "traceback": None, **info}
-    except Exception as exc:  # pylint: disable=broad-except
-      meta[mode] = {"ok": False, "error": f"{type(exc).__name__}: {exc}",
-                    "traceback": _short_traceback(exc)}
-    meta[mode]["seconds"] = round(time.perf_counter() - start, 2)
-    meta[mode]["cpu_seconds"] = round(time.process_time() - cpu_start, 2)
+  arrays, meta = run_modes(RUNNERS, modes)
   np.savez(os.path.join(out_dir, "results.npz"), **arrays)
   with open(os.path.join(out_dir, "meta.json"), "w", encoding="utf-8") as f:
     json.dump(meta, f, indent=1)

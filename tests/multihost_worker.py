@@ -45,7 +45,6 @@ import os
 import pathlib
 import sys
 import time
-import traceback
 from typing import Any, Callable
 
 import jax
@@ -218,12 +217,6 @@ RUNNERS: dict[str, Callable[[], tuple[Arrays, dict[str, Any]]]] = {
 DEFAULT_MODES = ("gspmd_auto", "shard_map", "shard_map_spread")
 
 
-def _short_traceback(exc: BaseException) -> str:
-  frames = [f for f in traceback.extract_tb(exc.__traceback__)
-            if "kfac_jax_lite" in f.filename or f.filename.endswith("_worker.py")]
-  return "".join(traceback.format_list(frames)) + f"{type(exc).__name__}: {exc}"
-
-
 def connect(port: int, process_id: int) -> dict[str, Any]:
   """Joins the 2-process system and checks one cross-process all-reduce.
 
@@ -256,17 +249,8 @@ def main(argv: list[str]) -> int:
           file=sys.stderr, flush=True)
     return ENV_ERROR_EXIT
   meta["connect_seconds"] = round(time.perf_counter() - start, 2)
-  arrays: Arrays = {}
-  for mode in modes:
-    start = time.perf_counter()
-    try:
-      result, info = RUNNERS[mode]()
-      arrays.update({f"{mode}|{k}": v for k, v in result.items()})
-      meta[mode] = {"ok": True, "error": None, "traceback": None, **info}
-    except Exception as exc:  # pylint: disable=broad-except
-      meta[mode] = {"ok": False, "error": f"{type(exc).__name__}: {exc}",
-                    "traceback": _short_traceback(exc)}
-    meta[mode]["seconds"] = round(time.perf_counter() - start, 2)
+  arrays, results = dw.run_modes(RUNNERS, modes)
+  meta.update(results)
   np.savez(os.path.join(out_dir, f"process{process_id}.npz"), **arrays)
   with open(os.path.join(out_dir, f"process{process_id}.json"), "w", encoding="utf-8") as f:
     json.dump(meta, f, indent=1)
