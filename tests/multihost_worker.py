@@ -39,7 +39,6 @@ the test reports as a skip); every later failure is the test's to judge.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -54,18 +53,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import distributed_worker as dw
 
 
-def _load_distributed_worker() -> Any:
-  """``distributed_worker.py`` (same folder): the model, data and optimizer."""
-  path = pathlib.Path(__file__).with_name("distributed_worker.py")
-  spec = importlib.util.spec_from_file_location("distributed_worker", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
-
-dw = _load_distributed_worker()
 
 NUM_PROCESSES = 2
 LOCAL_DEVICES = 2

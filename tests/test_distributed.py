@@ -26,7 +26,6 @@ Modes (see ``distributed_worker.py`` for each one's code):
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -40,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import distributed_worker as worker
 import kfac_jax_lite as kfl
 
 WORKER_PATH = pathlib.Path(__file__).with_name("distributed_worker.py")
@@ -48,14 +48,6 @@ RTOL = 1e-4
 ATOL = 1e-5  # times the largest entry of the array
 
 
-def _load_worker() -> Any:
-  spec = importlib.util.spec_from_file_location("distributed_worker", WORKER_PATH)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-worker = _load_worker()
 CPU = jax.devices("cpu")[0]
 L0, L1 = "['l0']['kernel']", "['l1']['kernel']"
 

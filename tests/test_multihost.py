@@ -18,7 +18,6 @@ its peer abort, which is a failure, not a skip).
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import pathlib
@@ -32,20 +31,14 @@ import jax
 import numpy as np
 import pytest
 
+import multihost_worker as mw
+
 WORKER_PATH = pathlib.Path(__file__).with_name("multihost_worker.py")
 TIMEOUT_S = 120  # hang guard for both workers; they take ~20-35 s on 2 busy cores
 RTOL = 1e-4
 ATOL = 1e-5  # times the largest entry of the array
 
 
-def _load_worker() -> Any:
-  spec = importlib.util.spec_from_file_location("multihost_worker", WORKER_PATH)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-mw = _load_worker()
 dw = mw.dw
 MODES = list(mw.DEFAULT_MODES)
 CPU = jax.devices("cpu")[0]
