@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import sys
 import time
 from typing import Any, Callable

@@ -8,16 +8,15 @@ Kronecker layers, how to read its inputs and output derivatives.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 import re
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import jax
 
 from kfac_jax_lite.losses import DISTRIBUTIONS
-from kfac_jax_lite.tagging import patterns, report
-from kfac_jax_lite.tagging.match import Match, Part
+from kfac_jax_lite.tagging import grouping, patterns, report
+from kfac_jax_lite.tagging.match import Match
 from kfac_jax_lite.tagging.trace import TracedLoss, trace_loss
 
 
@@ -154,15 +153,7 @@ def _describe(uses: list[str]) -> str:
 
 
 BLOCK_CHOICES = ("kron", "diag", "full", "none")
-FULL_KINDS = ("dense", "conv", "scale", "shift")
 DEFAULT_MAX_FACTOR_DIM = 4096
-
-
-def _match_override(name: str, blocks: Mapping[str, str]) -> str | None:
-  for pattern, choice in blocks.items():
-    if re.search(pattern, name):
-      return choice
-  return None
 
 
 def check_options(approximation: Mapping[str, str], blocks: Mapping[str, str]) -> None:
@@ -202,18 +193,6 @@ def _factor_forms(m: Match, has_bias: bool, max_factor_dim: int) -> tuple[str, s
     output_form = "diagonal"
     notes.append(f"output {m.d_out} > max_factor_dim: diagonal G")
   return input_form, output_form, "; ".join(notes)
-
-
-# Match fields that describe a use's activation or output, not its weight.
-_USE_FIELDS = frozenset({"path", "out_path", "out_shape", "bias_index", "out_perm",
-                         "weight_chain", "act_contract", "act_free"})
-
-
-def _weight_signature(m: Match) -> tuple[Any, ...]:
-  """Equal for two uses that read the parameter leaf as the same matrix."""
-  chain = tuple((e.primitive.name, str(sorted(e.params.items()))) for e in m.weight_chain)
-  return (type(m), chain) + tuple((f.name, getattr(m, f.name))
-                                  for f in dataclasses.fields(m) if f.name not in _USE_FIELDS)
 
 
 def tag(traced: TracedLoss, approximation: Mapping[str, str] | None = None,
@@ -265,17 +244,17 @@ def tag(traced: TracedLoss, approximation: Mapping[str, str] | None = None,
   keystr = jax.tree_util.keystr
   shapes = [tuple(v.aval.shape) for v in traced.jaxpr.jaxpr.invars[:traced.num_params]]
   frozen = traced.frozen
-  groups = _weight_groups(found, paths, shapes, blocks, frozen)
-  biases = _biases(groups, found, paths, shapes, blocks, frozen)
-  _check_registrations(found, groups, biases, paths, shapes, blocks)
+  groups = grouping.weight_groups(found, paths, shapes, blocks, frozen)
+  bias_of = grouping.biases(groups, found, paths, shapes, blocks, frozen)
+  grouping.check_registrations(found, groups, bias_of, paths, shapes, blocks)
   owned: dict[int, list[Layer]] = {}
   for (index, part), ms in groups.items():
-    bias_index, bias_part = biases[index, part]
+    bias_index, bias_part = bias_of[index, part]
     ms = tuple(dataclasses.replace(m, bias_index=bias_index, bias_part=bias_part) for m in ms)
-    name = keystr(paths[index]) + _part_suffix(part, shapes[index])
-    full = _match_override(name, blocks) == "full"
+    name = keystr(paths[index]) + grouping.part_suffix(part, shapes[index])
+    full = grouping.match_override(name, blocks) == "full"
     if full:
-      _check_full(name, ms[0], bias_index is not None, max_factor_dim)
+      grouping.check_full(name, ms[0], bias_index is not None, max_factor_dim)
       input_form, output_form, note = "full", "full", "blocks override: full Fisher block"
     else:
       input_form, output_form, note = _factor_forms(ms[0], bias_index is not None,
@@ -296,8 +275,8 @@ def tag(traced: TracedLoss, approximation: Mapping[str, str] | None = None,
                             "frozen")]
     if i in owned:
       continue
-    choice = _match_override(keystr(path), blocks)
-    uses = _leaf_uses(found.uses, i)
+    choice = grouping.match_override(keystr(path), blocks)
+    uses = grouping.leaf_uses(found.uses, i)
     if choice in ("kron", "full"):
       raise ValueError(
           f"blocks asks for a {'Kronecker' if choice == 'kron' else 'full'} block for "
@@ -309,109 +288,6 @@ def tag(traced: TracedLoss, approximation: Mapping[str, str] | None = None,
   unique = {id(l): l for ls in owned.values() for l in ls}.values()
   return TaggedLoss(traced=traced, marker=marker, layers=tuple(
       sorted(unique, key=lambda l: (l.weight_index, l.match.weight_part or () if l.match else ()))))
-
-
-UseKey = tuple[int, Part]
-
-
-def _weight_groups(found: patterns.WalkResult, paths: Sequence[tuple[Any, ...]],
-                   shapes: Sequence[tuple[int, ...]], blocks: Mapping[str, str],
-                   frozen: Mapping[int, str]) -> dict[UseKey, list[Match]]:
-  """The uses of each weight (leaf or slice) that form one Kronecker layer.
-
-  A weight qualifies when every use of it is a matched product reading it the
-  same way, no override asks for another block, and, for slices of a leaf
-  (a scanned stack), the accepted slices tile the whole leaf.
-  """
-  uses_of: dict[UseKey, list[Match]] = {}
-  for m in found.layers:
-    uses_of.setdefault((m.weight_index, m.weight_part), []).append(m)
-  groups = {
-      key: ms for key, ms in uses_of.items()
-      if sorted(found.uses.get(key, [])) == sorted(f"{m.kind}@{m.path}" for m in ms)
-      and _match_override(jax.tree_util.keystr(paths[key[0]]), blocks) not in ("diag", "none")
-      and key[0] not in frozen and len({_weight_signature(m) for m in ms}) == 1}
-  whole = _tiled_leaves(list(groups), found.uses, shapes)
-  return {key: ms for key, ms in groups.items() if key[0] in whole}
-
-
-def _biases(groups: Mapping[UseKey, list[Match]], found: patterns.WalkResult,
-            paths: Sequence[tuple[Any, ...]], shapes: Sequence[tuple[int, ...]],
-            blocks: Mapping[str, str], frozen: Mapping[int, str]) -> dict[UseKey, UseKey]:
-  """Each layer's bias ``(index, part)``, or ``(None, None)``."""
-  candidates = {}
-  for key, ms in groups.items():
-    bias = (ms[0].bias_index, ms[0].bias_part)
-    if bias[0] is not None and all((m.bias_index, m.bias_part) == bias for m in ms) and (
-        bias[0] not in frozen
-        and sorted(found.uses.get(bias, [])) == sorted(f"bias@{m.out_path}" for m in ms)
-        and _match_override(jax.tree_util.keystr(paths[bias[0]]), blocks) in (
-            None, "kron", "full")):
-      candidates[key] = bias
-  whole = _tiled_leaves(list(candidates.values()), found.uses, shapes)
-  return {key: candidates[key] if key in candidates and candidates[key][0] in whole
-          else (None, None) for key in groups}
-
-
-def _check_full(name: str, m: Match, has_bias: bool, max_factor_dim: int) -> None:
-  """Raises unless a ``"full"`` override fits the layer."""
-  if m.kind not in FULL_KINDS:
-    raise ValueError(f"blocks asks for a full block for {name}, a {m.kind} layer; full "
-                     f"blocks are for {', '.join(FULL_KINDS)} layers.")
-  size = (m.d_in + has_bias) * m.d_out
-  if size > max_factor_dim:
-    raise ValueError(f"blocks asks for a full block for {name}: {size} parameters, more "
-                     f"than max_factor_dim = {max_factor_dim}; use 'kron' or 'diag', or "
-                     "raise max_factor_dim.")
-
-
-def _check_registrations(found: patterns.WalkResult, groups: Mapping[UseKey, Any],
-                         biases: Mapping[UseKey, UseKey], paths: Sequence[tuple[Any, ...]],
-                         shapes: Sequence[tuple[int, ...]], blocks: Mapping[str, str]) -> None:
-  """Raises if a hand-registered parameter did not become its layer."""
-  for key in sorted(found.registered, key=lambda k: (found.registered[k], str(k)), reverse=True):
-    name = jax.tree_util.keystr(paths[key[0]]) + _part_suffix(key[1], shapes[key[0]])
-    if key in groups or key in biases.values() or _match_override(name, blocks) in (
-        "diag", "none"):
-      continue
-    raise ValueError(
-        f"{name} is registered with kfl.register_dense but also used elsewhere in the "
-        f"loss ({', '.join(_leaf_uses(found.uses, key[0]))}): a registered parameter must "
-        "be used only by its registration (else it would be counted twice); remove the "
-        "other use, or the registration and let detection find the layer.")
-
-
-def _tiled_leaves(keys: Sequence[UseKey], uses: Mapping[UseKey, list[str]],
-                  shapes: Sequence[tuple[int, ...]]) -> set[int]:
-  """Leaves whose accepted keys are all their uses and tile the leaf exactly."""
-  parts: dict[int, list[Part]] = {}
-  for index, part in keys:
-    parts.setdefault(index, []).append(part)
-  return {i for i, ps in parts.items()
-          if {k for k in uses if k[0] == i} == {(i, p) for p in ps} and _tiles(ps, shapes[i])}
-
-
-def _tiles(parts: Sequence[Part], shape: tuple[int, ...]) -> bool:
-  if list(parts) == [None]:
-    return True
-  if None in parts or len(set(parts)) != len(parts):
-    return False
-  if sum(math.prod(b - a for a, b in p) for p in parts) != math.prod(shape):
-    return False
-  return not any(all(max(a1, a2) < min(b1, b2) for (a1, b1), (a2, b2) in zip(p, q))
-                 for p, q in itertools.combinations(parts, 2))
-
-
-def _part_suffix(part: Part, shape: tuple[int, ...]) -> str:
-  """``"[3]"`` for the 4th slice of a stacked leaf (``""`` for the whole leaf)."""
-  if part is None:
-    return ""
-  return "[" + ",".join(str(a) if b - a == 1 else f"{a}:{b}" if (a, b) != (0, d) else ":"
-                        for (a, b), d in zip(part, shape)).rstrip(",:") + "]"
-
-
-def _leaf_uses(uses: Mapping[UseKey, list[str]], index: int) -> list[str]:
-  return [u for key, us in uses.items() if key[0] == index for u in us]
 
 
 class LayerList(list):
