@@ -221,11 +221,13 @@ def main(argv: Sequence[str] | None = None) -> None:
   data = load_images()
   it = common.batches(data, BATCH_SIZE)
   batches = [jax.device_put(next(it)) for _ in range(NUM_BATCHES)]
-  layers = {v: kfl.find_layers(loss_fn, params, batches[0], max_factor_dim=d)
+  layers = {v: kfl.find_layers(loss_fn, params, batches[0],
+                               layers=kfl.LayerOptions(max_factor_dim=d))
             for v, d in VARIANTS.items()}
   runners = {"adam": Runner(loss_fn, params, batches, "adam")}
-  runners.update({v: Runner(loss_fn, params, batches, "kfac", max_factor_dim=d,
-                            inverse_method=args.inverse_method)
+  runners.update({v: Runner(loss_fn, params, batches, "kfac",
+                            layers=kfl.LayerOptions(max_factor_dim=d),
+                            inverses=kfl.InverseOptions(args.inverse_method))
                   for v, d in VARIANTS.items()})
   timing.interleave(list(runners.values()), args.rounds, args.round_steps)
   full_loss = jax.jit(loss_fn)

@@ -65,7 +65,7 @@ class Family:
 
   Attributes:
     name: the model's name in the tables.
-    option: the ``kfl.kfac`` argument that picks the approximation.
+    option: the ``kfl.LayerOptions`` field that picks the approximation.
     module: the example module (``ADAM_LR``, ``KFAC_HPARAMS``).
     loss_fn: K-FAC's loss ``(params, batch) -> scalar``.
     make_step: the example's train step for an optimizer.
@@ -140,7 +140,7 @@ def step_rows(family: Family, rounds: int,
     The markdown rows and Adam's median step in seconds.
   """
   adam = Runner(family, "adam")
-  kfac = {(a, s): Runner(family, "kfac", **{family.option: a}, stats_every=s[0],
+  kfac = {(a, s): Runner(family, "kfac", layers=kfl.LayerOptions(**{family.option: a}), stats_every=s[0],
                          inverse_every=s[1])
           for a in APPROXIMATIONS for s in SCHEDULES}
   timing.interleave([adam, *kfac.values()], rounds, round_steps)
@@ -158,7 +158,7 @@ def statistics_pass(family: Family, approximation: str) -> Callable[..., Any]:
   """A jitted ``(params, batch, key) -> factors``: one MC Fisher estimate."""
   def estimate(params: Any, batch: common.Batch, key: jax.Array) -> Any:
     return kfl.estimate_curvature(family.loss_fn, params, batch, key=key, estimator="mc",
-                                  **{family.option: approximation})
+                                  layers=kfl.LayerOptions(**{family.option: approximation}))
   return jax.jit(estimate)
 
 

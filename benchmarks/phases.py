@@ -34,7 +34,7 @@ import digits  # pylint: disable=wrong-import-position
 import digits_data  # pylint: disable=wrong-import-position
 
 import kfac_jax_lite as kfl  # pylint: disable=wrong-import-position
-from kfac_jax_lite.curvature import kronecker  # pylint: disable=wrong-import-position
+from kfac_jax_lite import blocks  # pylint: disable=wrong-import-position
 from kfac_jax_lite.statistics import factor_estimate  # pylint: disable=wrong-import-position
 from kfac_jax_lite.tagging import tag, trace_loss  # pylint: disable=wrong-import-position
 
@@ -76,8 +76,8 @@ def phases(problem: str, rounds: int) -> dict[str, float]:
   factors = stats(params, batch)
 
   def inverses(method):
-    return jax.jit(lambda f: {n: kronecker.inverses([v["A"], v["G"]], 1e-2, method)
-                              for n, v in f.items()})
+    return jax.jit(lambda f: {l.name: blocks.inverses(l, f[l.name], 1e-2, method)
+                              for l in tagged.factored})
 
   inv_eigh, inv_chol = inverses("eigh"), inverses("cholesky")
   return {

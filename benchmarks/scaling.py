@@ -227,10 +227,10 @@ def weak_scaling_child(num_devices: int, rounds: int, placement: str) -> dict[st
                          batches[0])
     configs: dict[str, tuple[str, dict[str, Any]]] = {
         "adam": ("adam", {}),
-        "kfac": ("kfac", dict(axis_name=AXIS)),
+        "kfac": ("kfac", dict(parallel=kfl.ParallelOptions(axis_name=AXIS))),
     }
     if n > 1:
-      configs.update({name: ("kfac", dict(axis_name=AXIS, **PLACEMENT_CONFIGS[name]))
+      configs.update({name: ("kfac", dict(parallel=kfl.ParallelOptions(axis_name=AXIS, **PLACEMENT_CONFIGS[name])))
                       for name in _placement_configs(placement)})
     runners = []
     for name, (opt, kwargs) in configs.items():
@@ -419,7 +419,7 @@ def spikes(steps: int, round_steps: int,
     for staggered in (False, True):
       tx = digits.make_optimizer("kfac", problem, loss_fn, batches[0],
                                  stats_every=STATS_EVERY, inverse_every=INVERSE_EVERY,
-                                 inverse_method=method, staggered_inverses=staggered)
+                                 inverses=kfl.InverseOptions(method, staggered))
       state = tx.init(params)
       runner = Timed(f"{method} {'staggered' if staggered else 'all at once'}",
                      digits.make_train_step(loss_fn, tx), params, state, batches)

@@ -37,6 +37,8 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # Before jax/scipy load BLAS
 import jax  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
+import kfac_jax_lite as kfl  # pylint: disable=wrong-import-position
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
 import digits  # pylint: disable=wrong-import-position
 import digits_data  # pylint: disable=wrong-import-position
@@ -44,10 +46,10 @@ import timing  # pylint: disable=wrong-import-position
 
 ROUND = 50  # Steps per timing round: a multiple of every period below.
 KFAC_CONFIGS = (
-    dict(stats_every=1, inverse_every=10, inverse_method="eigh"),
-    dict(stats_every=1, inverse_every=10, inverse_method="cholesky"),
-    dict(stats_every=10, inverse_every=50, inverse_method="eigh"),
-    dict(stats_every=10, inverse_every=50, inverse_method="cholesky"),
+    dict(stats_every=1, inverse_every=10, inverses=kfl.InverseOptions("eigh")),
+    dict(stats_every=1, inverse_every=10, inverses=kfl.InverseOptions("cholesky")),
+    dict(stats_every=10, inverse_every=50, inverses=kfl.InverseOptions("eigh")),
+    dict(stats_every=10, inverse_every=50, inverses=kfl.InverseOptions("cholesky")),
 )
 
 
@@ -67,7 +69,7 @@ def machine_info() -> str:
 
 
 def _label(cfg: dict[str, Any]) -> str:
-  return f"s{cfg['stats_every']}/i{cfg['inverse_every']}/{cfg['inverse_method']}"
+  return f"s{cfg['stats_every']}/i{cfg['inverse_every']}/{cfg['inverses'].method}"
 
 
 class _Timed(timing.TimedSteps):

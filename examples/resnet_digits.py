@@ -91,8 +91,8 @@ BN_MOMENTUM = 0.9
 ADAM_LR = 2e-2
 KFAC_HPARAMS = dict(learning_rate=0.1, damping=0.1, kl_clip=1e-3)
 # label -> (optimizer, its settings beyond the tuned ones).
-OPTIMIZERS = {"K-FAC expand": ("kfac", {"conv_approximation": "expand"}),
-              "K-FAC reduce": ("kfac", {"conv_approximation": "reduce"}),
+OPTIMIZERS = {"K-FAC expand": ("kfac", {"layers": kfl.LayerOptions(conv_approximation="expand")}),
+              "K-FAC reduce": ("kfac", {"layers": kfl.LayerOptions(conv_approximation="reduce")}),
               "Adam": ("adam", {})}
 
 Batch = common.Batch

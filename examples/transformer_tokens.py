@@ -88,8 +88,8 @@ BATCH_SIZE = 64
 ADAM_LR = 3e-3
 KFAC_HPARAMS = dict(learning_rate=0.3, damping=1e-2, kl_clip=3e-4)
 # label -> (optimizer, its settings beyond the tuned ones).
-OPTIMIZERS = {"K-FAC expand": ("kfac", {"dense_approximation": "expand"}),
-              "K-FAC reduce": ("kfac", {"dense_approximation": "reduce"}),
+OPTIMIZERS = {"K-FAC expand": ("kfac", {"layers": kfl.LayerOptions(dense_approximation="expand")}),
+              "K-FAC reduce": ("kfac", {"layers": kfl.LayerOptions(dense_approximation="reduce")}),
               "Adam": ("adam", {})}
 
 Batch = common.Batch

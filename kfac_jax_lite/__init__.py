@@ -7,20 +7,22 @@ References:
 """
 
 from kfac_jax_lite import losses
-from kfac_jax_lite import tagging
 from kfac_jax_lite.accumulate import AccumulateState, accumulate
 from kfac_jax_lite.alias import kfac
-from kfac_jax_lite.curvature_api import estimate_curvature
-from kfac_jax_lite.registration import register_dense
-from kfac_jax_lite.tagging.layers import find_layers
-from kfac_jax_lite.curvature.kl_clip import kl_scale
+from kfac_jax_lite.graft import GraftState, graft
+from kfac_jax_lite.inspection import estimate_curvature, find_layers
+from kfac_jax_lite.options import (EstimatorOptions, InverseOptions, LayerOptions,
+                                   ParallelOptions)
 from kfac_jax_lite.placement import sharded_state_specs
+from kfac_jax_lite.registration import register_dense
+from kfac_jax_lite.tagging.layers import Layer, LayerList
 from kfac_jax_lite.transform import KfacState, scale_by_kfac
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AccumulateState", "KfacState", "accumulate", "estimate_curvature",
-    "find_layers", "kfac", "kl_scale", "losses", "register_dense", "scale_by_kfac",
-    "sharded_state_specs", "tagging",
+    "AccumulateState", "EstimatorOptions", "GraftState", "InverseOptions", "KfacState", "Layer",
+    "LayerList", "LayerOptions", "ParallelOptions", "accumulate", "estimate_curvature",
+    "find_layers", "graft", "kfac", "losses", "register_dense", "scale_by_kfac",
+    "sharded_state_specs",
 ]

@@ -46,8 +46,8 @@ def accumulate(inner: optax.GradientTransformation,
                every_k: int) -> optax.GradientTransformationExtraArgs:
   """Emits one update of ``inner`` every ``every_k`` micro-batches.
 
-  Build the inner K-FAC with ``accumulate_statistics=True`` (``kfl.kfac``
-  forwards it). Non-emitting micro-steps return zero updates.
+  Build the inner K-FAC with ``estimator=kfl.EstimatorOptions(accumulate=True)``
+  (``kfl.kfac`` forwards it). Non-emitting micro-steps return zero updates.
 
   Args:
     inner: an optimizer containing :func:`kfac_jax_lite.scale_by_kfac`.

@@ -2,43 +2,39 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+import functools
+from typing import Any, Callable
 
 import jax
 import optax
 
 from kfac_jax_lite.tagging.trainable import non_trainable
-from kfac_jax_lite.transform import ScalarOrSchedule, scale_by_kfac
+from kfac_jax_lite import graft as graft_lib
+from kfac_jax_lite._checks import check_number
+from kfac_jax_lite.options import (EstimatorOptions, InverseOptions, LayerOptions,
+                                   ParallelOptions)
+from kfac_jax_lite.transform import scale_by_kfac
 
 
 def kfac(
     loss_fn: Callable[[Any, Any], jax.Array],
     sample_batch: Any,
-    learning_rate: ScalarOrSchedule,
+    learning_rate: optax.ScalarOrSchedule,
     *,
     damping: float | jax.Array = 1e-3,
     kl_clip: float | jax.Array | None = 1e-3,
-    momentum: float | None = 0.9,
-    weight_decay: float = 0.0,
+    momentum: float | jax.Array | None = 0.9,
+    weight_decay: float | jax.Array = 0.0,
     ema_decay: float | jax.Array = 0.95,
-    stats_every: int = 1,
-    inverse_every: int = 10,
-    estimator: str = "mc",
-    num_samples: int = 1,
-    inverse_method: str = "eigh",
-    conv_approximation: str = "expand",
-    dense_approximation: str = "expand",
-    blocks: Mapping[str, str] | None = None,
-    max_factor_dim: int | None = None,
-    staggered_inverses: bool = False,
-    stats_batch_fraction: float | None = None,
-    accumulate_statistics: bool = False,
-    distribute_inverses: bool = False,
-    symmetry_aware: bool = False,
-    inverse_placement: str = "replicated",
+    stats_every: int | jax.Array = 1,
+    inverse_every: int | jax.Array = 10,
+    layers: LayerOptions = LayerOptions(),
+    estimator: str | EstimatorOptions = "mc",
+    inverses: InverseOptions = InverseOptions(),
+    parallel: ParallelOptions = ParallelOptions(),
+    graft: str | None = None,
     sample_params: Any = None,
     seed: int = 0,
-    axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """K-FAC with KL-clipped step size, momentum and decoupled weight decay.
 
@@ -46,8 +42,9 @@ def kfac(
   scale_by_learning_rate)``: the preconditioned direction (Ba et al. 2017,
   §2) is scaled so one step's KL divergence stays under ``kl_clip`` (eq. 14),
   then heavy-ball momentum and the (negated) learning rate are applied.
-  Every argument is explicit, so ``optax.inject_hyperparams(kfl.kfac,
-  static_args=("loss_fn", "num_samples"))`` works.
+  Every number is an explicit keyword and every structural choice an option
+  value, so ``optax.inject_hyperparams(kfl.kfac, static_args="loss_fn")``
+  works.
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar``, computed with a
@@ -59,47 +56,43 @@ def kfac(
     momentum: heavy-ball decay, or ``None`` / 0 for none.
     weight_decay: decoupled weight decay, added after preconditioning (never
       to non-trainable collections of a whole Flax variables dict).
-    ema_decay: see :func:`kfac_jax_lite.scale_by_kfac`.
-    stats_every: see :func:`kfac_jax_lite.scale_by_kfac`.
-    inverse_every: see :func:`kfac_jax_lite.scale_by_kfac`.
-    estimator: see :func:`kfac_jax_lite.scale_by_kfac`.
-    num_samples: see :func:`kfac_jax_lite.scale_by_kfac`.
-    inverse_method: see :func:`kfac_jax_lite.scale_by_kfac`.
-    conv_approximation: see :func:`kfac_jax_lite.scale_by_kfac`.
-    dense_approximation: see :func:`kfac_jax_lite.scale_by_kfac`.
-    blocks: see :func:`kfac_jax_lite.scale_by_kfac`.
-    max_factor_dim: see :func:`kfac_jax_lite.scale_by_kfac`.
-    staggered_inverses: see :func:`kfac_jax_lite.scale_by_kfac`.
-    stats_batch_fraction: see :func:`kfac_jax_lite.scale_by_kfac`.
-    accumulate_statistics: see :func:`kfac_jax_lite.scale_by_kfac`.
-    distribute_inverses: see :func:`kfac_jax_lite.scale_by_kfac`.
-    symmetry_aware: see :func:`kfac_jax_lite.scale_by_kfac`.
-    inverse_placement: see :func:`kfac_jax_lite.scale_by_kfac`.
-    sample_params: see :func:`kfac_jax_lite.scale_by_kfac`.
-    seed: see :func:`kfac_jax_lite.scale_by_kfac`.
-    axis_name: see :func:`kfac_jax_lite.scale_by_kfac`.
+    ema_decay: as in :func:`kfac_jax_lite.scale_by_kfac`.
+    stats_every: as in :func:`kfac_jax_lite.scale_by_kfac`.
+    inverse_every: as in :func:`kfac_jax_lite.scale_by_kfac`.
+    layers: as in :func:`kfac_jax_lite.scale_by_kfac`.
+    estimator: as in :func:`kfac_jax_lite.scale_by_kfac`.
+    inverses: as in :func:`kfac_jax_lite.scale_by_kfac`.
+    parallel: as in :func:`kfac_jax_lite.scale_by_kfac`.
+    graft: ``None``, or ``"adam"``: each leaf's step takes K-FAC's direction
+      (of the gradients' moving average with decay ``momentum``) and the norm
+      of Adam's step (``b1=momentum``), see :func:`kfac_jax_lite.graft`; the
+      learning rate is then Adam's, and ``kl_clip`` is not used.
+    sample_params: as in :func:`kfac_jax_lite.scale_by_kfac`.
+    seed: as in :func:`kfac_jax_lite.scale_by_kfac`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``batch=``.
   """
-  parts = [scale_by_kfac(
-      loss_fn, sample_batch, damping=damping, ema_decay=ema_decay,
-      stats_every=stats_every, inverse_every=inverse_every, estimator=estimator,
-      num_samples=num_samples, kl_clip=kl_clip,
-      learning_rate=learning_rate if kl_clip is not None else None,
-      inverse_method=inverse_method, conv_approximation=conv_approximation,
-      dense_approximation=dense_approximation, blocks=blocks,
-      max_factor_dim=max_factor_dim, staggered_inverses=staggered_inverses,
-      stats_batch_fraction=stats_batch_fraction,
-      accumulate_statistics=accumulate_statistics,
-      distribute_inverses=distribute_inverses, symmetry_aware=symmetry_aware,
-      inverse_placement=inverse_placement,
-      sample_params=sample_params,
-      seed=seed, axis_name=axis_name)]
+  check_number("momentum", momentum, low=0.0, low_open=False, high=1.0)
+  check_number("weight_decay", weight_decay, low=0.0, low_open=False)
+  if graft not in (None, "adam"):
+    raise ValueError(f"graft must be None or 'adam', got {graft!r}.")
+  kfac_part = functools.partial(
+      scale_by_kfac, loss_fn, sample_batch, damping=damping, ema_decay=ema_decay,
+      stats_every=stats_every, inverse_every=inverse_every, layers=layers,
+      estimator=estimator, inverses=inverses, parallel=parallel,
+      sample_params=sample_params, seed=seed)
+  if graft == "adam":
+    b1 = 0.0 if _is_zero(momentum) else momentum
+    parts = [graft_lib.graft(optax.chain(optax.ema(b1, debias=True), kfac_part()),
+                             optax.scale_by_adam(b1=b1))]
+  else:
+    parts = [kfac_part(kl_clip=kl_clip,
+                       learning_rate=learning_rate if kl_clip is not None else None)]
+    if not _is_zero(momentum):
+      parts.append(optax.trace(decay=momentum))
   if not _is_zero(weight_decay):
-    parts.append(optax.add_decayed_weights(weight_decay, mask=_trainable))
-  if not _is_zero(momentum):
-    parts.append(optax.trace(decay=momentum))
+    parts.insert(1, optax.add_decayed_weights(weight_decay, mask=_trainable))
   parts.append(optax.scale_by_learning_rate(learning_rate))
   return optax.chain(*parts)
 

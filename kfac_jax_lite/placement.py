@@ -41,26 +41,7 @@ from jax.sharding import PartitionSpec
 from kfac_jax_lite import blocks, schedule
 from kfac_jax_lite.tagging.layers import Layer
 
-PLACEMENTS = ("replicated", "sharded")
-
 Inverses = dict[str, dict[str, jax.Array]]
-
-
-def check_placement(inverse_placement: str, axis_name: str | None) -> None:
-  """Raises ``ValueError`` for an unknown placement or a missing axis.
-
-  Args:
-    inverse_placement: one of :data:`PLACEMENTS`.
-    axis_name: the ``pmap`` / ``shard_map`` axis, or ``None``.
-  """
-  if inverse_placement not in PLACEMENTS:
-    raise ValueError(f"Unknown inverse_placement {inverse_placement!r}; use one of "
-                     f"{', '.join(PLACEMENTS)}.")
-  if inverse_placement == "sharded" and axis_name is None:
-    raise ValueError(
-        "inverse_placement='sharded' needs axis_name: run the step under "
-        "jax.pmap or jax.shard_map over that axis (with jit on a mesh and no "
-        "axis_name, use the default 'replicated').")
 
 
 def is_sharded(key: str, shape: Sequence[int]) -> bool:
@@ -89,7 +70,10 @@ def _axis_size(axis_name: str) -> int:
 
 
 def init_inverses(factors: Inverses, axis_name: str | None) -> Inverses:
-  """Zero inverses: like ``factors``, or this device's row slices.
+  """The inverses before the first refresh: identities (or their row slices).
+
+  Identities, not zeros, so that a first refresh that is not finite (an
+  invalid traced damping) leaves plain gradient steps, not zero updates.
 
   Args:
     factors: layer name -> factor name -> factor (full shapes).
@@ -97,14 +81,28 @@ def init_inverses(factors: Inverses, axis_name: str | None) -> Inverses:
       ``None`` for full inverses.
 
   Returns:
-    The zero inverses; a sharded matrix of ``d`` rows has ``ceil(d / n)``.
+    Identity matrices (all-ones vectors for diagonal factors); a sharded
+    matrix of ``d`` rows keeps this device's ``ceil(d / n)`` rows of it.
   """
+  def identity(k: str, f: jax.Array) -> jax.Array:
+    if is_sharded(k, f.shape):
+      return jnp.eye(*f.shape, dtype=jnp.float32)
+    return jnp.ones_like(f, jnp.float32)  # a diagonal: elementwise inverse
+
   if axis_name is None:
-    return jax.tree.map(jnp.zeros_like, factors)
+    return {name: {k: identity(k, f) for k, f in fac.items()}
+            for name, fac in factors.items()}
   n = _axis_size(axis_name)
-  return {name: {k: jnp.zeros((_rows(f.shape[0], n), *f.shape[1:]), jnp.float32)
-                 if is_sharded(k, f.shape) else jnp.zeros_like(f)
-                 for k, f in fac.items()} for name, fac in factors.items()}
+
+  def rows(k: str, f: jax.Array) -> jax.Array:
+    if not is_sharded(k, f.shape):
+      return identity(k, f)
+    r = _rows(f.shape[0], n)
+    start = jax.lax.axis_index(axis_name) * r
+    return (jnp.arange(r)[:, None] + start == jnp.arange(f.shape[1])[None, :]).astype(
+        jnp.float32)
+
+  return {name: {k: rows(k, f) for k, f in fac.items()} for name, fac in factors.items()}
 
 
 def _pack(parts: list[jax.Array], size: int) -> jax.Array:
@@ -113,17 +111,18 @@ def _pack(parts: list[jax.Array], size: int) -> jax.Array:
                          + [jnp.zeros([size - sum(p.size for p in parts)], jnp.float32)])
 
 
-def distribute(compute: Callable[[tuple[str, ...]], Inverses], names: tuple[str, ...],
+def distribute(compute: Callable[[tuple[str, ...], Inverses], Inverses],
+               names: tuple[str, ...],
                costs: Mapping[str, int], factors: Inverses, axis_name: str,
                sharded: bool) -> Inverses:
   """Each device inverts a cost-balanced share of ``names``; all get theirs.
 
   Args:
-    compute: layer names -> their inverses (full matrices).
+    compute: ``(layer names, factors) -> their inverses`` (full matrices).
     names: the layers to invert.
     costs: layer name -> inversion cost (see
       :func:`kfac_jax_lite.schedule.inversion_costs`).
-    factors: layer name -> factor name -> factor (for the shapes).
+    factors: layer name -> factor name -> factor.
     axis_name: the ``pmap`` / ``shard_map`` axis.
     sharded: keep only this device's row slice of every Kronecker matrix
       (``"sharded"``), or gather every inverse whole (``"replicated"``).
@@ -142,7 +141,7 @@ def distribute(compute: Callable[[tuple[str, ...]], Inverses], names: tuple[str,
 
   def owner(i: int) -> tuple[jax.Array, jax.Array]:
     """Device ``i``'s share: its whole inverses, and ``[n, size]`` slices."""
-    inv = compute(shares[i])
+    inv = compute(shares[i], factors)
     blocks = [jnp.pad(inv[m][k], ((0, _rows(s[0], n) * n - s[0]), (0, 0))).reshape(n, -1)
               for m, k, s in split[i]]
     slices = jnp.concatenate(blocks + [jnp.zeros((n, split_size - sum(
@@ -210,7 +209,7 @@ def distribute_on_mesh(compute: Callable[[tuple[str, ...], Inverses], Inverses],
   axes = tuple(mesh.axis_names)
 
   def spread(facs: Inverses) -> Inverses:
-    return distribute(lambda ns: compute(ns, facs), names, costs, facs, axes, False)
+    return distribute(compute, names, costs, facs, axes, False)
 
   return jax.shard_map(spread, in_specs=PartitionSpec(), out_specs=PartitionSpec())(
       {n: factors[n] for n in names})

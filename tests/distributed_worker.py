@@ -90,11 +90,14 @@ def local_batch(batch: Batch, n: int = NUM_DEVICES) -> Batch:
 
 
 def make_optimizer(sample_batch: Any, axis_name: str | None = None,
-                   **kwargs: Any) -> optax.GradientTransformationExtraArgs:
-  """The K-FAC optimizer every mode uses (exact Fisher: no sampling noise)."""
-  return kfl.kfac(loss_fn, sample_batch, LEARNING_RATE, damping=DAMPING,
-                  ema_decay=EMA_DECAY, estimator="exact", inverse_every=1,
-                  axis_name=axis_name, **kwargs)
+                   **parallel: Any) -> optax.GradientTransformationExtraArgs:
+  """The K-FAC optimizer every mode uses (exact Fisher: no sampling noise).
+
+  ``parallel`` are :class:`kfl.ParallelOptions` fields besides ``axis_name``.
+  """
+  return kfl.kfac(loss_fn, sample_batch, LEARNING_RATE, damping=DAMPING, ema_decay=EMA_DECAY,
+                  inverse_every=1, estimator="exact",
+                  parallel=kfl.ParallelOptions(axis_name=axis_name, **parallel))
 
 
 def snapshot(params: Any, opt_state: Any, prefix: str = "") -> Arrays:
@@ -347,8 +350,9 @@ def run_pmap_tokens(**kwargs: Any) -> tuple[Arrays, dict[str, Any]]:
   out = {}
   for placement in ("replicated", "sharded"):
     tx = kfl.kfac(token_loss_fn, local_batch(batches[0]), LEARNING_RATE, damping=DAMPING,
-                  estimator="exact", inverse_every=1, axis_name=AXIS,
-                  max_factor_dim=MAX_FACTOR_DIM, inverse_placement=placement, **kwargs)
+                  inverse_every=1, estimator="exact",
+                  parallel=kfl.ParallelOptions(axis_name=AXIS, inverse_placement=placement),
+                  layers=kfl.LayerOptions(max_factor_dim=MAX_FACTOR_DIM, **kwargs))
 
     def grads_fn(p: Any, batch: Any) -> Any:
       return jax.lax.pmean(jax.grad(token_loss_fn)(p, batch), AXIS)
@@ -371,8 +375,8 @@ def run_pmap_mc() -> tuple[Arrays, dict[str, Any]]:
   different estimates. One update: its factors are the first estimate.
   """
   batch = local_batch(make_batches()[0])
-  tx = kfl.scale_by_kfac(regression_loss_fn, batch, damping=DAMPING,
-                         estimator="mc", seed=MC_SEED, axis_name=AXIS)
+  tx = kfl.scale_by_kfac(regression_loss_fn, batch, damping=DAMPING, seed=MC_SEED,
+                         estimator="mc", parallel=kfl.ParallelOptions(axis_name=AXIS))
 
   def step(params: Any, state: Any, batch: Any) -> Any:
     grads = jax.lax.pmean(jax.grad(regression_loss_fn)(params, batch), AXIS)

@@ -12,8 +12,9 @@ import pytest
 
 import kfac_jax_lite as kfl
 
-KW = dict(learning_rate=0.1, damping=1e-2, estimator="exact", inverse_every=1,
-          ema_decay=0.5)
+KW = dict(learning_rate=0.1, damping=1e-2, inverse_every=1, ema_decay=0.5)
+EXACT = kfl.EstimatorOptions("exact")
+ACCUMULATE = kfl.EstimatorOptions("exact", accumulate=True)
 
 
 def loss_fn(p: Any, b: Any) -> jax.Array:
@@ -45,8 +46,8 @@ def _micro(batch: Any, k: int) -> list[Any]:
 
 
 def _run_accumulated(params, batches, k):
-  tx = kfl.accumulate(kfl.kfac(loss_fn, _micro(batches[0], k)[0],
-                               accumulate_statistics=True, **KW), k)
+  tx = kfl.accumulate(kfl.kfac(loss_fn, _micro(batches[0], k)[0], **KW,
+                               estimator=ACCUMULATE), k)
   p, s, step = params, tx.init(params), _stepper(tx)
   for batch in batches:
     for micro in _micro(batch, k):
@@ -55,7 +56,7 @@ def _run_accumulated(params, batches, k):
 
 
 def _run_big(params, batches):
-  tx = kfl.kfac(loss_fn, batches[0], **KW)
+  tx = kfl.kfac(loss_fn, batches[0], **KW, estimator=EXACT)
   p, s, step = params, tx.init(params), _stepper(tx)
   for batch in batches:
     p, s = step(p, s, batch)
@@ -75,8 +76,8 @@ def test_accumulation_equals_one_big_batch(setup, k):
 
 def test_non_emitting_micro_steps_return_zero_updates(setup):
   params, batches = setup
-  tx = kfl.accumulate(kfl.kfac(loss_fn, _micro(batches[0], 2)[0],
-                               accumulate_statistics=True, **KW), 2)
+  tx = kfl.accumulate(kfl.kfac(loss_fn, _micro(batches[0], 2)[0], **KW,
+                               estimator=ACCUMULATE), 2)
   s = tx.init(params)
   micro = _micro(batches[0], 2)[0]
   updates, s = tx.update(jax.grad(loss_fn)(params, micro), s, params, batch=micro)
@@ -89,7 +90,7 @@ def test_multisteps_loses_micro_batch_statistics(setup):
   """Why accumulate exists: optax.MultiSteps' K-FAC sees only the last micro-batch."""
   params, batches = setup
   _, s_big = _run_big(params, batches[:1])
-  tx = optax.MultiSteps(kfl.kfac(loss_fn, _micro(batches[0], 2)[0], **KW), 2)
+  tx = optax.MultiSteps(kfl.kfac(loss_fn, _micro(batches[0], 2)[0], **KW, estimator=EXACT), 2)
   s = tx.init(params)
   for micro in _micro(batches[0], 2):
     g = jax.grad(loss_fn)(params, micro)
@@ -103,7 +104,7 @@ def test_multisteps_loses_micro_batch_statistics(setup):
 def test_accumulate_only_needs_the_buffer(setup):
   params, batches = setup
   tx = kfl.scale_by_kfac(loss_fn, batches[0], damping=1e-2)
-  with pytest.raises(ValueError, match="accumulate_statistics"):
+  with pytest.raises(ValueError, match="accumulate=True"):
     tx.update(params, tx.init(params), params, batch=batches[0], kfac_accumulate_only=True)
   with pytest.raises(ValueError, match="every_k"):
     kfl.accumulate(tx, 0)

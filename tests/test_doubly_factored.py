@@ -48,13 +48,19 @@ def test_pi_for_three_factors_matches_eq_12():
   assert abs(float(np.prod(got)) - 1.0) < 1e-5
 
 
+def _damped_inverses(fs: list[jax.Array], lam: float, method: str) -> list[jax.Array]:
+  """Each factor's damped inverse with the library's factored damping shifts."""
+  return [kronecker.damped_inverse(f, s, method)
+          for f, s in zip(fs, damping.factored_damping(fs, lam))]
+
+
 @pytest.mark.parametrize("method", ["eigh", "cholesky"])
 def test_three_factor_precondition_equals_dense_kronecker_solve(method: str):
   rng = np.random.default_rng(2)
   fs = [_spd(rng, 3), _spd(rng, 4), _spd(rng, 2)]
   lam = 0.3
   grad = rng.normal(size=(3 * 4, 2))
-  invs = kronecker.inverses([jnp.asarray(f, jnp.float32) for f in fs], lam, method)
+  invs = _damped_inverses([jnp.asarray(f, jnp.float32) for f in fs], lam, method)
   got = kronecker.precondition(invs, jnp.asarray(grad, jnp.float32))
   shift = lam ** (1 / 3)
   damped = [f + p * shift * np.eye(f.shape[0]) for f, p in zip(fs, _pi3(fs))]
@@ -68,8 +74,8 @@ def test_diagonal_factor_precondition_equals_dense_solve():
   a = np.abs(rng.normal(size=4)) + 0.1  # a diagonal factor, stored as a vector
   g = _spd(rng, 3)
   grad = rng.normal(size=(4, 3))
-  invs = kronecker.inverses([jnp.asarray(a, jnp.float32), jnp.asarray(g, jnp.float32)],
-                            0.1, "eigh")
+  invs = _damped_inverses([jnp.asarray(a, jnp.float32), jnp.asarray(g, jnp.float32)],
+                          0.1, "eigh")
   got = kronecker.precondition(invs, jnp.asarray(grad, jnp.float32))
   pi = np.sqrt(np.mean(a) / (np.trace(g) / 3))
   dense = np.kron(np.diag(a) + pi * np.sqrt(0.1) * np.eye(4),
@@ -132,14 +138,16 @@ def _setup(use_bias: bool = True):
 @pytest.mark.parametrize("use_bias", [True, False])
 def test_flattened_input_over_threshold_is_doubly_factored(use_bias: bool):
   loss_fn, params, batch = _setup(use_bias)
-  (layer,) = kfl.find_layers(loss_fn, params, batch, max_factor_dim=T * C - 1)
+  (layer,) = kfl.find_layers(loss_fn, params, batch,
+                             layers=kfl.LayerOptions(max_factor_dim=T * C - 1))
   assert layer.input_form == "doubly" and layer.output_form == "full"
   expected = {"K": (T, T), "Psi": (C, C), "G": (K_OUT, K_OUT)}
   if use_bias:
     expected["B"] = (K_OUT, K_OUT)
   assert layer.factor_shapes == expected
   assert "doubly factored" in layer.note
-  table = str(kfl.find_layers(loss_fn, params, batch, max_factor_dim=T * C - 1))
+  table = str(kfl.find_layers(loss_fn, params, batch,
+                              layers=kfl.LayerOptions(max_factor_dim=T * C - 1)))
   assert "kron3" in table and "Psi[4, 4]" in table
 
 
@@ -159,7 +167,8 @@ def test_no_visible_flatten_gives_diagonal_input_and_large_output_diagonal_g():
     return kfl.losses.softmax_cross_entropy(model.apply({"params": p}, batch[0]), batch[1])
 
   batch = (x, jnp.zeros((B,), jnp.int32))
-  (layer,) = kfl.find_layers(loss_fn, params, batch, max_factor_dim=K_OUT - 1)
+  (layer,) = kfl.find_layers(loss_fn, params, batch,
+                             layers=kfl.LayerOptions(max_factor_dim=K_OUT - 1))
   assert (layer.input_form, layer.output_form) == ("diagonal", "diagonal")
   assert layer.factor_shapes == {"A": (T * C + 1,), "G": (K_OUT,)}
   assert "diagonal A" in layer.note and "diagonal G" in layer.note
@@ -175,9 +184,9 @@ def _softmax_fisher(logits: np.ndarray) -> np.ndarray:
 def test_update_matches_three_factor_dense_solve(method: str):
   loss_fn, params, batch = _setup()
   lam = 0.05
-  tx = kfl.scale_by_kfac(loss_fn, batch, damping=lam, estimator="exact", ema_decay=0.0,
-                         inverse_every=1, inverse_method=method,
-                         max_factor_dim=T * C - 1)
+  tx = kfl.scale_by_kfac(loss_fn, batch, damping=lam, ema_decay=0.0, inverse_every=1,
+                         estimator="exact", inverses=kfl.InverseOptions(method=method),
+                         layers=kfl.LayerOptions(max_factor_dim=T * C - 1))
   grads = jax.grad(loss_fn)(params, batch)
   state = tx.init(params)
   updates, state = jax.jit(tx.update)(grads, state, params, batch=batch)
@@ -214,6 +223,7 @@ def test_update_matches_three_factor_dense_solve(method: str):
 
 def test_doubly_factored_training_goes_down():
   loss_fn, params, batch = _setup()
-  tx = kfl.kfac(loss_fn, batch, learning_rate=0.3, damping=1e-2, max_factor_dim=16)
+  tx = kfl.kfac(loss_fn, batch, learning_rate=0.3, damping=1e-2,
+                layers=kfl.LayerOptions(max_factor_dim=16))
   before, after = loss_before_and_after(loss_fn, params, batch, tx, 30)
   assert after < 0.3 * before

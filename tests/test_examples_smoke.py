@@ -46,7 +46,7 @@ def test_quick_main_writes_plot_and_loss_decreases(module: Any, tmp_path: Any,
   assert "total" in printed and "step" in printed  # the layer table and the results
 
 
-def _blocks(layers: list[kfl.tagging.layers.Layer]) -> dict[str, str]:
+def _blocks(layers: list[kfl.Layer]) -> dict[str, str]:
   """Parameter path (``keystr``) -> kind, bias leaves included."""
   kinds = {}
   for l in layers:

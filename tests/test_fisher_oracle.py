@@ -288,9 +288,9 @@ def _estimate(loss: str, params: Any, batch: dict[str, jax.Array], *,
               apply: Callable[[Any, jax.Array], jax.Array] = _mlp_apply
               ) -> dict[str, dict[str, np.ndarray]]:
   """One ``kfl.estimate_curvature`` call, as numpy arrays."""
-  out = kfl.estimate_curvature(
-      _library_loss(loss, apply), params, batch, key=jax.random.key(key),
-      estimator=estimator, num_samples=num_samples)
+  out = kfl.estimate_curvature(_library_loss(loss, apply), params, batch,
+                               key=jax.random.key(key),
+                               estimator=kfl.EstimatorOptions(kind=estimator, num_samples=num_samples))
   return jax.device_get(out)
 
 
@@ -393,8 +393,8 @@ def _kfac_update(loss: str, params: Params, batch: dict[str, jax.Array],
     (float32), the input of the update.
   """
   loss_fn = _library_loss(loss, _mlp_apply)
-  tx = kfl.scale_by_kfac(loss_fn, batch, damping=lam, estimator="exact",
-                         ema_decay=0.0, inverse_every=1, inverse_method=method, **kw)
+  tx = kfl.scale_by_kfac(loss_fn, batch, damping=lam, ema_decay=0.0, inverse_every=1, **kw,
+                         estimator="exact", inverses=kfl.InverseOptions(method=method))
   grads = {l: {"w": jnp.asarray(orc[l]["grad"][:-1], jnp.float32),
                "b": jnp.asarray(orc[l]["grad"][-1], jnp.float32)} for l in LAYERS}
   state = tx.init(params)

@@ -38,10 +38,12 @@ def test_full_block_and_update_match_the_exact_fisher(setup):
   params, batch = setup
   lam = 0.05
   blocks = {r"\['(w|b)'\]": "full"}
-  (layer,) = [l for l in kfl.find_layers(loss_fn, params, batch, blocks=blocks)
+  (layer,) = [l for l in kfl.find_layers(loss_fn, params, batch,
+                                         layers=kfl.LayerOptions(blocks=blocks))
               if l.name == "['w']"]
   assert layer.block == "full" and layer.factor_shapes == {"full": ((D_IN + 1) * K,) * 2}
-  assert "full" in str(kfl.find_layers(loss_fn, params, batch, blocks=blocks))
+  assert "full" in str(kfl.find_layers(loss_fn, params, batch,
+                                       layers=kfl.LayerOptions(blocks=blocks)))
 
   h = np.asarray(batch["x"] + params["emb"][batch["tok"]], np.float64)
   logits = h @ np.asarray(params["w"], np.float64) + np.asarray(params["b"], np.float64)
@@ -55,8 +57,8 @@ def test_full_block_and_update_match_the_exact_fisher(setup):
                                estimator="exact")
   assert set(got["['w']"]) == {"A", "G"}  # estimate_curvature has no overrides
 
-  tx = kfl.scale_by_kfac(loss_fn, batch, damping=lam, estimator="exact", ema_decay=0.0,
-                         inverse_every=1, blocks=blocks)
+  tx = kfl.scale_by_kfac(loss_fn, batch, damping=lam, ema_decay=0.0, inverse_every=1,
+                         estimator="exact", layers=kfl.LayerOptions(blocks=blocks))
   grads = jax.grad(loss_fn)(params, batch)
   updates, state = tx.update(grads, tx.init(params), params, batch=batch)
   np.testing.assert_allclose(state.factors["['w']"]["full"], fisher, rtol=1e-4, atol=1e-6)
@@ -74,7 +76,8 @@ def test_full_block_and_update_match_the_exact_fisher(setup):
 def test_full_block_errors(setup, blocks, message):
   params, batch = setup
   with pytest.raises(ValueError, match=message):
-    kfl.find_layers(loss_fn, params, batch, blocks=blocks, max_factor_dim=8)
+    kfl.find_layers(loss_fn, params, batch,
+                    layers=kfl.LayerOptions(blocks=blocks, max_factor_dim=8))
 
 
 def test_full_block_where_nothing_was_detected_is_an_error(setup):
@@ -84,4 +87,4 @@ def test_full_block_where_nothing_was_detected_is_an_error(setup):
     return loss_fn(p, b) + 1e-3 * jnp.sum(p["emb"] ** 2)
 
   with pytest.raises(ValueError, match="full block for \\['emb'\\], but no layer"):
-    kfl.find_layers(loss, params, batch, blocks={"emb": "full"})
+    kfl.find_layers(loss, params, batch, layers=kfl.LayerOptions(blocks={"emb": "full"}))

@@ -204,7 +204,8 @@ def library_factors(loss_fn: Callable[[Any, Any], jax.Array], params: Params,
   def both(p, b):
     key = jax.random.key(0)
     return tuple(kfl.estimate_curvature(
-        loss_fn, p, b, key=key, estimator="exact", **{approximation_kw: a})
+        loss_fn, p, b, key=key, estimator="exact",
+        layers=kfl.LayerOptions(**{approximation_kw: a}))
         for a in ("expand", "reduce"))
   expand, reduce = jax.jit(both)(params, batch)
   return {"expand": expand, "reduce": reduce}

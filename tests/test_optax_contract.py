@@ -220,7 +220,7 @@ def test_chain_with_clipping_and_learning_rate_trains(params: Params, batch: Bat
 def test_inject_hyperparams_damping_changes_without_recompiling(
     params: Params, batch: Batch, grads: Params):
   make = optax.inject_hyperparams(kfl.scale_by_kfac,
-                                  static_args=("loss_fn", "num_samples"))
+                                  static_args="loss_fn")
   tx = make(loss_fn=loss_fn, sample_batch=batch, damping=1e-2,
             learning_rate=0.1, kl_clip=1e-2, inverse_every=1)
   update = make_update(tx)
@@ -247,7 +247,7 @@ def test_inject_hyperparams_damping_changes_without_recompiling(
 def test_inject_hyperparams_around_the_kfac_alias(params: Params, batch: Batch,
                                                   grads: Params):
   """The ready optimizer too: its learning rate becomes a state hyperparameter."""
-  make = optax.inject_hyperparams(kfl.kfac, static_args=("loss_fn", "num_samples"))
+  make = optax.inject_hyperparams(kfl.kfac, static_args="loss_fn")
   tx = make(loss_fn, batch, learning_rate=0.1, damping=1e-2, inverse_every=1)
   update = make_update(tx)
   s0 = tx.init(params)
@@ -303,7 +303,8 @@ def test_masked_excluding_biases(params: Params, batch: Batch, grads: Params):
 def test_blocks_none_excludes_biases_as_masked_would(params: Params, batch: Batch,
                                                      grads: Params):
   """The supported alternative to masking: biases left unpreconditioned."""
-  tx = kfl.scale_by_kfac(loss_fn, batch, damping=1e-2, blocks={"bias": "none"})
+  tx = kfl.scale_by_kfac(loss_fn, batch, damping=1e-2,
+                         layers=kfl.LayerOptions(blocks={"bias": "none"}))
   updates, _ = make_update(tx)(grads, tx.init(params), params, batch)
   for name in params:
     np.testing.assert_array_equal(updates[name]["bias"], grads[name]["bias"])
@@ -587,7 +588,7 @@ def test_update_needs_batch_and_params(params: Params, batch: Batch, grads: Para
     ({"stats_every": 0}, "stats_every"),
     ({"kl_clip": 1e-3}, "learning_rate"),
     ({"estimator": "fisher"}, "estimator"),
-    ({"inverse_method": "svd"}, "inverse_method"),
+    ({"inverses": "svd"}, "inverses"),
     ({"ema_decay": 1.0}, "ema_decay"),
 ])
 def test_invalid_settings_raise(batch: Batch, kwargs: dict[str, Any], match: str):

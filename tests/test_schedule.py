@@ -51,8 +51,8 @@ def _damped_inverse(factors: dict[str, np.ndarray], key: str) -> np.ndarray:
 
 def test_staggered_refresh_covers_every_factor_once_per_cycle():
   params = _params()
-  tx = kfl.scale_by_kfac(_loss, _batch(0), damping=LAM, estimator="exact", ema_decay=0.5,
-                         inverse_every=EVERY, staggered_inverses=True)
+  tx = kfl.scale_by_kfac(_loss, _batch(0), damping=LAM, ema_decay=0.5, inverse_every=EVERY,
+                         estimator="exact", inverses=kfl.InverseOptions(staggered=True))
   update = jax.jit(tx.update)
   state = tx.init(params)
   all_keys = {(n, k) for n, f in state.factors.items() for k in f}

@@ -17,7 +17,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from kfac_jax_lite.curvature.damping import factored_damping
+from kfac_jax_lite.curvature import diagonal
 
 INVERSE_METHODS = ("eigh", "cholesky")
 
@@ -40,9 +40,9 @@ def damped_inverse(m: jax.Array, shift: jax.Array, method: str) -> jax.Array:
   Returns:
     The symmetric inverse.
   """
-  m = m.astype(jnp.float32)
   if m.ndim == 1:
-    return 1.0 / (jnp.maximum(m, 0.0) + shift)
+    return diagonal.damped_inverse(m, shift)
+  m = m.astype(jnp.float32)
   m = 0.5 * (m + m.T)
   if method == "eigh":
     evals, evecs = jnp.linalg.eigh(m)
@@ -50,23 +50,6 @@ def damped_inverse(m: jax.Array, shift: jax.Array, method: str) -> jax.Array:
   eye = jnp.eye(m.shape[0], dtype=m.dtype)
   chol = jax.scipy.linalg.cho_factor(m + shift * eye, lower=True)
   return jax.scipy.linalg.cho_solve(chol, eye)
-
-
-def inverses(factors: Sequence[jax.Array], damping: jax.Array | float,
-             method: str) -> list[jax.Array]:
-  """Damped inverses of the ``k`` factors of one block (Ba et al. eq. 3, 12).
-
-  Args:
-    factors: the block's factors, in Kronecker order (``[A, G]``, or
-      ``[K, Ψ, G]`` for a doubly-factored block).
-    damping: the Tikhonov damping ``λ`` of the whole block.
-    method: see :func:`damped_inverse`.
-
-  Returns:
-    ``(F_i + π_i λ^{1/k} I)^{-1}`` for each factor.
-  """
-  shifts = factored_damping(factors, damping)
-  return [damped_inverse(f, s, method) for f, s in zip(factors, shifts)]
 
 
 def precondition(invs: Sequence[jax.Array], grad: jax.Array) -> jax.Array:

@@ -1,0 +1,83 @@
+"""Look before you train: the detected layers, and one curvature estimate."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+
+from kfac_jax_lite.options import EstimatorOptions, LayerOptions, as_estimator, check_type
+from kfac_jax_lite.statistics import Factors, factor_estimate
+from kfac_jax_lite.tagging.layers import LayerList, TaggedLoss, tag
+from kfac_jax_lite.tagging.trace import trace_loss
+
+
+def _tagged(loss_fn: Callable[[Any, Any], jax.Array], params: Any, batch: Any,
+            layers: LayerOptions) -> TaggedLoss:
+  check_type("layers", layers, LayerOptions)
+  return tag(trace_loss(loss_fn, params, batch), layers.approximation,
+             dict(layers.blocks), layers.max_factor_dim)
+
+
+def find_layers(loss_fn: Callable[[Any, Any], jax.Array], params: Any, batch: Any, *,
+                layers: LayerOptions = LayerOptions()) -> LayerList:
+  """Lists the blocks K-FAC will use, one record per block.
+
+  Every parameter leaf appears in exactly one record (a stacked leaf of a
+  scanned stack of layers: in one record per slice, named ``...[i]``): as the
+  weight or bias of a layer (``"dense"``, ``"conv"``, ``"embedding"``,
+  ``"scale"``, ``"shift"``; a weight used at several places, such as an RNN
+  cell, is one layer with several ``matches``), or as a ``"diagonal"``
+  fallback (or ``"none"``, ``"frozen"``) with a ``note`` saying why. Nothing
+  is run on data: the loss is traced on abstract values. ``print`` the result
+  for a table of blocks, factor shapes and optimizer-state memory.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> scalar`` built with a
+      :mod:`kfac_jax_lite.losses` function.
+    params: the parameter pytree (arrays or ``jax.ShapeDtypeStruct``).
+    batch: a batch pytree (arrays or ``jax.ShapeDtypeStruct``).
+    layers: block overrides and approximations, as given to
+      :func:`kfac_jax_lite.scale_by_kfac`.
+
+  Returns:
+    The :class:`~kfac_jax_lite.Layer` records, in parameter order.
+  """
+  tagged = _tagged(loss_fn, params, batch, layers)
+  sizes = {i: math.prod(jax.numpy.shape(l))
+           for i, l in enumerate(jax.tree_util.tree_leaves(params))}
+  return LayerList(list(tagged.layers), sizes)
+
+
+def estimate_curvature(loss_fn: Callable[[Any, Any], jax.Array], params: Any,
+                       batch: Any, *, key: jax.Array,
+                       estimator: str | EstimatorOptions = "exact",
+                       layers: LayerOptions = LayerOptions()) -> Factors:
+  """One estimate of every detected layer's curvature factors (no moving average).
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> scalar`` built with a
+      :mod:`kfac_jax_lite.losses` function.
+    params: parameter pytree.
+    batch: batch pytree.
+    key: PRNG key (used by ``"mc"``).
+    estimator: ``"exact"``, ``"mc"``, ``"empirical"`` or a
+      :class:`~kfac_jax_lite.EstimatorOptions` (its ``num_samples``; the
+      whole batch is used).
+    layers: as given to :func:`kfac_jax_lite.scale_by_kfac`.
+
+  Returns:
+    ``{name: {"A": [d_in(+1), d_in(+1)], "G": [d_out, d_out]}}`` keyed by the
+    ``keystr`` of each Kronecker layer's weight path; ``F ≈ kron(A, G)`` for
+    ``θ = [W; b]`` flattened row-major, ``W`` the ``[d_in, d_out]`` matrix
+    (for a convolution: ``d_in`` = input channels × filter positions,
+    channel-major; for an embedding ``A`` is the vector of token
+    frequencies). Scale-and-shift layers give ``{"F": [1(+1), d]}``, the
+    diagonal Fisher of ``[γ; β]``. Layers over ``max_factor_dim`` have the
+    factors listed by their ``Layer.factor_shapes`` (``K``, ``Psi``, ``G``,
+    ``B`` when doubly factored; vectors for diagonal factors).
+  """
+  estimator = as_estimator(estimator)
+  return factor_estimate(_tagged(loss_fn, params, batch, layers), params, batch, key,
+                         estimator=estimator.kind, num_samples=estimator.num_samples)

@@ -1,0 +1,97 @@
+"""Phase 1: a Fisher estimate of every layer's factors, folded into the averages.
+
+Martens & Grosse (2015), §5: ``A = E[a aᵀ]``, ``G = E[ds dsᵀ]`` from one
+forward pass and one backward pass per Fisher cotangent (see
+:mod:`kfac_jax_lite.statistics`); the averages are exponential moving
+averages (§5, "ε"), started from the first estimate. Non-finite estimates are
+never committed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from kfac_jax_lite import guard
+from kfac_jax_lite.curvature import kronecker
+from kfac_jax_lite.options import EstimatorOptions, ParallelOptions
+from kfac_jax_lite.statistics import Factors, factor_estimate, pmean_factors
+from kfac_jax_lite.tagging.layers import TaggedLoss
+
+
+def _leading_fraction(batch: Any, fraction: float | None) -> Any:
+  """The first ``ceil(fraction · n)`` examples of every leaf (all if ``None``)."""
+  if fraction is None:
+    return batch
+  return jax.tree.map(lambda x: x[:max(1, math.ceil(fraction * x.shape[0]))], batch)
+
+
+def estimate_factors(tag_fn: Callable[[Any, Any], TaggedLoss], params: Any, batch: Any,
+                     key: jax.Array, estimator: EstimatorOptions,
+                     parallel: ParallelOptions) -> Factors:
+  """One estimate of every layer's factors, averaged over the device axis.
+
+  Args:
+    tag_fn: ``(params, batch) -> TaggedLoss`` (the transform's layer cache).
+    params: the parameters.
+    batch: the batch (its leading ``estimator.batch_fraction`` is used).
+    key: PRNG key for Monte-Carlo targets (distinct per device).
+    estimator: the estimator options.
+    parallel: with ``axis_name``, the estimates are averaged over that axis
+      (upper triangles only with ``symmetry_aware``).
+
+  Returns:
+    Layer name -> factor name -> estimate (float32).
+  """
+  stats_batch = _leading_fraction(batch, estimator.batch_fraction)
+  est = factor_estimate(tag_fn(params, stats_batch), params, stats_batch, key,
+                        estimator=estimator.kind, num_samples=estimator.num_samples)
+  if parallel.axis_name is None:
+    return est
+  if parallel.symmetry_aware:
+    return pmean_factors(est, parallel.axis_name)
+  return jax.lax.pmean(est, parallel.axis_name)
+
+
+def add_pending(pending: dict[str, Any], est: Factors) -> dict[str, Any]:
+  """Adds a micro-batch's estimate to the accumulation buffer (if finite).
+
+  Args:
+    pending: ``{"count": n, "sums": factors}``.
+    est: the micro-batch's estimate.
+
+  Returns:
+    The buffer with ``est`` added and the count incremented.
+  """
+  ok = guard.all_finite(est)
+  sums = jax.tree.map(jnp.add, pending["sums"], est)
+  return {"count": pending["count"] + ok,
+          "sums": optax.tree.where(ok, sums, pending["sums"])}
+
+
+def moving_average(factors: Factors, stats_count: jax.Array, est: Factors,
+                   pending: dict[str, Any] | None,
+                   ema_decay: jax.Array | float) -> tuple[Factors, jax.Array]:
+  """Folds an estimate (and any buffered micro-batch estimates) into the averages.
+
+  Args:
+    factors: the moving averages.
+    stats_count: how many estimates they hold (the first replaces them).
+    est: this step's estimate.
+    pending: the accumulation buffer, or ``None``.
+    ema_decay: the averages' decay.
+
+  Returns:
+    The new averages and count; unchanged if the result is not finite.
+  """
+  if pending is not None:
+    n = pending["count"]
+    est = jax.tree.map(lambda s, e: (s + e) / (n + 1.0), pending["sums"], est)
+  decay = jnp.where(stats_count == 0, 0.0, ema_decay)
+  avg = jax.tree.map(lambda o, e: kronecker.ema(o, e, decay), factors, est)
+  ok = guard.all_finite(avg)
+  return optax.tree.where(ok, avg, factors), stats_count + ok
