@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 
 import kfac_jax_lite as kfl
-from kfac_jax_lite.curvature.diagnostics import (
-    diagnostics, factors_and_diagnostics, use_gram)
+from kfac_jax_lite.curvature.diagnostics import factors_and_diagnostics, use_gram
 from kfac_jax_lite.tagging.layers import tag
 from kfac_jax_lite.tagging.trace import trace_loss
 
@@ -38,7 +37,7 @@ def check(loss_fn: Any, params: Any, batch: Any, groups: dict[str, list[str]],
           uncovered: tuple[str, ...] = ()) -> None:
   """Every field of ``kfl.diagnostics`` against the oracle; ``groups`` maps a
   layer name to the keystrs of its leaves (weight, bias)."""
-  got = jax.jit(lambda p, b: diagnostics(loss_fn, p, b))(params, batch)
+  got = jax.jit(lambda p, b: kfl.diagnostics(loss_fn, p, b))(params, batch)
   g = brute_grads(loss_fn, params, batch)
   per_layer = {name: np.concatenate([g[k] for k in leaves], axis=1)
                for name, leaves in groups.items()}
@@ -163,16 +162,31 @@ def test_one_pass_gives_factors_and_diagnostics(rng, estimator):
   tagged = tag(trace_loss(loss, params, batch))
   factors, diag = jax.jit(lambda p, b: factors_and_diagnostics(
       tagged, p, b, key, estimator=estimator, num_samples=2))(params, batch)
-  want = kfl.estimate_curvature(loss, params, batch, key=key, estimator=estimator,
-                                num_samples=2)
-  alone = diagnostics(loss, params, batch)
+  want = jax.jit(lambda p, b: kfl.estimate_curvature(
+      loss, p, b, key=key, estimator=estimator, num_samples=2))(params, batch)
+  alone = jax.jit(lambda p, b: kfl.diagnostics(loss, p, b))(params, batch)
   for got, ref in ((factors, want), (diag, alone)):
     jax.tree.map(lambda a, r: np.testing.assert_allclose(a, r, rtol=1e-6, atol=1e-7),
                  got, ref)
+
+
+def test_supplied_batch_gradient_gives_the_same(rng):
+  """``batch_grads`` (the optimizer's gradient) replaces the Σ a dsᵀ products."""
+  loss, params, batch = flax_case(Seq(), rng.integers(0, 5, (B, 4)), rng.integers(0, K, (B, 4)))
+  tagged = tag(trace_loss(loss, params, batch))
+
+  @jax.jit
+  def both(p, b):
+    run = lambda g: factors_and_diagnostics(tagged, p, b, jax.random.key(0),
+                                            estimator="empirical", batch_grads=g)[1]
+    return run(None), run(jax.grad(loss)(p, b))
+
+  computed, supplied = both(params, batch)
+  jax.tree.map(lambda a, r: np.testing.assert_allclose(a, r, rtol=1e-5), supplied, computed)
 
 
 def test_single_example_batch_is_an_error(rng):
   loss, params, batch = flax_case(Mlp(), rng.normal(size=(1, 4)).astype(np.float32),
                                   rng.integers(0, K, 1))
   with pytest.raises(ValueError, match="at least 2 examples"):
-    diagnostics(loss, params, batch)
+    jax.eval_shape(lambda: kfl.diagnostics(loss, params, batch))

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 from kfac_jax_lite.curvature.estimators import check_estimator, output_cotangents
 from kfac_jax_lite.losses import DISTRIBUTIONS, Distribution
 from kfac_jax_lite.statistics import Factors, factors_from_values, tapped_derivatives
+from kfac_jax_lite.tagging import geometry
 from kfac_jax_lite.tagging.layers import Layer, TaggedLoss, tag
 from kfac_jax_lite.tagging.trace import trace_loss
 
@@ -71,7 +72,10 @@ class Diagnostics:
       dividing, as McCandlish et al. do).
     noise_scale: ``B_simple = trace_sigma / grad_sq_norm``.
     diversity: ``Σ_n ||g_n||² / ||Σ_n g_n||²`` (Yin et al. 2018).
-    uncovered: names of the parameter leaves not covered (static).
+    uncovered: names (as in :func:`kfac_jax_lite.find_layers`) of the
+      layers not covered (static): the diagonal fallback, and layers whose
+      rows do not run along the batch axis (e.g. a time-major ``[T, B, d]``
+      input; the check is by size, so keep the batch axis leading).
   """
 
   sq_norms: jax.Array
@@ -115,6 +119,9 @@ def _embedding_terms(ids: jax.Array, d: jax.Array, vocab: int) -> tuple[jax.Arra
 
 
 def _kron_terms(a: jax.Array, d: jax.Array) -> tuple[jax.Array, jax.Array]:
+  if a.shape[1] == 1:  # ||a||² ||ds||², elementwise (no batched product)
+    sq = jnp.sum(jnp.square(a), axis=(1, 2)) * jnp.sum(jnp.square(d), axis=(1, 2))
+    return sq, jnp.sum(jnp.square(jnp.einsum("nti,ntk->ik", a, d)))
   if use_gram(a.shape[1], a.shape[2], d.shape[2]):
     sq = jnp.einsum("nst,nst->n", jnp.einsum("nsi,nti->nst", a, a),
                     jnp.einsum("nsk,ntk->nst", d, d))
@@ -149,21 +156,16 @@ def layer_terms(layer: Layer, xs: Sequence[jax.Array], dss: Sequence[jax.Array],
   return _kron_terms(a, d)
 
 
-def _per_example_batch(layer: Layer, batch_size: int) -> bool:
-  """Whether every use of the layer keeps the batch axis ``B`` as its row axis."""
-  return all(u.out_shape and u.out_shape[0] == batch_size if u.block == "diag"
-             else len(u.perturbed_shape) > 0 and _leading_rows(u) == batch_size
-             for u in layer.matches)
-
-
-def _leading_rows(m: Any) -> int:
-  shape = jax.eval_shape(m.output_rows, jax.ShapeDtypeStruct(m.out_shape, jnp.float32)).shape
-  return shape[0]
+def _rows_per_example(m: Any) -> int:
+  """The size of the axis a use's per-example terms are read along (its ``N``)."""
+  if m.block == "diag":
+    return m.out_shape[0] if m.out_shape else 1
+  return jax.eval_shape(m.output_rows, jax.ShapeDtypeStruct(m.out_shape, jnp.float32)).shape[0]
 
 
 def from_values(tagged: TaggedLoss, inputs: dict[str, Sequence[jax.Array]],
                 true_ds: dict[str, Sequence[jax.Array]], logits_shape: tuple[int, ...],
-                num_cases: int) -> Diagnostics:
+                num_cases: int, *, batch_grads: Any = None) -> Diagnostics:
   """The diagnostics from values a statistics pass already has (no further pass).
 
   Args:
@@ -175,6 +177,11 @@ def from_values(tagged: TaggedLoss, inputs: dict[str, Sequence[jax.Array]],
     logits_shape: shape of the registered loss's logits; its leading axis is
       the batch axis ``B`` (at least 2).
     num_cases: number of cases the registered loss averages over.
+    batch_grads: optional gradient of the registered loss (the batch mean
+      ``G_B``, shaped like the parameters) if the caller has it already (an
+      optimizer's incoming gradient when ``loss_fn`` is the registered loss
+      alone): its layers' parts replace the products ``Σ_{n,t} a ds^T``,
+      the one cost here that grows like the layers' weights.
 
   Returns:
     The :class:`Diagnostics`.
@@ -186,14 +193,25 @@ def from_values(tagged: TaggedLoss, inputs: dict[str, Sequence[jax.Array]],
   if batch_size < 2:
     raise ValueError(f"diagnostics need a batch of at least 2 examples (the logits have "
                      f"shape {logits_shape}); pass a larger batch.")
-  covered = [l for l in tagged.factored if _per_example_batch(l, batch_size)]
+  covered = [l for l in tagged.factored
+             if all(_rows_per_example(u) == batch_size for u in l.matches)]
   uncovered = tuple(l.name for l in tagged.layers if l.kind in ("diagonal", "none")
                     or (l.match is not None and l not in covered))
   scale = batch_size / num_cases
   terms = {l.name: layer_terms(l, inputs[l.name], true_ds[l.name], scale) for l in covered}
+  if batch_grads is not None:  # Under jit, the products replaced here are never run.
+    leaves = jax.tree_util.tree_leaves(batch_grads)
+    terms = {l.name: (terms[l.name][0], _batch_grad_sq(l, leaves) * batch_size**2)
+             for l in covered}
   sq_norms = sum((t[0] for t in terms.values()), jnp.zeros((batch_size,), jnp.float32))
   summed_sq = sum((t[1] for t in terms.values()), jnp.zeros((), jnp.float32))
   return _summary(sq_norms, summed_sq, terms, batch_size, uncovered)
+
+
+def _batch_grad_sq(layer: Layer, grad_leaves: Sequence[jax.Array]) -> jax.Array:
+  bias = None if layer.bias_index is None else grad_leaves[layer.bias_index]
+  mat = geometry.params_to_matrix(layer, grad_leaves[layer.weight_index], bias)
+  return jnp.sum(jnp.square(mat.astype(jnp.float32)))
 
 
 def _summary(sq_norms: jax.Array, summed_sq: jax.Array,
@@ -222,8 +240,8 @@ def _column(ds: dict[str, Sequence[jax.Array]], index: int | slice) -> dict[str,
 
 
 def factors_and_diagnostics(tagged: TaggedLoss, params: Any, batch: Any, key: jax.Array,
-                            *, estimator: str, num_samples: int = 1
-                            ) -> tuple[Factors, Diagnostics]:
+                            *, estimator: str, num_samples: int = 1,
+                            batch_grads: Any = None) -> tuple[Factors, Diagnostics]:
   """One statistics pass giving both the factor estimates and the diagnostics.
 
   With ``estimator="empirical"`` the diagnostics read the very output
@@ -238,6 +256,7 @@ def factors_and_diagnostics(tagged: TaggedLoss, params: Any, batch: Any, key: ja
     key: PRNG key for ``"mc"`` sampling.
     estimator: ``"exact"``, ``"mc"`` or ``"empirical"``.
     num_samples: Monte-Carlo samples for ``"mc"``.
+    batch_grads: optional gradient of the registered loss, see :func:`from_values`.
 
   Returns:
     ``(factors, diagnostics)``: what
@@ -256,7 +275,8 @@ def factors_and_diagnostics(tagged: TaggedLoss, params: Any, batch: Any, key: ja
   num_cases = DISTRIBUTIONS[tagged.marker.distribution].num_cases(logits_shape)
   fisher_ds = ds if estimator == "empirical" else _column(ds, slice(0, -1))
   return (factors_from_values(tagged, inputs, fisher_ds, num_cases),
-          from_values(tagged, inputs, _column(ds, -1), logits_shape, num_cases))
+          from_values(tagged, inputs, _column(ds, -1), logits_shape, num_cases,
+                      batch_grads=batch_grads))
 
 
 def diagnostics(loss_fn: Callable[[Any, Any], jax.Array], params: Any,
