@@ -9,6 +9,7 @@ References:
 from kfac_jax_lite import losses
 from kfac_jax_lite.accumulate import AccumulateState, accumulate
 from kfac_jax_lite.alias import kfac
+from kfac_jax_lite.diagnostics import Diagnostics, diagnostics
 from kfac_jax_lite.graft import GraftState, graft
 from kfac_jax_lite.inspection import estimate_curvature, find_layers
 from kfac_jax_lite.options import (EstimatorOptions, InverseOptions, LayerOptions,
@@ -21,8 +22,8 @@ from kfac_jax_lite.transform import KfacState, scale_by_kfac
 __version__ = "0.1.0"
 
 __all__ = [
-    "AccumulateState", "EstimatorOptions", "GraftState", "InverseOptions", "KfacState", "Layer",
-    "LayerList", "LayerOptions", "ParallelOptions", "accumulate", "estimate_curvature",
-    "find_layers", "graft", "kfac", "losses", "register_dense", "scale_by_kfac",
-    "sharded_state_specs",
+    "AccumulateState", "Diagnostics", "EstimatorOptions", "GraftState", "InverseOptions",
+    "KfacState", "Layer", "LayerList", "LayerOptions", "ParallelOptions", "accumulate",
+    "diagnostics", "estimate_curvature", "find_layers", "graft", "kfac", "losses",
+    "register_dense", "scale_by_kfac", "sharded_state_specs",
 ]

@@ -27,14 +27,14 @@ diagonal, and ``G`` by its diagonal (see :mod:`kfac_jax_lite.tagging.geometry`).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
 from kfac_jax_lite.curvature import symmetric
 from kfac_jax_lite.curvature.estimators import output_cotangents
-from kfac_jax_lite.losses import DISTRIBUTIONS
+from kfac_jax_lite.losses import DISTRIBUTIONS, Distribution
 from kfac_jax_lite.tagging import geometry
 from kfac_jax_lite.tagging.interpret import tapped_loss, zero_perturbations
 from kfac_jax_lite.tagging.layers import TaggedLoss
@@ -43,8 +43,9 @@ from kfac_jax_lite.tagging.trace import varying_axes
 Factors = dict[str, dict[str, jax.Array]]
 
 
-def _factors(tagged: TaggedLoss, inputs: dict[str, jax.Array],
-             ds: dict[str, jax.Array], num_cases: int) -> Factors:
+def factors_from_values(tagged: TaggedLoss, inputs: dict[str, Any], ds: dict[str, Any],
+                        num_cases: int) -> Factors:
+  """Every layer's factors from a tapped pass's values (see :func:`tapped_derivatives`)."""
   return {l.name: geometry.layer_factors(l, inputs[l.name], ds[l.name], num_cases)
           for l in tagged.factored}
 
@@ -62,23 +63,27 @@ def _varying_like(perturbations: Factors, batch_leaves: list[Any]) -> Factors:
       lambda z: jax.lax.pcast(z, tuple(sorted(axes)), to="varying"), perturbations)
 
 
-def factor_estimate(tagged: TaggedLoss, params: Any, batch: Any, key: jax.Array,
-                    *, estimator: str, num_samples: int = 1) -> Factors:
-  """One estimate of every Kronecker layer's factors from one batch.
+Cotangents = Callable[[Distribution, jax.Array, jax.Array], jax.Array]
+
+
+def tapped_derivatives(tagged: TaggedLoss, params: Any, batch: Any, cotangents: Cotangents
+                       ) -> tuple[dict[str, Any], dict[str, Any], tuple[int, ...]]:
+  """Every layer's inputs and output derivatives for a set of logit cotangents.
 
   One forward pass with zero perturbations on the layer outputs, then one
-  backward pass per cotangent column of the estimator (vectorized).
+  backward pass per cotangent column (vectorized).
 
   Args:
     tagged: the tagged loss (static).
     params: parameter pytree.
     batch: batch pytree.
-    key: PRNG key for ``"mc"`` sampling.
-    estimator: ``"exact"``, ``"mc"`` or ``"empirical"``.
-    num_samples: Monte-Carlo samples for ``"mc"``.
+    cotangents: ``(dist, logits, targets) -> [S, *logits.shape]``, the columns
+      pulled back to the layer outputs (e.g. :func:`output_cotangents`).
 
   Returns:
-    ``{name: {"A": ..., "G": ...}}`` (float32).
+    ``(inputs, ds, logits_shape)``: layer name -> the activation operand of
+    each use; layer name -> ``[S, *out_shape]`` output derivatives of each
+    use; the shape of the registered loss's logits.
   """
   param_leaves = jax.tree_util.tree_leaves(params)
   batch_leaves = jax.tree_util.tree_leaves(batch)
@@ -91,9 +96,31 @@ def factor_estimate(tagged: TaggedLoss, params: Any, batch: Any, key: jax.Array,
 
   logits, vjp_fn, (inputs, targets) = jax.vjp(
       run, _varying_like(zero_perturbations(tagged), batch_leaves), has_aux=True)
-  cot = output_cotangents(dist, logits, targets, key, estimator, num_samples)
+  cot = cotangents(dist, logits, targets)
   (ds,) = jax.vmap(lambda c: vjp_fn(c.astype(logits.dtype)))(cot)
-  return _factors(tagged, inputs, ds, dist.num_cases(tuple(logits.shape)))
+  return inputs, ds, tuple(logits.shape)
+
+
+def factor_estimate(tagged: TaggedLoss, params: Any, batch: Any, key: jax.Array,
+                    *, estimator: str, num_samples: int = 1) -> Factors:
+  """One estimate of every Kronecker layer's factors from one batch.
+
+  Args:
+    tagged: the tagged loss (static).
+    params: parameter pytree.
+    batch: batch pytree.
+    key: PRNG key for ``"mc"`` sampling.
+    estimator: ``"exact"``, ``"mc"`` or ``"empirical"``.
+    num_samples: Monte-Carlo samples for ``"mc"``.
+
+  Returns:
+    ``{name: {"A": ..., "G": ...}}`` (float32).
+  """
+  inputs, ds, logits_shape = tapped_derivatives(
+      tagged, params, batch,
+      lambda dist, z, y: output_cotangents(dist, z, y, key, estimator, num_samples))
+  dist = DISTRIBUTIONS[tagged.marker.distribution]
+  return factors_from_values(tagged, inputs, ds, dist.num_cases(logits_shape))
 
 
 # Factors that are symmetric matrices (the diagonal Fisher "F" is not).

@@ -1,0 +1,310 @@
+"""Per-example gradient norms, gradient noise scale and gradient diversity from
+the statistics pass (the "bonus" of PyTorch-SSO, Osawa & Bulatov).
+
+The statistics pass already has, for every layer, the activation rows
+``a[n, t]`` (``t`` over the positions the weight is shared over, and over the
+uses of a shared weight; a trailing 1 for the bias) and the output derivatives
+``ds[n, t]``. Pulled back from the true-label cotangent, the per-example
+gradient of ``[W; b]`` is ``g_n = c Σ_t a_{n,t} ds_{n,t}^T``, with
+``c = B / M`` (``B`` the batch size, ``M`` the number of cases the registered
+loss averages over: the pass's cotangents are per-case derivatives, and
+``g_n`` is the gradient of example ``n``'s term ``ℓ_n`` of the loss
+``(1/B) Σ_n ℓ_n``). Its squared norm needs no ``d_in × d_out`` matrix:
+
+``||g_n||² = c² Σ_{t,t'} (a_t · a_t') (ds_t · ds_t')``
+
+(``||a_n||² ||ds_n||²`` for one position), costing ``T² (d_in + d_out)`` per
+example against ``T d_in d_out`` for forming ``g_n``; the cheaper is used.
+An embedding's ``a_t`` are one-hot, so ``a_t · a_t'`` is ``[id_t = id_t']``.
+Scale-and-shift layers have their per-example gradients already. The batch
+gradient ``Σ_n g_n = c Σ_{n,t} a ds^T`` is one more product per layer.
+
+From these, with ``s = Σ_n ||g_n||²`` and ``G_B = (1/B) Σ_n g_n``, the
+unbiased estimates of McCandlish et al. (2018, "An Empirical Model of
+Large-Batch Training", App. A, batch sizes 1 and ``B``) are
+
+``tr Σ ≈ (s − B ||G_B||²) / (B − 1)``,
+``||G||² ≈ (B ||G_B||² − s / B) / (B − 1) = ||G_B||² − tr Σ / B``,
+
+the simple noise scale ``B_simple = tr Σ / ||G||²`` and Yin et al.'s (2018,
+"Gradient Diversity") gradient diversity ``s / ||Σ_n g_n||²``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from kfac_jax_lite.curvature.estimators import check_estimator, output_cotangents
+from kfac_jax_lite.losses import DISTRIBUTIONS, Distribution
+from kfac_jax_lite.options import LayerOptions
+from kfac_jax_lite.statistics import Factors, factors_from_values, tapped_derivatives
+from kfac_jax_lite.tagging import geometry
+from kfac_jax_lite.tagging.layers import Layer, TaggedLoss, tag
+from kfac_jax_lite.tagging.trace import trace_loss
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=[
+    "sq_norms", "layer_sq_norms", "batch_grad_sq_norm", "layer_batch_grad_sq_norms",
+    "trace_sigma", "grad_sq_norm", "noise_scale", "diversity"], meta_fields=["uncovered"])
+@dataclasses.dataclass(frozen=True)
+class Diagnostics:
+  """Gradient statistics of one batch, over the layers the statistics pass covers.
+
+  Every Kronecker layer (dense, conv, embedding; weight and bias together)
+  and every scale-and-shift layer is covered. Parameters with the diagonal
+  fallback are not: ``uncovered`` names them, and every total below is over
+  the covered layers only.
+
+  Attributes:
+    sq_norms: ``[B]`` per-example squared gradient norms ``||g_n||²``.
+    layer_sq_norms: layer name -> ``[B]`` its part of ``sq_norms``.
+    batch_grad_sq_norm: ``||G_B||²`` of the batch's mean gradient
+      ``G_B = (1/B) Σ_n g_n`` (the gradient of the registered loss).
+    layer_batch_grad_sq_norms: layer name -> its part of ``batch_grad_sq_norm``.
+    trace_sigma: unbiased ``tr Σ = (Σ_n ||g_n||² − B ||G_B||²) / (B − 1)``, the
+      trace of the per-example gradient covariance.
+    grad_sq_norm: unbiased ``||G||² = ||G_B||² − tr Σ / B`` (may be negative
+      on a noisy batch; average it and ``trace_sigma`` over batches before
+      dividing, as McCandlish et al. do).
+    noise_scale: ``B_simple = trace_sigma / grad_sq_norm``.
+    diversity: ``Σ_n ||g_n||² / ||Σ_n g_n||²`` (Yin et al. 2018).
+    uncovered: names (as in :func:`kfac_jax_lite.find_layers`) of the
+      layers not covered (static): the diagonal fallback, and layers whose
+      rows do not run along the batch axis (e.g. a time-major ``[T, B, d]``
+      input; the check is by size, so keep the batch axis leading).
+  """
+
+  sq_norms: jax.Array
+  layer_sq_norms: dict[str, jax.Array]
+  batch_grad_sq_norm: jax.Array
+  layer_batch_grad_sq_norms: dict[str, jax.Array]
+  trace_sigma: jax.Array
+  grad_sq_norm: jax.Array
+  noise_scale: jax.Array
+  diversity: jax.Array
+  uncovered: tuple[str, ...] = ()
+
+
+def use_gram(positions: int, d_in: int, d_out: int) -> bool:
+  """Whether the Gram form ``Σ_{t,t'} (a·a')(ds·ds')`` (``T² (d_in + d_out)``
+  per example) is cheaper than forming ``g_n`` (``T d_in d_out``)."""
+  return positions * (d_in + d_out) <= d_in * d_out
+
+
+def _rows(layer: Layer, xs: Sequence[jax.Array],
+          dss: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """``[N, T, ·]`` input rows (ids for an embedding) and output-derivative
+  rows ``[N, T, d_out]``, the uses of a shared weight concatenated along ``T``."""
+  bias = layer.bias_index is not None
+  a, d = [], []
+  for u, x, ds in zip(layer.matches, xs, dss):
+    rows = u.input_rows(x if u.diagonal_input else x.astype(jnp.float32))
+    if bias:
+      rows = jnp.concatenate([rows, jnp.ones_like(rows[..., :1])], -1)
+    a.append(rows)
+    d.append(u.output_rows(u.unpermute(ds.astype(jnp.float32))))
+  return jnp.concatenate(a, axis=1), jnp.concatenate(d, axis=1)
+
+
+def _embedding_terms(ids: jax.Array, d: jax.Array, vocab: int) -> tuple[jax.Array, jax.Array]:
+  same = (ids[:, :, None] == ids[:, None, :]).astype(d.dtype)
+  sq = jnp.einsum("nst,nsk,ntk->n", same, d, d)
+  total = jnp.zeros((vocab, d.shape[-1]), d.dtype).at[ids.reshape(-1)].add(
+      d.reshape(-1, d.shape[-1]), mode="drop")
+  return sq, jnp.sum(jnp.square(total))
+
+
+def _kron_terms(a: jax.Array, d: jax.Array) -> tuple[jax.Array, jax.Array]:
+  if a.shape[1] == 1:  # ||a||² ||ds||², elementwise (no batched product)
+    sq = jnp.sum(jnp.square(a), axis=(1, 2)) * jnp.sum(jnp.square(d), axis=(1, 2))
+    return sq, jnp.sum(jnp.square(jnp.einsum("nti,ntk->ik", a, d)))
+  if use_gram(a.shape[1], a.shape[2], d.shape[2]):
+    sq = jnp.einsum("nst,nst->n", jnp.einsum("nsi,nti->nst", a, a),
+                    jnp.einsum("nsk,ntk->nst", d, d))
+    return sq, jnp.sum(jnp.square(jnp.einsum("nti,ntk->ik", a, d)))
+  g = jnp.einsum("nti,ntk->nik", a, d)
+  return jnp.sum(jnp.square(g), axis=(1, 2)), jnp.sum(jnp.square(jnp.sum(g, axis=0)))
+
+
+def layer_terms(layer: Layer, xs: Sequence[jax.Array], dss: Sequence[jax.Array],
+                scale: float) -> tuple[jax.Array, jax.Array]:
+  """One layer's per-example squared gradient norms and squared batch-gradient norm.
+
+  Args:
+    layer: a layer with a match (``TaggedLoss.factored``).
+    xs: the activation operand of each use of its weight.
+    dss: the true-label output derivative of each use (no sample axis).
+    scale: ``c = B / M``, from per-case derivatives to per-example gradients.
+
+  Returns:
+    ``([N] ||g_n||², ||Σ_n g_n||²)`` in float32.
+  """
+  m = layer.match
+  if m.block == "diag":
+    g = sum(u.per_example_grads(x, u.unpermute(ds.astype(jnp.float32))[None],
+                                bias=layer.bias_index is not None)[0]
+            for u, x, ds in zip(layer.matches, xs, dss)) * scale
+    return jnp.sum(jnp.square(g), axis=(1, 2)), jnp.sum(jnp.square(jnp.sum(g, axis=0)))
+  a, d = _rows(layer, xs, dss)
+  d = d * scale
+  if m.diagonal_input:
+    return _embedding_terms(a, d, m.d_in)
+  return _kron_terms(a, d)
+
+
+def _rows_per_example(m: Any) -> int:
+  """The size of the axis a use's per-example terms are read along (its ``N``)."""
+  if m.block == "diag":
+    return m.out_shape[0] if m.out_shape else 1
+  return jax.eval_shape(m.output_rows, jax.ShapeDtypeStruct(m.out_shape, jnp.float32)).shape[0]
+
+
+def from_values(tagged: TaggedLoss, inputs: dict[str, Sequence[jax.Array]],
+                true_ds: dict[str, Sequence[jax.Array]], logits_shape: tuple[int, ...],
+                num_cases: int, *, batch_grads: Any = None) -> Diagnostics:
+  """The diagnostics from values a statistics pass already has (no further pass).
+
+  Args:
+    tagged: the tagged loss.
+    inputs: layer name -> the activation operand of each use (the pass's
+      ``inputs``, :func:`kfac_jax_lite.statistics.tapped_derivatives`).
+    true_ds: layer name -> each use's output derivative for the true-label
+      (empirical-Fisher) cotangent, without the sample axis.
+    logits_shape: shape of the registered loss's logits; its leading axis is
+      the batch axis ``B`` (at least 2).
+    num_cases: number of cases the registered loss averages over.
+    batch_grads: optional gradient of the registered loss (the batch mean
+      ``G_B``, shaped like the parameters) if the caller has it already (an
+      optimizer's incoming gradient when ``loss_fn`` is the registered loss
+      alone): its layers' parts replace the products ``Σ_{n,t} a ds^T``,
+      the one cost here that grows like the layers' weights.
+
+  Returns:
+    The :class:`Diagnostics`.
+
+  Raises:
+    ValueError: for a batch of fewer than two examples.
+  """
+  batch_size = logits_shape[0] if logits_shape else 1
+  if batch_size < 2:
+    raise ValueError(f"diagnostics need a batch of at least 2 examples (the logits have "
+                     f"shape {logits_shape}); pass a larger batch.")
+  covered = [l for l in tagged.factored
+             if all(_rows_per_example(u) == batch_size for u in l.matches)]
+  uncovered = tuple(l.name for l in tagged.layers if l.kind in ("diagonal", "none")
+                    or (l.match is not None and l not in covered))
+  scale = batch_size / num_cases
+  terms = {l.name: layer_terms(l, inputs[l.name], true_ds[l.name], scale) for l in covered}
+  if batch_grads is not None:  # Under jit, the products replaced here are never run.
+    leaves = jax.tree_util.tree_leaves(batch_grads)
+    terms = {l.name: (terms[l.name][0], _batch_grad_sq(l, leaves) * batch_size**2)
+             for l in covered}
+  sq_norms = sum((t[0] for t in terms.values()), jnp.zeros((batch_size,), jnp.float32))
+  summed_sq = sum((t[1] for t in terms.values()), jnp.zeros((), jnp.float32))
+  return _summary(sq_norms, summed_sq, terms, batch_size, uncovered)
+
+
+def _batch_grad_sq(layer: Layer, grad_leaves: Sequence[jax.Array]) -> jax.Array:
+  bias = None if layer.bias_index is None else grad_leaves[layer.bias_index]
+  mat = geometry.params_to_matrix(layer, grad_leaves[layer.weight_index], bias)
+  return jnp.sum(jnp.square(mat.astype(jnp.float32)))
+
+
+def _summary(sq_norms: jax.Array, summed_sq: jax.Array,
+             terms: dict[str, tuple[jax.Array, jax.Array]], batch_size: int,
+             uncovered: tuple[str, ...]) -> Diagnostics:
+  """The estimators of the module docstring from ``||g_n||²`` and ``||Σ g_n||²``."""
+  b = float(batch_size)
+  s = jnp.sum(sq_norms)
+  batch_grad_sq = summed_sq / b**2
+  trace_sigma = (s - b * batch_grad_sq) / (b - 1)
+  grad_sq = batch_grad_sq - trace_sigma / b
+  return Diagnostics(
+      sq_norms=sq_norms, layer_sq_norms={k: t[0] for k, t in terms.items()},
+      batch_grad_sq_norm=batch_grad_sq,
+      layer_batch_grad_sq_norms={k: t[1] / b**2 for k, t in terms.items()},
+      trace_sigma=trace_sigma, grad_sq_norm=grad_sq, noise_scale=trace_sigma / grad_sq,
+      diversity=s / summed_sq, uncovered=uncovered)
+
+
+def _true_labels(dist: Distribution, logits: jax.Array, targets: jax.Array) -> jax.Array:
+  return output_cotangents(dist, logits, targets, jax.random.key(0), "empirical")
+
+
+def _column(ds: dict[str, Sequence[jax.Array]], index: int | slice) -> dict[str, tuple[jax.Array, ...]]:
+  return {name: tuple(d[index] for d in by_use) for name, by_use in ds.items()}
+
+
+def factors_and_diagnostics(tagged: TaggedLoss, params: Any, batch: Any, key: jax.Array,
+                            *, estimator: str, num_samples: int = 1,
+                            batch_grads: Any = None) -> tuple[Factors, Diagnostics]:
+  """One statistics pass giving both the factor estimates and the diagnostics.
+
+  With ``estimator="empirical"`` the diagnostics read the very output
+  derivatives the factors are built from; otherwise the true-label cotangent
+  is one more column of the same vectorized backward pass (no second
+  forward pass).
+
+  Args:
+    tagged: the tagged loss (static).
+    params: parameter pytree.
+    batch: batch pytree.
+    key: PRNG key for ``"mc"`` sampling.
+    estimator: ``"exact"``, ``"mc"`` or ``"empirical"``.
+    num_samples: Monte-Carlo samples for ``"mc"``.
+    batch_grads: optional gradient of the registered loss, see :func:`from_values`.
+
+  Returns:
+    ``(factors, diagnostics)``: what
+    :func:`kfac_jax_lite.statistics.factor_estimate` returns, and the
+    :class:`Diagnostics` of the batch.
+  """
+  check_estimator(estimator, num_samples)
+
+  def cotangents(dist: Distribution, logits: jax.Array, targets: jax.Array) -> jax.Array:
+    cot = output_cotangents(dist, logits, targets, key, estimator, num_samples)
+    if estimator == "empirical":
+      return cot
+    return jnp.concatenate([cot, _true_labels(dist, logits, targets)])
+
+  inputs, ds, logits_shape = tapped_derivatives(tagged, params, batch, cotangents)
+  num_cases = DISTRIBUTIONS[tagged.marker.distribution].num_cases(logits_shape)
+  fisher_ds = ds if estimator == "empirical" else _column(ds, slice(0, -1))
+  return (factors_from_values(tagged, inputs, fisher_ds, num_cases),
+          from_values(tagged, inputs, _column(ds, -1), logits_shape, num_cases,
+                      batch_grads=batch_grads))
+
+
+def diagnostics(loss_fn: Callable[[Any, Any], jax.Array], params: Any, batch: Any, *,
+                layers: LayerOptions = LayerOptions()) -> Diagnostics:
+  """Per-example gradient norms, gradient noise scale and diversity of one batch.
+
+  One forward and one backward pass (the statistics pass with the true
+  labels, no per-example gradient materialized where a Gram form is
+  cheaper); see :mod:`kfac_jax_lite.diagnostics` for the formulas.
+  The gradients are those of the registered loss (terms added outside it,
+  e.g. an L2 penalty, are not seen), per example ``n`` of its term ``ℓ_n`` in
+  ``(1/B) Σ_n ℓ_n``. Where examples interact (BatchNorm in training mode),
+  ``g_n`` is example ``n``'s share of the batch gradient. Jit-compatible.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> scalar`` built with a
+      :mod:`kfac_jax_lite.losses` function.
+    params: parameter pytree.
+    batch: batch pytree; the logits' leading axis is the batch axis.
+    layers: as given to :func:`kfac_jax_lite.scale_by_kfac`.
+
+  Returns:
+    The :class:`Diagnostics` over the layers :func:`kfac_jax_lite.find_layers`
+    lists as Kronecker or scale-and-shift layers (``uncovered`` names the rest).
+  """
+  tagged = tag(trace_loss(loss_fn, params, batch), layers.approximation,
+               dict(layers.blocks), layers.max_factor_dim)
+  inputs, ds, logits_shape = tapped_derivatives(tagged, params, batch, _true_labels)
+  num_cases = DISTRIBUTIONS[tagged.marker.distribution].num_cases(logits_shape)
+  return from_values(tagged, inputs, _column(ds, 0), logits_shape, num_cases)
