@@ -109,12 +109,18 @@ class EstimatorOptions:
       the gradient's.
     accumulate: keep a buffer of micro-batch estimates in the state, for
       gradient accumulation with :func:`kfac_jax_lite.accumulate`.
+    diagnostics: also keep, in ``KfacState.diagnostics``, the
+      :class:`kfac_jax_lite.Diagnostics` (per-example gradient norms,
+      gradient noise scale, diversity) of the latest statistics batch, from
+      the same pass (one more backward column for ``"mc"`` / ``"exact"``);
+      per device under ``pmap`` / ``shard_map``.
   """
 
   kind: str = "mc"
   num_samples: int = 1
   batch_fraction: float | None = None
   accumulate: bool = False
+  diagnostics: bool = False
 
   def __post_init__(self) -> None:
     _one_of("EstimatorOptions.kind (the estimator)", self.kind, ESTIMATORS)

@@ -25,6 +25,7 @@ import optax
 
 from kfac_jax_lite import masking, placement, schedule
 from kfac_jax_lite._checks import check_number
+from kfac_jax_lite.diagnostics import factors_and_diagnostics
 from kfac_jax_lite.options import (EstimatorOptions, InverseOptions, LayerOptions,
                                    ParallelOptions, as_estimator, check_type)
 from kfac_jax_lite.step import estimate, precondition, refresh, step_size
@@ -49,6 +50,10 @@ class KfacState(NamedTuple):
     pending: with ``EstimatorOptions(accumulate=True)``, ``{"count": n,
       "sums": factors}``: estimates of the micro-batches of the step being
       accumulated (see :func:`kfac_jax_lite.accumulate`); ``None`` otherwise.
+    diagnostics: with ``EstimatorOptions(diagnostics=True)``, the
+      :class:`kfac_jax_lite.Diagnostics` of the latest statistics batch
+      (zeros before the first); ``None`` otherwise. Inside a chain, read it
+      with ``optax.tree.get(opt_state, "diagnostics")``.
   """
   count: jax.Array
   key: jax.Array
@@ -57,6 +62,7 @@ class KfacState(NamedTuple):
   inverses: dict[str, dict[str, jax.Array]]
   diag: Any
   pending: Any = None
+  diagnostics: Any = None
 
 
 class _NotParams:
@@ -94,8 +100,19 @@ def _diag_tree(tagged: TaggedLoss, params: Any) -> Any:
       else None for i, x in enumerate(leaves)])
 
 
+def _zero_diagnostics(tagged: TaggedLoss, params: Any, batch: Any,
+                      estimator: EstimatorOptions) -> Any:
+  """Zeros shaped like the diagnostics of one batch (``None`` if not asked for)."""
+  if not estimator.diagnostics:
+    return None
+  shapes = jax.eval_shape(lambda p, b: factors_and_diagnostics(
+      tagged, p, b, jax.random.key(0), estimator=estimator.kind,
+      num_samples=estimator.num_samples)[1], params, batch)
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
 def _init_state(tagged: TaggedLoss, params: Any, seed: int, estimator: EstimatorOptions,
-                parallel: ParallelOptions) -> KfacState:
+                parallel: ParallelOptions, diagnostics: Any) -> KfacState:
   """Zero factors, identity inverses, an empty accumulation buffer."""
   zero = jnp.zeros([], jnp.int32)
   factors = {l.name: {k: jnp.zeros(shape, jnp.float32) for k, shape in l.factor_shapes.items()}
@@ -104,7 +121,7 @@ def _init_state(tagged: TaggedLoss, params: Any, seed: int, estimator: Estimator
   pending = ({"count": zero, "sums": jax.tree.map(jnp.zeros_like, factors)}
              if estimator.accumulate else None)
   return KfacState(zero, jax.random.key_data(jax.random.key(seed)), zero, factors,
-                   inverses, _diag_tree(tagged, params), pending)
+                   inverses, _diag_tree(tagged, params), pending, diagnostics)
 
 
 def _check_update_args(params: Any, batch: Any, positional: tuple[Any, ...],
@@ -133,8 +150,8 @@ def scale_by_kfac(
     loss_fn: Callable[[Any, Any], jax.Array],
     sample_batch: Any,
     *,
-    damping: float | jax.Array,
-    ema_decay: float | jax.Array = 0.95,
+    damping: float | jax.Array | optax.Schedule,
+    ema_decay: float | jax.Array | optax.Schedule = 0.95,
     stats_every: int | jax.Array = 1,
     inverse_every: int | jax.Array = 10,
     kl_clip: float | jax.Array | None = None,
@@ -165,8 +182,10 @@ def scale_by_kfac(
       :mod:`kfac_jax_lite.losses` function.
     sample_batch: a batch (arrays or ``jax.ShapeDtypeStruct``) used only to
       trace ``loss_fn``.
-    damping: Tikhonov damping λ > 0 of every block.
-    ema_decay: moving-average decay of the factor estimates, in ``[0, 1)``.
+    damping: Tikhonov damping λ > 0 of every block, or an optax schedule of
+      the step count (Osawa et al. 2019 decay it during training).
+    ema_decay: moving-average decay of the factor estimates, in ``[0, 1)``,
+      or a schedule.
     stats_every: estimate the factors every this many steps.
     inverse_every: recompute the damped inverses every this many steps.
     kl_clip: KL-divergence bound of one step; requires ``learning_rate``.
@@ -211,10 +230,13 @@ def scale_by_kfac(
     if masking.has_masked(params):
       if sample_params is None:
         raise masking.masked_error("pass scale_by_kfac(..., sample_params=params)")
-      tagged = layer_cache(abstractify(sample_params))
+      full = abstractify(sample_params)
     else:
-      tagged = layer_cache(params)
-    return _init_state(tagged, params, seed, estimator, parallel)
+      full = params
+    tagged = layer_cache(full)
+    stats_batch = estimate.leading_fraction(layer_cache.sample_batch, estimator.batch_fraction)
+    return _init_state(tagged, params, seed, estimator, parallel, _zero_diagnostics(
+        layer_cache(full, stats_batch), full, stats_batch, estimator))
 
   def update_fn(updates: Any, state: KfacState, params: Any = None, *positional: Any,
                 batch: Any = None, kfac_accumulate_only: bool = False,
@@ -226,6 +248,8 @@ def scale_by_kfac(
         raise masking.masked_error("pass the full parameters as update(..., kfac_params=params)")
       params = kfac_params
     tagged = layer_cache(params, batch)
+    damping_now = damping(state.count) if callable(damping) else damping
+    decay_now = ema_decay(state.count) if callable(ema_decay) else ema_decay
     key, subkey = jax.random.split(jax.random.wrap_key_data(state.key))
     if parallel.axis_name is not None:
       subkey = jax.random.fold_in(subkey, jax.lax.axis_index(parallel.axis_name))
@@ -233,26 +257,31 @@ def scale_by_kfac(
                                                      estimator, parallel)
     if kfac_accumulate_only:
       pending = schedule.every(stats_every, state.count,
-                               lambda: estimate.add_pending(state.pending, new_estimate()),
+                               lambda: estimate.add_pending(state.pending, new_estimate()[0]),
                                lambda: state.pending)
       return updates, state._replace(key=jax.random.key_data(key), pending=pending)
 
-    factors, stats_count = schedule.every(
-        stats_every, state.count,
-        lambda: estimate.moving_average(state.factors, state.stats_count, new_estimate(),
-                                        state.pending, ema_decay),
-        lambda: (state.factors, state.stats_count))
+    def statistics() -> tuple[Any, jax.Array, Any]:
+      est, diagnostics = new_estimate()
+      factors, stats_count = estimate.moving_average(state.factors, state.stats_count, est,
+                                                     state.pending, decay_now)
+      return factors, stats_count, diagnostics
+
+    factors, stats_count, diagnostics = schedule.every(
+        stats_every, state.count, statistics,
+        lambda: (state.factors, state.stats_count, state.diagnostics))
     inverse_values = refresh.refresh_inverses(tagged, factors, state.inverses, state.count,
-                                              damping, inverse_every, inverses, parallel)
+                                              damping_now, inverse_every, inverses, parallel)
     out, diag = precondition.precondition(tagged, updates, params, inverse_values,
-                                          state.diag, state.count == 0, damping,
-                                          ema_decay, parallel)
+                                          state.diag, state.count == 0, damping_now,
+                                          decay_now, parallel)
     if kl_clip is not None:
       lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
       out = step_size.clip(out, updates, lr, kl_clip)
     return out, KfacState(
         count=optax.safe_increment(state.count), key=jax.random.key_data(key),
         stats_count=stats_count, factors=factors, inverses=inverse_values, diag=diag,
-        pending=None if state.pending is None else jax.tree.map(jnp.zeros_like, state.pending))
+        pending=None if state.pending is None else jax.tree.map(jnp.zeros_like, state.pending),
+        diagnostics=diagnostics)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

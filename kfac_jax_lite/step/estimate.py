@@ -18,12 +18,13 @@ import optax
 
 from kfac_jax_lite import guard
 from kfac_jax_lite.curvature import kronecker
+from kfac_jax_lite.diagnostics import Diagnostics, factors_and_diagnostics
 from kfac_jax_lite.options import EstimatorOptions, ParallelOptions
 from kfac_jax_lite.statistics import Factors, factor_estimate, pmean_factors
 from kfac_jax_lite.tagging.layers import TaggedLoss
 
 
-def _leading_fraction(batch: Any, fraction: float | None) -> Any:
+def leading_fraction(batch: Any, fraction: float | None) -> Any:
   """The first ``ceil(fraction · n)`` examples of every leaf (all if ``None``)."""
   if fraction is None:
     return batch
@@ -32,7 +33,7 @@ def _leading_fraction(batch: Any, fraction: float | None) -> Any:
 
 def estimate_factors(tag_fn: Callable[[Any, Any], TaggedLoss], params: Any, batch: Any,
                      key: jax.Array, estimator: EstimatorOptions,
-                     parallel: ParallelOptions) -> Factors:
+                     parallel: ParallelOptions) -> tuple[Factors, Diagnostics | None]:
   """One estimate of every layer's factors, averaged over the device axis.
 
   Args:
@@ -45,16 +46,24 @@ def estimate_factors(tag_fn: Callable[[Any, Any], TaggedLoss], params: Any, batc
       (upper triangles only with ``symmetry_aware``).
 
   Returns:
-    Layer name -> factor name -> estimate (float32).
+    Layer name -> factor name -> estimate (float32), and with
+    ``estimator.diagnostics`` the batch's (this device's) diagnostics from
+    the same pass, else ``None``.
   """
-  stats_batch = _leading_fraction(batch, estimator.batch_fraction)
-  est = factor_estimate(tag_fn(params, stats_batch), params, stats_batch, key,
-                        estimator=estimator.kind, num_samples=estimator.num_samples)
+  stats_batch = leading_fraction(batch, estimator.batch_fraction)
+  tagged = tag_fn(params, stats_batch)
+  if estimator.diagnostics:
+    est, diag = factors_and_diagnostics(tagged, params, stats_batch, key,
+                                        estimator=estimator.kind,
+                                        num_samples=estimator.num_samples)
+  else:
+    est, diag = factor_estimate(tagged, params, stats_batch, key, estimator=estimator.kind,
+                                num_samples=estimator.num_samples), None
   if parallel.axis_name is None:
-    return est
+    return est, diag
   if parallel.symmetry_aware:
-    return pmean_factors(est, parallel.axis_name)
-  return jax.lax.pmean(est, parallel.axis_name)
+    return pmean_factors(est, parallel.axis_name), diag
+  return jax.lax.pmean(est, parallel.axis_name), diag
 
 
 def add_pending(pending: dict[str, Any], est: Factors) -> dict[str, Any]:
