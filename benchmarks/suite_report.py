@@ -80,7 +80,8 @@ def summarize(curves: Sequence[Curve]) -> dict[str, Any]:
     ``{"target", "adamw": label, "rows": [...]}``; one row per tuned grid
     family and per K-FAC config, each with ``seconds_to_target``,
     ``time_ratio``, ``steps_ratio``, ``step_cost_ratio``, ``final_loss``,
-    ``loss_at_adamw_seconds`` and ``ran_that_long``.
+    ``loss_at_adamw_seconds``, ``ran_that_long``, and for a grid its final
+    losses and whether the best point is at the grid's edge.
   """
   families: dict[str, list[Curve]] = {}
   for c in curves:
@@ -96,6 +97,7 @@ def summarize(curves: Sequence[Curve]) -> dict[str, Any]:
     rows.append({
         "optimizer": c.spec, "label": c.label, "lr": c.lr,
         "grid_final": {str(r.lr): r.final for r in runs} if len(runs) > 1 else None,
+        "at_grid_edge": len(runs) > 1 and c.lr in (runs[0].lr, runs[-1].lr),
         "seconds_to_target": reach and reach[0], "steps_to_target": reach and reach[1],
         "time_ratio": reach and _ratio(reach[0], ref_s),
         "steps_ratio": reach and _ratio(reach[1], ref_steps),
@@ -140,7 +142,8 @@ def format_table(summaries: Mapping[str, dict[str, Any]],
           f"| {r['step_cost_ratio']:.2f} | {at} |")
       if r["grid_final"]:
         grid = ", ".join(f"{lr}: {v:.4g}" for lr, v in r["grid_final"].items())
-        notes.append(f"{model} {r['optimizer']} grid final losses: {grid}")
+        edge = " (best at the grid's edge)" if r["at_grid_edge"] else ""
+        notes.append(f"{model} {r['optimizer']} grid final losses: {grid}{edge}")
     notes.append(f"{model}: target {s['target']:.4g} = {s['adamw']}'s final eval loss "
                  f"({s['adamw_seconds']:.2f} s); {titles[model]}")
   return "\n".join(lines + [""] + notes)

@@ -47,7 +47,7 @@ def test_summary_ratios_against_the_tuned_adamw_point() -> None:
   assert kfac["steps_ratio"] == pytest.approx(15.0 / 30.0)
   assert kfac["step_cost_ratio"] == pytest.approx((6.0 / 30) / (4.0 / 30))
   assert kfac["loss_at_adamw_seconds"] == pytest.approx(0.8)
-  assert adamw["grid_final"] == {"0.001": 2.0, "0.01": 1.0}
+  assert adamw["grid_final"] == {"0.001": 2.0, "0.01": 1.0} and adamw["at_grid_edge"]
 
 
 def test_command_line_values() -> None:
