@@ -1,0 +1,192 @@
+"""The suite's optimizers: AdamW and Muon learning-rate grids, K-FAC as called.
+
+AdamW (``optax.adamw``, weight decay 1e-4, its default) and Muon
+(``optax.contrib.muon``: Newton–Schulz orthogonalized momentum on every
+``kernel``, its built-in Adam on the embeddings, biases and norm parameters)
+are wrapped in ``optax.inject_hyperparams`` with the learning rate as the only
+injected value: every point of a grid has the same state shapes, so one
+compiled train step serves the whole grid (the learning rate is read from the
+optimizer state; the update is the same as with a Python float).
+
+K-FAC is ``kfl.kfac(loss_fn, sample_batch, **kwargs)`` with the keyword
+arguments given on the command line (none by default). While ``kfl.kfac``
+still requires a learning rate, a call without one falls back to the README's
+documented settings (:data:`README_SETTINGS`), and the suite says so.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import optax
+
+import kfac_jax_lite as kfl
+
+ADAMW_GRID = (1e-3, 3e-3, 1e-2)
+# Muon's learning rate multiplies an orthogonalized (unit spectral scale)
+# update, so its useful range sits above Adam's; Jordan's reference uses 0.02.
+MUON_GRID = (3e-3, 1e-2, 3e-2)
+ADAMW_WEIGHT_DECAY = 1e-4
+# The settings the README's usage example passes (used while kfl.kfac
+# requires a learning rate and none was given).
+README_SETTINGS = {"learning_rate": 0.3, "damping": 1e-2, "kl_clip": 1e-3}
+
+
+@dataclasses.dataclass(frozen=True)
+class OptSpec:
+  """One optimizer family of the comparison.
+
+  Attributes:
+    name: label in the tables (``"adamw"``, ``"muon"``, ``"kfac"`` or a
+      variant's name).
+    family: ``"adamw"``, ``"muon"`` or ``"kfac"``.
+    grid: learning rates (AdamW, Muon); ``(None,)`` for K-FAC.
+    kwargs: K-FAC's keyword arguments as given (empty: the defaults).
+  """
+  name: str
+  family: str
+  grid: tuple[float | None, ...]
+  kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def parse_value(text: str) -> Any:
+  """A command-line value: a Python literal (number, tuple, string...), or
+  ``true``/``false``/``none`` in any case, else the text itself."""
+  lowered = text.strip().lower()
+  if lowered in ("true", "false", "none"):
+    return {"true": True, "false": False, "none": None}[lowered]
+  try:
+    return ast.literal_eval(text.strip())
+  except (ValueError, SyntaxError):
+    return text.strip()
+
+
+def parse_kwargs(items: Sequence[str], option: str) -> dict[str, Any]:
+  """``["key=value", ...]`` -> ``{key: parse_value(value)}``.
+
+  Args:
+    items: the ``key=value`` strings.
+    option: the command-line option they came from (for errors).
+
+  Returns:
+    The keyword arguments.
+  """
+  out = {}
+  for item in items:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+      raise ValueError(f"{option} expects key=value, got {item!r} "
+                       "(e.g. learning_rate=0.3).")
+    out[key.strip()] = parse_value(value)
+  return out
+
+
+def parse_variant(text: str) -> OptSpec:
+  """``"name:key=val,key=val"`` (``"name:"`` for the plain call) -> a K-FAC spec."""
+  name, sep, rest = text.partition(":")
+  if not sep or not name.strip():
+    raise ValueError(f"--variant expects name:key=val,key=val, got {text!r}.")
+  items = [s for s in rest.split(",") if s.strip()]
+  return OptSpec(name.strip(), "kfac", (None,), parse_kwargs(items, "--variant"))
+
+
+def muon_dimensions(params: Any) -> Any:
+  """Muon's matrix view of every ``kernel`` leaf; ``None`` (Adam) elsewhere.
+
+  Dense kernels ``[in, out]`` as they are; conv kernels ``[h, w, in, out]``
+  and attention output kernels ``[heads, head_dim, d]`` reduce over all but
+  the last axis; query/key/value kernels ``[d, heads, head_dim]`` reduce over
+  the first. Embedding tables, biases and norm parameters stay with Adam
+  (Jordan's recipe for Muon).
+
+  Args:
+    params: the parameter tree.
+
+  Returns:
+    A tree of ``optax.contrib.MuonDimensionNumbers`` or ``None``.
+  """
+  def spec(path: tuple[Any, ...], leaf: Any) -> Any:
+    keys = [str(getattr(k, "key", k)) for k in path]
+    if keys[-1] != "kernel" or leaf.ndim < 2:
+      return None
+    if len(keys) > 1 and keys[-2] in ("query", "key", "value"):
+      return optax.contrib.MuonDimensionNumbers(0, tuple(range(1, leaf.ndim)))
+    return optax.contrib.MuonDimensionNumbers(tuple(range(leaf.ndim - 1)), leaf.ndim - 1)
+  return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def grid_optimizer(family: str, params: Any
+                   ) -> Callable[[float], optax.GradientTransformationExtraArgs]:
+  """``learning_rate -> optimizer`` of ``"adamw"`` or ``"muon"`` (the rate injected).
+
+  Args:
+    family: ``"adamw"`` or ``"muon"``.
+    params: the parameters (Muon's matrix views).
+
+  Returns:
+    A function of the learning rate; its optimizers share one state structure.
+  """
+  if family == "adamw":
+    def factory(learning_rate: float) -> optax.GradientTransformation:
+      return optax.adamw(learning_rate, weight_decay=ADAMW_WEIGHT_DECAY)
+  elif family == "muon":
+    dims = muon_dimensions(params)
+
+    def factory(learning_rate: float) -> optax.GradientTransformation:
+      return optax.contrib.muon(learning_rate, muon_weight_dimension_numbers=dims)
+  else:
+    raise ValueError(f"family must be 'adamw' or 'muon', got {family!r}.")
+  injected = optax.inject_hyperparams(factory)
+  return lambda lr: optax.with_extra_args_support(injected(learning_rate=lr))
+
+
+def kfac_fallback_needed() -> bool:
+  """Whether ``kfl.kfac`` still requires a learning rate (checked by calling
+  it without one on a trivial loss)."""
+  def loss(params: Any, batch: Any) -> jax.Array:
+    return kfl.losses.squared_error(batch @ params, batch)
+  try:
+    kfl.kfac(loss, jax.numpy.zeros((2, 2)))
+  except TypeError as err:
+    if "learning_rate" in str(err):
+      return True
+    raise
+  return False
+
+
+def kfac_kwargs(kwargs: Mapping[str, Any], fallback: bool) -> dict[str, Any]:
+  """The keyword arguments ``kfl.kfac`` is called with.
+
+  Args:
+    kwargs: the user's settings.
+    fallback: whether ``kfl.kfac`` requires a learning rate.
+
+  Returns:
+    ``kwargs``, under the README's settings when ``fallback`` and no learning
+    rate was given.
+  """
+  if fallback and "learning_rate" not in kwargs:
+    return {**README_SETTINGS, **kwargs}
+  return dict(kwargs)
+
+
+def make_kfac(loss_fn: Callable[[Any, Any], jax.Array], sample_batch: Any,
+              kwargs: Mapping[str, Any]) -> optax.GradientTransformationExtraArgs:
+  """``kfl.kfac(loss_fn, sample_batch, **kwargs)``."""
+  return kfl.kfac(loss_fn, sample_batch, **kwargs)
+
+
+def describe(spec: OptSpec, fallback: bool) -> str:
+  """How the suite calls ``spec``'s optimizer, in one line."""
+  if spec.family == "adamw":
+    return f"optax.adamw(lr, weight_decay={ADAMW_WEIGHT_DECAY}), lr in {list(spec.grid)}"
+  if spec.family == "muon":
+    return f"optax.contrib.muon(lr) (kernels Muon, rest Adam), lr in {list(spec.grid)}"
+  used = kfac_kwargs(spec.kwargs, fallback)
+  args = ", ".join(f"{k}={v!r}" for k, v in used.items())
+  note = " (README settings: kfl.kfac still requires learning_rate)" if used != dict(
+      spec.kwargs) else ""
+  return f"kfl.kfac(loss_fn, batch{', ' if args else ''}{args}){note}"
