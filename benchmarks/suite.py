@@ -8,8 +8,8 @@ Python standard library's sources and a GRU reading digits row by row. Every
 loss is a ``kfl.losses`` function (mean over the batch).
 
 Optimizers (``suite_optim.py``): ``optax.adamw`` over learning rates
-{1e-3, 3e-3, 1e-2} (weight decay 1e-4), ``optax.contrib.muon`` over
-{3e-3, 1e-2, 3e-2}, and K-FAC as ``kfl.kfac(loss_fn, sample_batch,
+{1e-3, 3e-3, 1e-2, 3e-2} (weight decay 1e-4), ``optax.contrib.muon`` over
+the same grid, and K-FAC as ``kfl.kfac(loss_fn, sample_batch,
 **kwargs)`` with ``kwargs`` from ``--kfac key=value`` (none by default: the
 library's defaults), plus any ``--variant name:key=value,...`` configs.
 
@@ -194,6 +194,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--png", default="suite.png")
   parser.add_argument("--no-layers", action="store_true",
                       help="do not print kfl.find_layers of each model")
+  parser.add_argument("--baselines", default="adamw,muon",
+                      help="tuned baselines to run (AdamW is the reference: always run)")
   args = parser.parse_args(argv)
   args.models = [m.strip() for m in args.models.split(",") if m.strip()]
   unknown = [m for m in args.models if m not in TASKS]
@@ -212,7 +214,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   load_start = os.getloadavg()
   wall = time.perf_counter()
   specs = [suite_optim.OptSpec("adamw", "adamw", suite_optim.ADAMW_GRID),
-           suite_optim.OptSpec("muon", "muon", suite_optim.MUON_GRID),
+           *([suite_optim.OptSpec("muon", "muon", suite_optim.MUON_GRID)]
+             if "muon" in args.baselines else []),
            suite_optim.OptSpec("kfac", "kfac", (None,),
                                suite_optim.parse_kwargs(args.kfac, "--kfac")),
            *map(suite_optim.parse_variant, args.variant)]

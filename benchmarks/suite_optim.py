@@ -25,10 +25,10 @@ import optax
 
 import kfac_jax_lite as kfl
 
-ADAMW_GRID = (1e-3, 3e-3, 1e-2)
+ADAMW_GRID = (1e-3, 3e-3, 1e-2, 3e-2)
 # Muon's learning rate multiplies an orthogonalized (unit spectral scale)
 # update, so its useful range sits above Adam's; Jordan's reference uses 0.02.
-MUON_GRID = (3e-3, 1e-2, 3e-2)
+MUON_GRID = (1e-3, 3e-3, 1e-2, 3e-2)
 ADAMW_WEIGHT_DECAY = 1e-4
 # The settings the README's usage example passes (used while kfl.kfac
 # requires a learning rate and none was given).
@@ -173,10 +173,30 @@ def kfac_kwargs(kwargs: Mapping[str, Any], fallback: bool) -> dict[str, Any]:
   return dict(kwargs)
 
 
+# Dotted keys set a field of an option value: ``inverses.method=cholesky``.
+OPTION_TYPES = {"layers": kfl.LayerOptions, "estimator": kfl.EstimatorOptions,
+                "inverses": kfl.InverseOptions}
+
+
+def call_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+  """``kwargs`` with dotted keys (``layers.conv_approximation``) made option values."""
+  out: dict[str, Any] = {}
+  fields: dict[str, dict[str, Any]] = {}
+  for key, value in kwargs.items():
+    group, dot, field = key.partition(".")
+    if dot:
+      fields.setdefault(group, {})[field] = value
+    else:
+      out[key] = value
+  for group, values in fields.items():
+    out[group] = OPTION_TYPES[group](**values)
+  return out
+
+
 def make_kfac(loss_fn: Callable[[Any, Any], jax.Array], sample_batch: Any,
               kwargs: Mapping[str, Any]) -> optax.GradientTransformationExtraArgs:
-  """``kfl.kfac(loss_fn, sample_batch, **kwargs)``."""
-  return kfl.kfac(loss_fn, sample_batch, **kwargs)
+  """``kfl.kfac(loss_fn, sample_batch, **kwargs)`` (dotted keys: option fields)."""
+  return kfl.kfac(loss_fn, sample_batch, **call_kwargs(kwargs))
 
 
 def describe(spec: OptSpec, fallback: bool) -> str:
