@@ -28,7 +28,7 @@ import numpy as np
 
 from kfac_jax_lite.losses import MARKER_PREFIX
 from kfac_jax_lite.registration import REGISTRATION_PREFIX
-from kfac_jax_lite.tagging import conv, dense, embedding, scale
+from kfac_jax_lite.tagging import conv, dense, embedding, relevance, scale
 from kfac_jax_lite.tagging.match import Match, ParamView, Path
 from kfac_jax_lite.tagging.trace import TYPE_ONLY_PRIMITIVES, inlined_body
 
@@ -61,25 +61,18 @@ class WalkResult:
   uses: dict[tuple[int, Any], list[str]] = dataclasses.field(default_factory=dict)
   # (param index, part) -> "weight" | "bias", for layers registered by hand.
   registered: dict[tuple[int, Any], str] = dataclasses.field(default_factory=dict)
-
-
-def _use_counts(jaxpr: jex_core.Jaxpr) -> dict[Any, int]:
-  counts: dict[Any, int] = {}
-  for eqn in jaxpr.eqns:
-    for v in eqn.invars:
-      if not isinstance(v, jex_core.Literal):
-        counts[v] = counts.get(v, 0) + 1
-  for v in jaxpr.outvars:
-    if not isinstance(v, jex_core.Literal):
-      counts[v] = counts.get(v, 0) + 1
-  return counts
+  # Parameter indices read by any equation of the loss (relevant or not).
+  referenced: set[int] = dataclasses.field(default_factory=set)
 
 
 class _Walker:
   """One pass over the jaxpr tree; fills a :class:`WalkResult`."""
 
-  def __init__(self):
+  def __init__(self, relevant: relevance.Relevant):
     self.result = WalkResult()
+    # Variables on a path to a registered distribution's predictions, per
+    # jaxpr: only their equations are layers or uses (see :mod:`.relevance`).
+    self._relevant = relevant
     # Matches still looking for a bias, by id of their product's output variable.
     # Each entry also holds the permutation of transposes between the product
     # and the current variable (``jax.vmap(lambda x: W @ x + b)`` transposes).
@@ -103,7 +96,8 @@ class _Walker:
         view_env[v] = pv
       if d:
         data_env.add(v)
-    counts = _use_counts(jaxpr)
+    counts = relevance.use_counts(jaxpr, prefix, self._relevant)
+    live = self._relevant.get(prefix, set())
 
     def view_of(atom):
       return None if isinstance(atom, jex_core.Literal) else view_env.get(atom)
@@ -118,27 +112,30 @@ class _Walker:
       in_data = [is_data(a) for a in eqn.invars]
       any_data = any(in_data)
 
-      if name in ("jit", "pjit") and str(eqn.params.get("name", "")).startswith(MARKER_PREFIX):
+      if relevance.is_marker(eqn):
         self.result.markers.append(LossMarker(
-            path, str(eqn.params["name"])[len(MARKER_PREFIX):],
+            path, relevance.call_name(eqn)[len(MARKER_PREFIX):],
             tuple(eqn.invars[0].aval.shape)))
-        for pv in in_views:
-          if pv is not None:
-            self._use(pv, "loss")
+        if in_views[0] is not None:  # the predictions are a parameter
+          self._use(in_views[0], "loss")
         self._mark_data(eqn, data_env, any_data)
         continue
 
-      if name in ("jit", "pjit") and str(eqn.params.get("name", "")).startswith(
-          REGISTRATION_PREFIX):
-        self._add_registered(eqn, path, in_views)
-        self._mark_data(eqn, data_env, True)
+      needed = any(v in live for v in eqn.outvars)
+      if relevance.call_name(eqn).startswith(REGISTRATION_PREFIX):
+        if needed:
+          self._add_registered(eqn, path, in_views)
+          self._mark_data(eqn, data_env, True)
+        continue
+
+      body = inlined_body(eqn)
+      if not needed and body is None:  # off the path to the predictions
         continue
 
       if _is_zero(eqn, zero_env):
         zero_env.add(eqn.outvars[0])
         continue
 
-      body = inlined_body(eqn)
       if body is not None:
         sub_jaxpr, consts = body
         n_const = len(consts)
@@ -201,8 +198,8 @@ class _Walker:
 
     out_views = [view_of(v) for v in jaxpr.outvars]
     out_data = [is_data(v) for v in jaxpr.outvars]
-    for pv in out_views:  # a parameter returned from a call is used outside
-      if pv is not None and not prefix:
+    for v, pv in zip(jaxpr.outvars, out_views):  # a parameter returned from a call
+      if pv is not None and not prefix and v in live:  # is used outside
         self._use(pv, "output")
     self._flush(prefix)
     return out_views, out_data
@@ -345,6 +342,7 @@ def walk(closed: jex_core.ClosedJaxpr, num_params: int) -> WalkResult:
       for i, v in enumerate(closed.jaxpr.invars[:num_params])]
   views += [None] * (n_in - num_params)
   data = [False] * num_params + [True] * (n_in - num_params)
-  walker = _Walker()
+  walker = _Walker(relevance.relevant_vars(closed.jaxpr))
   walker.walk(closed.jaxpr, views, data, ())
+  walker.result.referenced = relevance.referenced(closed.jaxpr, num_params)
   return walker.result
