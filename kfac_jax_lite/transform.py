@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
@@ -28,7 +29,7 @@ from kfac_jax_lite import blocks as blocks_lib, guard, masking, placement, sched
 from kfac_jax_lite.curvature import diagonal, kl_clip as kl_clip_lib, kronecker
 from kfac_jax_lite.curvature.estimators import check_estimator
 from kfac_jax_lite.statistics import factor_estimate, pmean_factors
-from kfac_jax_lite.tagging import geometry
+from kfac_jax_lite.tagging import geometry, report
 from kfac_jax_lite.tagging.layers import (DEFAULT_MAX_FACTOR_DIM, TaggedLoss, check_options,
                                          tag)
 from kfac_jax_lite.tagging.trace import abstractify, trace_loss, type_key, varying_axes
@@ -271,6 +272,8 @@ def scale_by_kfac(
       tagged = tagged_for(abstractify(sample_params), sample_batch)
     else:
       tagged = tagged_for(params, sample_batch)
+    if (msg := report.fallback_warning(tagged, blocks)) is not None:
+      warnings.warn(msg, UserWarning, stacklevel=2)
     factors = {l.name: {k: jnp.zeros(shape, jnp.float32)
                         for k, shape in l.factor_shapes.items()}
                for l in tagged.factored}

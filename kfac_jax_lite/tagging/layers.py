@@ -120,6 +120,8 @@ class TaggedLoss:
   traced: TracedLoss
   layers: tuple[Layer, ...]
   marker: patterns.LossMarker
+  # Leaves a matrix product or convolution reads (see report.fallback_warning).
+  products: frozenset[int] = frozenset()
 
   @property
   def factored(self) -> tuple[Layer, ...]:
@@ -288,8 +290,9 @@ def tag(traced: TracedLoss, approximation: Mapping[str, str] | None = None,
                 if choice == "none" else _fallback(
                     path, i, "blocks override: diagonal" if choice == "diag" else why)]
   unique = {id(l): l for ls in owned.values() for l in ls}.values()
-  return TaggedLoss(traced=traced, marker=marker, layers=tuple(
-      sorted(unique, key=lambda l: (l.weight_index, l.match.weight_part or () if l.match else ()))))
+  order = lambda l: (l.weight_index, l.match.weight_part or () if l.match else ())
+  return TaggedLoss(traced=traced, marker=marker, products=frozenset(found.products),
+                    layers=tuple(sorted(unique, key=order)))
 
 
 class LayerList(list):

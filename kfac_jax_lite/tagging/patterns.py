@@ -28,7 +28,7 @@ import numpy as np
 
 from kfac_jax_lite.losses import MARKER_PREFIX
 from kfac_jax_lite.registration import REGISTRATION_PREFIX
-from kfac_jax_lite.tagging import conv, dense, embedding, relevance, scale
+from kfac_jax_lite.tagging import conv, dense, embedding, hidden, relevance, scale
 from kfac_jax_lite.tagging.match import Match, ParamView, Path
 from kfac_jax_lite.tagging.trace import TYPE_ONLY_PRIMITIVES, inlined_body
 
@@ -63,6 +63,9 @@ class WalkResult:
   registered: dict[tuple[int, Any], str] = dataclasses.field(default_factory=dict)
   # Parameter indices read by any equation of the loss (relevant or not).
   referenced: set[int] = dataclasses.field(default_factory=set)
+  # Parameter indices a matrix product or convolution on the path to the
+  # predictions reads (as a detected layer or not).
+  products: set[int] = dataclasses.field(default_factory=set)
 
 
 class _Walker:
@@ -191,9 +194,7 @@ class _Walker:
       if isinstance(found, str):
         name = f"{name} ({found})"
 
-      for pv in in_views:
-        if pv is not None:
-          self._use(pv, name)
+      self._use_all(eqn, in_views, name)
       self._mark_data(eqn, data_env, any_data)
 
     out_views = [view_of(v) for v in jaxpr.outvars]
@@ -209,6 +210,19 @@ class _Walker:
     if flag:
       data_env.update(eqn.outvars)
 
+  def _use_all(self, eqn, in_views: list[ParamView | None], what: str) -> None:
+    """Records an unmatched use of every parameter operand, and which of them
+    a matrix product or convolution reads (here, or inside a ``cond`` / ``while``
+    / rolled ``scan``)."""
+    if all(pv is None for pv in in_views):
+      return
+    inside = hidden.multiplied_operands(eqn) if hidden.has_sub_jaxprs(eqn) else set()
+    for k, pv in enumerate(in_views):
+      if pv is not None:
+        self._use(pv, what)
+        if eqn.primitive.name in hidden.PRODUCTS or k in inside:
+          self.result.products.add(pv.index)
+
   def _add_registered(self, eqn, path: Path, in_views: list[ParamView | None]) -> None:
     """A ``kfl.register_dense`` equation: one dense layer, body not inspected."""
     bias = str(eqn.params["name"]).endswith("_bias")
@@ -218,6 +232,7 @@ class _Walker:
     self.result.layers.append(found)
     self.result.registered[found.weight_index, found.weight_part] = "weight"
     self._use(in_views[found.weight_operand], f"dense@{path}")
+    self.result.products.add(found.weight_index)
     if bias:
       self._use(in_views[-1], f"bias@{path}")
       self.result.registered[found.bias_index, found.bias_part] = "bias"
@@ -225,6 +240,8 @@ class _Walker:
   def _add_layer(self, match: Match, pv: ParamView, eqn, counts) -> None:
     match = dataclasses.replace(match, weight_part=pv.part)
     self._use(pv, f"{match.kind}@{match.path}")
+    if match.kind in ("dense", "conv"):
+      self.result.products.add(pv.index)
     if match.takes_bias and counts.get(eqn.outvars[0], 0) == 1:  # a bias add may follow
       self._pending[id(eqn.outvars[0])] = (match, None)
     else:
