@@ -80,6 +80,9 @@ class _Walker:
     # Each entry also holds the permutation of transposes between the product
     # and the current variable (``jax.vmap(lambda x: W @ x + b)`` transposes).
     self._pending: dict[int, tuple[Match, tuple[int, ...] | None]] = {}
+    # Pending products that are zero (an RNN's zero initial carry times its
+    # hidden-to-hidden kernel): a use of the weight only if a bias is added.
+    self._zero: dict[int, ParamView] = {}
 
   def _use(self, view: ParamView, what: str) -> None:
     self.result.uses.setdefault(view.key, []).append(what)
@@ -137,6 +140,7 @@ class _Walker:
 
       if _is_zero(eqn, zero_env):
         zero_env.add(eqn.outvars[0])
+        self._zero_product(eqn, path, in_views, zero_env, counts)
         continue
 
       if body is not None:
@@ -247,6 +251,22 @@ class _Walker:
     else:
       self.result.layers.append(match)
 
+  def _zero_product(self, eqn, path: Path, in_views: list[ParamView | None],
+                    zero_env: set[Any], counts: dict[Any, int]) -> None:
+    """A product of a weight and an all-zero activation (``h_0 @ W_h`` with a
+    zero initial carry) waits for a bias: ``0 @ W_h + b_h`` reads ``b_h`` as
+    that use's bias, with input ``[0; 1]`` (so the bias joins ``W_h``'s
+    block); without a bias add it is no use of ``W_h`` at all."""
+    matcher = MATCHERS.get(eqn.primitive.name)
+    if eqn.primitive.name not in hidden.PRODUCTS or counts.get(eqn.outvars[0], 0) != 1:
+      return
+    zeros = [not isinstance(a, jex_core.Literal) and a in zero_env for a in eqn.invars]
+    found = matcher(eqn, path, in_views, zeros)
+    if isinstance(found, Match) and found.takes_bias:
+      pv = in_views[found.weight_operand]
+      self._pending[id(eqn.outvars[0])] = (dataclasses.replace(found, weight_part=pv.part), None)
+      self._zero[id(eqn.outvars[0])] = pv
+
   def _follow_pending(self, eqn) -> bool:
     """Carries a product still looking for its bias through a transpose, or a
     reshape / squeeze that only adds or drops unit axes (``jax.vmap`` of an
@@ -266,6 +286,8 @@ class _Walker:
       return False
     del self._pending[id(eqn.invars[0])]
     self._pending[id(eqn.outvars[0])] = (match, perm)
+    if id(eqn.invars[0]) in self._zero:
+      self._zero[id(eqn.outvars[0])] = self._zero.pop(id(eqn.invars[0]))
     return True
 
   def _match_bias(self, eqn, path, in_views) -> bool:
@@ -280,6 +302,10 @@ class _Walker:
                                                            match):
         continue
       del self._pending[id(eqn.invars[k])]
+      weight = self._zero.pop(id(eqn.invars[k]), None)
+      if weight is not None:  # a zero product: its bias makes it a use
+        self._use(weight, f"{match.kind}@{match.path}")
+        self.result.products.add(weight.index)
       self.result.layers.append(dataclasses.replace(
           match, out_path=path, bias_index=pv.index, bias_part=pv.part))
       self._use(pv, f"bias@{path}")
@@ -290,7 +316,8 @@ class _Walker:
     """Commits matches of this jaxpr that found no bias."""
     for key, (match, _) in list(self._pending.items()):
       if match.path[:len(prefix)] == prefix and len(match.path) == len(prefix) + 1:
-        self.result.layers.append(match)
+        if self._zero.pop(key, None) is None:  # a zero product with no bias is no use
+          self.result.layers.append(match)
         del self._pending[key]
 
 
