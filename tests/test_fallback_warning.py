@@ -14,6 +14,7 @@ import re
 import warnings
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
@@ -78,6 +79,23 @@ def test_fallback_of_a_weight_matrix_warns_at_init(case, path: str, why: str):
   # The fix the message suggests, pasted as it is, silences it.
   suggestion = re.search(r"blocks=(\{.*?\})", msg).group(1)
   _init_silently(loss_fn, params, batch, blocks=eval(suggestion))  # pylint: disable=eval-used
+
+
+def test_fused_kernels_concatenated_into_one_matmul_warn():
+  """Flax's OptimizedLSTMCell concatenates its gate kernels into one matmul:
+  no Kronecker block yet, so every kernel is named (biases are vectors)."""
+  model = nn.RNN(nn.OptimizedLSTMCell(D))
+  x = tt.normal(1, tt.B, tt.T, tt.D_IN)
+  params = model.init(jax.random.key(0), x)["params"]
+  loss_fn = lambda p, b: tt.xent(model.apply({"params": p}, b["x"])[:, -1, :tt.D_OUT], b)
+  batch = {"x": x, "y": tt.randint(2, (tt.B,), tt.D_OUT)}
+  with pytest.warns(UserWarning, match="no Kronecker block for 8 weight") as record:
+    _init(loss_fn, params, batch)
+  msg = str(record[0].message)
+  assert all(f"['{g}']['kernel']: used by concatenate" in msg
+             for g in ("ii", "if", "ig", "io", "hi", "hf", "hg", "ho")), msg
+  assert "['bias']" not in msg
+  _init_silently(loss_fn, params, batch, blocks={"kernel": "diag"})
 
 
 @pytest.mark.parametrize("choice", ["diag", "none"])

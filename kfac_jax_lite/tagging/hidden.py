@@ -63,11 +63,21 @@ def multiplied_operands(eqn: jex_core.JaxprEqn) -> set[int]:
   return out
 
 
-def _multiplied_inputs(jaxpr: jex_core.Jaxpr) -> set[int]:
-  """Input positions of ``jaxpr`` whose values reach a product's operand."""
-  origin: dict[Any, frozenset[int]] = {v: frozenset({j}) for j, v in enumerate(jaxpr.invars)}
+def concatenated_into_product(jaxpr: jex_core.Jaxpr, index: int) -> bool:
+  """Whether the output of ``jaxpr.eqns[index]`` (a ``concatenate`` of
+  parameters: a fused kernel, Flax's ``OptimizedLSTMCell``) reaches a product."""
+  return bool(_multiplied_inputs(jaxpr, {jaxpr.eqns[index].outvars[0]: frozenset({0})},
+                                 index + 1))
+
+
+def _multiplied_inputs(jaxpr: jex_core.Jaxpr, origin: dict[Any, frozenset[int]] | None = None,
+                       start: int = 0) -> set[int]:
+  """Input positions of ``jaxpr`` (or labels of ``origin``'s variables) whose
+  values reach a product's operand, from equation ``start`` on."""
+  if origin is None:
+    origin = {v: frozenset({j}) for j, v in enumerate(jaxpr.invars)}
   hits: set[int] = set()
-  for eqn in jaxpr.eqns:
+  for eqn in jaxpr.eqns[start:]:
     sources = [frozenset() if isinstance(v, jex_core.Literal) else origin.get(v, frozenset())
                for v in eqn.invars]
     name = eqn.primitive.name
@@ -75,6 +85,8 @@ def _multiplied_inputs(jaxpr: jex_core.Jaxpr) -> set[int]:
       hits.update(*sources)
     elif name in _PASS_THROUGH and sources and sources[0]:
       origin[eqn.outvars[0]] = sources[0]
+    elif name == "concatenate" and any(sources):
+      origin[eqn.outvars[0]] = frozenset().union(*sources)
     elif any(sources) and has_sub_jaxprs(eqn):
       for k in multiplied_operands(eqn):
         hits.update(sources[k])

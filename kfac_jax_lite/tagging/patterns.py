@@ -198,7 +198,8 @@ class _Walker:
       if isinstance(found, str):
         name = f"{name} ({found})"
 
-      self._use_all(eqn, in_views, name)
+      self._use_all(eqn, in_views, name,
+                    name == "concatenate" and hidden.concatenated_into_product(jaxpr, i))
       self._mark_data(eqn, data_env, any_data)
 
     out_views = [view_of(v) for v in jaxpr.outvars]
@@ -214,17 +215,18 @@ class _Walker:
     if flag:
       data_env.update(eqn.outvars)
 
-  def _use_all(self, eqn, in_views: list[ParamView | None], what: str) -> None:
+  def _use_all(self, eqn, in_views: list[ParamView | None], what: str,
+               into_product: bool = False) -> None:
     """Records an unmatched use of every parameter operand, and which of them
-    a matrix product or convolution reads (here, or inside a ``cond`` / ``while``
-    / rolled ``scan``)."""
+    a matrix product or convolution reads (here, inside a ``cond`` / ``while``
+    / rolled ``scan``, or, ``into_product``, after this equation)."""
     if all(pv is None for pv in in_views):
       return
     inside = hidden.multiplied_operands(eqn) if hidden.has_sub_jaxprs(eqn) else set()
     for k, pv in enumerate(in_views):
       if pv is not None:
         self._use(pv, what)
-        if eqn.primitive.name in hidden.PRODUCTS or k in inside:
+        if into_product or eqn.primitive.name in hidden.PRODUCTS or k in inside:
           self.result.products.add(pv.index)
 
   def _add_registered(self, eqn, path: Path, in_views: list[ParamView | None]) -> None:
