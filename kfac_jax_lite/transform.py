@@ -17,6 +17,7 @@ Non-finite statistics or inverses are never committed to the state.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -30,6 +31,7 @@ from kfac_jax_lite.options import (EstimatorOptions, InverseOptions, LayerOption
                                    ParallelOptions, as_estimator, check_type)
 from kfac_jax_lite.step import estimate, precondition, refresh, step_size
 from kfac_jax_lite.step.layers import LayerCache
+from kfac_jax_lite.tagging import report
 from kfac_jax_lite.tagging.layers import TaggedLoss
 from kfac_jax_lite.tagging.trace import abstractify, varying_axes
 
@@ -234,6 +236,8 @@ def scale_by_kfac(
     else:
       full = params
     tagged = layer_cache(full)
+    if (message := report.fallback_warning(tagged, layers.blocks)) is not None:
+      warnings.warn(message, UserWarning, stacklevel=2)
     stats_batch = estimate.leading_fraction(layer_cache.sample_batch, estimator.batch_fraction)
     return _init_state(tagged, params, seed, estimator, parallel, _zero_diagnostics(
         layer_cache(full, stats_batch), full, stats_batch, estimator))

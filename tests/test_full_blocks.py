@@ -83,8 +83,8 @@ def test_full_block_errors(setup, blocks, message):
 def test_full_block_where_nothing_was_detected_is_an_error(setup):
   params, batch = setup
 
-  def loss(p, b):
-    return loss_fn(p, b) + 1e-3 * jnp.sum(p["emb"] ** 2)
+  def loss(p, b):  # emb also read whole (a second, different use): no layer
+    return loss_fn(dict(p, w=p["w"] * jnp.mean(p["emb"])), b)
 
   with pytest.raises(ValueError, match="full block for \\['emb'\\], but no layer"):
     kfl.find_layers(loss, params, batch, layers=kfl.LayerOptions(blocks={"emb": "full"}))

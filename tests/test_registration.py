@@ -82,11 +82,16 @@ def test_registered_factors_and_update_match_closed_form(setup):
 def test_registered_weight_used_elsewhere_is_an_error(setup):
   params, batch = setup
 
-  def loss(p, b):
-    return registered_loss(p, b) + 1e-3 * jnp.sum(p["w"] ** 2)
+  def loss(p, b):  # w also scales the logits: a second use on the predictions' path
+    y = kfl.register_dense(elementwise_dense, b[0], p["w"], p["b"]) * jnp.sum(p["w"])
+    return kfl.losses.softmax_cross_entropy(y, b[1])
 
   with pytest.raises(ValueError, match=r"\['w'\] is registered with kfl.register_dense"):
     kfl.find_layers(loss, params, batch)
+  # A weight-decay term is off that path: no Fisher, not a second use.
+  penalized = lambda p, b: registered_loss(p, b) + 1e-3 * jnp.sum(p["w"] ** 2)
+  assert str(kfl.find_layers(penalized, params, batch)) == str(
+      kfl.find_layers(registered_loss, params, batch))
 
 
 def test_registration_with_wrong_shapes_is_an_error(setup):

@@ -120,6 +120,8 @@ class TaggedLoss:
   traced: TracedLoss
   layers: tuple[Layer, ...]
   marker: patterns.LossMarker
+  # Leaves a matrix product or convolution reads (see report.fallback_warning).
+  products: frozenset[int] = frozenset()
 
   @property
   def factored(self) -> tuple[Layer, ...]:
@@ -141,7 +143,10 @@ class TaggedLoss:
     return tuple(l for l in self.layers if l.kind == "frozen")
 
 
-def _describe(uses: list[str]) -> str:
+def _describe(uses: list[str], referenced: bool = False) -> str:
+  if not uses and referenced:
+    return ("used only off the path to the registered distribution's predictions "
+            "(e.g. a weight-decay term): no Fisher: diagonal fallback")
   if not uses:
     return "not used by the loss: diagonal fallback"
   kinds = sorted({u.split("@")[0] for u in uses})
@@ -276,18 +281,18 @@ def tag(traced: TracedLoss, approximation: Mapping[str, str] | None = None,
     if i in owned:
       continue
     choice = grouping.match_override(keystr(path), blocks)
-    uses = grouping.leaf_uses(found.uses, i)
+    why = _describe(grouping.leaf_uses(found.uses, i), i in found.referenced)
     if choice in ("kron", "full"):
       raise ValueError(
           f"blocks asks for a {'Kronecker' if choice == 'kron' else 'full'} block for "
-          f"{keystr(path)}, but no layer was detected there ({_describe(uses)}).")
+          f"{keystr(path)}, but no layer was detected there ({why}).")
     owned[i] = [_fallback(path, i, "blocks override: not preconditioned", "none")
                 if choice == "none" else _fallback(
-                    path, i, "blocks override: diagonal" if choice == "diag"
-                    else _describe(uses))]
+                    path, i, "blocks override: diagonal" if choice == "diag" else why)]
   unique = {id(l): l for ls in owned.values() for l in ls}.values()
-  return TaggedLoss(traced=traced, marker=marker, layers=tuple(
-      sorted(unique, key=lambda l: (l.weight_index, l.match.weight_part or () if l.match else ()))))
+  order = lambda l: (l.weight_index, l.match.weight_part or () if l.match else ())
+  return TaggedLoss(traced=traced, marker=marker, products=frozenset(found.products),
+                    layers=tuple(sorted(unique, key=order)))
 
 
 class LayerList(list):

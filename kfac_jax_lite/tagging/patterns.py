@@ -28,7 +28,7 @@ import numpy as np
 
 from kfac_jax_lite.losses import MARKER_PREFIX
 from kfac_jax_lite.registration import REGISTRATION_PREFIX
-from kfac_jax_lite.tagging import conv, dense, embedding, scale
+from kfac_jax_lite.tagging import conv, dense, embedding, hidden, relevance, scale
 from kfac_jax_lite.tagging.match import Match, ParamView, Path
 from kfac_jax_lite.tagging.trace import TYPE_ONLY_PRIMITIVES, inlined_body
 
@@ -61,29 +61,28 @@ class WalkResult:
   uses: dict[tuple[int, Any], list[str]] = dataclasses.field(default_factory=dict)
   # (param index, part) -> "weight" | "bias", for layers registered by hand.
   registered: dict[tuple[int, Any], str] = dataclasses.field(default_factory=dict)
-
-
-def _use_counts(jaxpr: jex_core.Jaxpr) -> dict[Any, int]:
-  counts: dict[Any, int] = {}
-  for eqn in jaxpr.eqns:
-    for v in eqn.invars:
-      if not isinstance(v, jex_core.Literal):
-        counts[v] = counts.get(v, 0) + 1
-  for v in jaxpr.outvars:
-    if not isinstance(v, jex_core.Literal):
-      counts[v] = counts.get(v, 0) + 1
-  return counts
+  # Parameter indices read by any equation of the loss (relevant or not).
+  referenced: set[int] = dataclasses.field(default_factory=set)
+  # Parameter indices a matrix product or convolution on the path to the
+  # predictions reads (as a detected layer or not).
+  products: set[int] = dataclasses.field(default_factory=set)
 
 
 class _Walker:
   """One pass over the jaxpr tree; fills a :class:`WalkResult`."""
 
-  def __init__(self):
+  def __init__(self, relevant: relevance.Relevant):
     self.result = WalkResult()
+    # Variables on a path to a registered distribution's predictions, per
+    # jaxpr: only their equations are layers or uses (see :mod:`.relevance`).
+    self._relevant = relevant
     # Matches still looking for a bias, by id of their product's output variable.
     # Each entry also holds the permutation of transposes between the product
     # and the current variable (``jax.vmap(lambda x: W @ x + b)`` transposes).
     self._pending: dict[int, tuple[Match, tuple[int, ...] | None]] = {}
+    # Pending products that are zero (an RNN's zero initial carry times its
+    # hidden-to-hidden kernel): a use of the weight only if a bias is added.
+    self._zero: dict[int, ParamView] = {}
 
   def _use(self, view: ParamView, what: str) -> None:
     self.result.uses.setdefault(view.key, []).append(what)
@@ -103,7 +102,8 @@ class _Walker:
         view_env[v] = pv
       if d:
         data_env.add(v)
-    counts = _use_counts(jaxpr)
+    counts = relevance.use_counts(jaxpr, prefix, self._relevant)
+    live = self._relevant.get(prefix, set())
 
     def view_of(atom):
       return None if isinstance(atom, jex_core.Literal) else view_env.get(atom)
@@ -118,27 +118,31 @@ class _Walker:
       in_data = [is_data(a) for a in eqn.invars]
       any_data = any(in_data)
 
-      if name in ("jit", "pjit") and str(eqn.params.get("name", "")).startswith(MARKER_PREFIX):
+      if relevance.is_marker(eqn):
         self.result.markers.append(LossMarker(
-            path, str(eqn.params["name"])[len(MARKER_PREFIX):],
+            path, relevance.call_name(eqn)[len(MARKER_PREFIX):],
             tuple(eqn.invars[0].aval.shape)))
-        for pv in in_views:
-          if pv is not None:
-            self._use(pv, "loss")
+        if in_views[0] is not None:  # the predictions are a parameter
+          self._use(in_views[0], "loss")
         self._mark_data(eqn, data_env, any_data)
         continue
 
-      if name in ("jit", "pjit") and str(eqn.params.get("name", "")).startswith(
-          REGISTRATION_PREFIX):
-        self._add_registered(eqn, path, in_views)
-        self._mark_data(eqn, data_env, True)
+      needed = any(v in live for v in eqn.outvars)
+      if relevance.call_name(eqn).startswith(REGISTRATION_PREFIX):
+        if needed:
+          self._add_registered(eqn, path, in_views)
+          self._mark_data(eqn, data_env, True)
+        continue
+
+      body = inlined_body(eqn)
+      if not needed and body is None:  # off the path to the predictions
         continue
 
       if _is_zero(eqn, zero_env):
         zero_env.add(eqn.outvars[0])
+        self._zero_product(eqn, path, in_views, zero_env, counts)
         continue
 
-      body = inlined_body(eqn)
       if body is not None:
         sub_jaxpr, consts = body
         n_const = len(consts)
@@ -194,15 +198,14 @@ class _Walker:
       if isinstance(found, str):
         name = f"{name} ({found})"
 
-      for pv in in_views:
-        if pv is not None:
-          self._use(pv, name)
+      self._use_all(eqn, in_views, name,
+                    name == "concatenate" and hidden.concatenated_into_product(jaxpr, i))
       self._mark_data(eqn, data_env, any_data)
 
     out_views = [view_of(v) for v in jaxpr.outvars]
     out_data = [is_data(v) for v in jaxpr.outvars]
-    for pv in out_views:  # a parameter returned from a call is used outside
-      if pv is not None and not prefix:
+    for v, pv in zip(jaxpr.outvars, out_views):  # a parameter returned from a call
+      if pv is not None and not prefix and v in live:  # is used outside
         self._use(pv, "output")
     self._flush(prefix)
     return out_views, out_data
@@ -211,6 +214,20 @@ class _Walker:
   def _mark_data(eqn, data_env: set[Any], flag: bool) -> None:
     if flag:
       data_env.update(eqn.outvars)
+
+  def _use_all(self, eqn, in_views: list[ParamView | None], what: str,
+               into_product: bool = False) -> None:
+    """Records an unmatched use of every parameter operand, and which of them
+    a matrix product or convolution reads (here, inside a ``cond`` / ``while``
+    / rolled ``scan``, or, ``into_product``, after this equation)."""
+    if all(pv is None for pv in in_views):
+      return
+    inside = hidden.multiplied_operands(eqn) if hidden.has_sub_jaxprs(eqn) else set()
+    for k, pv in enumerate(in_views):
+      if pv is not None:
+        self._use(pv, what)
+        if into_product or eqn.primitive.name in hidden.PRODUCTS or k in inside:
+          self.result.products.add(pv.index)
 
   def _add_registered(self, eqn, path: Path, in_views: list[ParamView | None]) -> None:
     """A ``kfl.register_dense`` equation: one dense layer, body not inspected."""
@@ -221,6 +238,7 @@ class _Walker:
     self.result.layers.append(found)
     self.result.registered[found.weight_index, found.weight_part] = "weight"
     self._use(in_views[found.weight_operand], f"dense@{path}")
+    self.result.products.add(found.weight_index)
     if bias:
       self._use(in_views[-1], f"bias@{path}")
       self.result.registered[found.bias_index, found.bias_part] = "bias"
@@ -228,10 +246,28 @@ class _Walker:
   def _add_layer(self, match: Match, pv: ParamView, eqn, counts) -> None:
     match = dataclasses.replace(match, weight_part=pv.part)
     self._use(pv, f"{match.kind}@{match.path}")
+    if match.kind in ("dense", "conv"):
+      self.result.products.add(pv.index)
     if match.takes_bias and counts.get(eqn.outvars[0], 0) == 1:  # a bias add may follow
       self._pending[id(eqn.outvars[0])] = (match, None)
     else:
       self.result.layers.append(match)
+
+  def _zero_product(self, eqn, path: Path, in_views: list[ParamView | None],
+                    zero_env: set[Any], counts: dict[Any, int]) -> None:
+    """A product of a weight and an all-zero activation (``h_0 @ W_h`` with a
+    zero initial carry) waits for a bias: ``0 @ W_h + b_h`` reads ``b_h`` as
+    that use's bias, with input ``[0; 1]`` (so the bias joins ``W_h``'s
+    block); without a bias add it is no use of ``W_h`` at all."""
+    matcher = MATCHERS.get(eqn.primitive.name)
+    if eqn.primitive.name not in hidden.PRODUCTS or counts.get(eqn.outvars[0], 0) != 1:
+      return
+    zeros = [not isinstance(a, jex_core.Literal) and a in zero_env for a in eqn.invars]
+    found = matcher(eqn, path, in_views, zeros)
+    if isinstance(found, Match) and found.takes_bias:
+      pv = in_views[found.weight_operand]
+      self._pending[id(eqn.outvars[0])] = (dataclasses.replace(found, weight_part=pv.part), None)
+      self._zero[id(eqn.outvars[0])] = pv
 
   def _follow_pending(self, eqn) -> bool:
     """Carries a product still looking for its bias through a transpose, or a
@@ -252,6 +288,8 @@ class _Walker:
       return False
     del self._pending[id(eqn.invars[0])]
     self._pending[id(eqn.outvars[0])] = (match, perm)
+    if id(eqn.invars[0]) in self._zero:
+      self._zero[id(eqn.outvars[0])] = self._zero.pop(id(eqn.invars[0]))
     return True
 
   def _match_bias(self, eqn, path, in_views) -> bool:
@@ -266,6 +304,10 @@ class _Walker:
                                                            match):
         continue
       del self._pending[id(eqn.invars[k])]
+      weight = self._zero.pop(id(eqn.invars[k]), None)
+      if weight is not None:  # a zero product: its bias makes it a use
+        self._use(weight, f"{match.kind}@{match.path}")
+        self.result.products.add(weight.index)
       self.result.layers.append(dataclasses.replace(
           match, out_path=path, bias_index=pv.index, bias_part=pv.part))
       self._use(pv, f"bias@{path}")
@@ -276,7 +318,8 @@ class _Walker:
     """Commits matches of this jaxpr that found no bias."""
     for key, (match, _) in list(self._pending.items()):
       if match.path[:len(prefix)] == prefix and len(match.path) == len(prefix) + 1:
-        self.result.layers.append(match)
+        if self._zero.pop(key, None) is None:  # a zero product with no bias is no use
+          self.result.layers.append(match)
         del self._pending[key]
 
 
@@ -345,6 +388,7 @@ def walk(closed: jex_core.ClosedJaxpr, num_params: int) -> WalkResult:
       for i, v in enumerate(closed.jaxpr.invars[:num_params])]
   views += [None] * (n_in - num_params)
   data = [False] * num_params + [True] * (n_in - num_params)
-  walker = _Walker()
+  walker = _Walker(relevance.relevant_vars(closed.jaxpr))
   walker.walk(closed.jaxpr, views, data, ())
+  walker.result.referenced = relevance.referenced(closed.jaxpr, num_params)
   return walker.result

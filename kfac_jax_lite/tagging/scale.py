@@ -70,6 +70,22 @@ class ShiftMatch(ScaleMatch):
   takes_bias = False
 
 
+def _feature_axes(pv: ParamView, op_shape: tuple[int, ...]) -> tuple[int, ...] | None:
+  """The operand axes along which a (broadcast) parameter operand varies.
+
+  For ``jnp.broadcast_to(γ, x.shape)`` (kfac-jax's and Haiku's LayerNorm
+  forms) the operand has the activation's full shape, but its values vary
+  only along the axes the broadcast maps ``γ``'s non-unit axes to; ``None``
+  when the broadcast reorders them.
+  """
+  last = pv.chain[-1] if pv.chain else None
+  if last is None or last.primitive.name != "broadcast_in_dim":
+    return tuple(d for d, o in enumerate(op_shape) if o != 1)
+  src = tuple(last.invars[0].aval.shape)
+  dims = tuple(d for d, n in zip(last.params["broadcast_dimensions"], src) if n != 1)
+  return dims if list(dims) == sorted(dims) else None
+
+
 def _match(eqn: Any, path: Path, in_views: Sequence[ParamView | None],
            in_data: Sequence[bool], cls: type[ScaleMatch]) -> ScaleMatch | None:
   out_shape = tuple(eqn.outvars[0].aval.shape)
@@ -78,15 +94,15 @@ def _match(eqn: Any, path: Path, in_views: Sequence[ParamView | None],
     if pv is None or in_views[act] is not None or not in_data[act]:
       continue
     op_shape = tuple(eqn.invars[w].aval.shape)
+    features = _feature_axes(pv, op_shape)
     # out_shape[0] > 1: the product must carry a batch axis. (BatchNorm's
     # scale * rsqrt(batch variance) does not: per-example gradients cannot be
     # read there, and the scale keeps the diagonal fallback.)
-    if (len(op_shape) != len(out_shape) or not out_shape or out_shape[0] == 1
-        or any(o not in (1, n) for o, n in zip(op_shape, out_shape))
+    if (features is None or len(op_shape) != len(out_shape) or not out_shape
+        or out_shape[0] == 1 or any(o not in (1, n) for o, n in zip(op_shape, out_shape))
         or any(e.primitive.name == "transpose" for e in pv.chain)):
       return None
-    features = tuple(d for d, o in enumerate(op_shape) if o != 1)
-    if 0 in features or math.prod(op_shape) != math.prod(pv.root_shape):
+    if 0 in features or math.prod(out_shape[d] for d in features) != math.prod(pv.root_shape):
       return None  # varies along the batch axis, or repeats its values
     return cls(path=path, weight_index=pv.index, weight_operand=w, weight_chain=(),
                weight_shape=op_shape, out_shape=out_shape, out_path=path,
