@@ -21,14 +21,14 @@ throwaway state. The runs then advance interleaved in chunks of ``--chunk``
 steps (the order rotating each round, ``timing.interleave``) so that the
 load of a shared machine hits all alike; a chunk's wall-clock is measured
 from its first dispatch to ``block_until_ready`` of its last state, and the
-held-out loss is evaluated after each chunk, outside the timed region.
+evaluation loss is evaluated after each chunk, outside the timed region.
 
-Figures. Tuned AdamW is the AdamW grid point with the lowest final held-out
+Figures. Tuned AdamW is the AdamW grid point with the lowest final evaluation
 loss; its final loss is the target. For tuned Muon (chosen the same way),
 K-FAC and each variant: seconds to first reach the target (linear
 interpolation inside an evaluation interval; "never" if not reached) as a
 ratio to tuned AdamW's seconds to first reach it, the same ratio of steps,
-the mean step time over AdamW's, the final held-out loss, and the loss at
+the mean step time over AdamW's, the final evaluation loss, and the loss at
 tuned AdamW's total train seconds ("(end)": the run was shorter; its final
 loss). Printed as a markdown table, written as JSON (``--json``) and a PNG
 (``--png``, one panel per model).
@@ -71,7 +71,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class ChunkRunner(timing.TimedSteps):
-  """A compiled step run in timed chunks, its held-out loss after each chunk.
+  """A compiled step run in timed chunks, its evaluation loss after each chunk.
 
   Attributes:
     curve: the :class:`Curve` filled in as the run goes.
@@ -163,7 +163,9 @@ def header(specs: Sequence[suite_optim.OptSpec], fallback: bool,
       f"python {platform.python_version()}, jax {jax.__version__}, optax "
       f"{optax.__version__}, flax {flax.__version__}, commit {git_commit()}, "
       f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}",
-      "load average at start: " + " ".join(f"{x:.2f}" for x in load)]
+      "load average at start: " + " ".join(f"{x:.2f}" for x in load),
+      f"evaluation loss: digits models on their {suite_tasks.EVAL_SPLIT} images, the LM "
+      "on held-out text"]
   if fallback:
     lines.append("NOTE: kfl.kfac(loss_fn, batch) still requires learning_rate; K-FAC "
                  "configs without one use the README's settings "
@@ -194,6 +196,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--png", default="suite.png")
   parser.add_argument("--no-layers", action="store_true",
                       help="do not print kfl.find_layers of each model")
+  parser.add_argument("--eval", choices=("train", "heldout"), default="train",
+                      help="digits models: evaluation loss on the training or test images "
+                      "(the LM is always evaluated on held-out text)")
   parser.add_argument("--baselines", default="adamw,muon",
                       help="tuned baselines to run (AdamW is the reference: always run)")
   args = parser.parse_args(argv)
@@ -211,6 +216,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     What the JSON holds: ``header``, ``summaries`` and ``curves`` per model.
   """
   args = parse_args(argv)
+  suite_tasks.EVAL_SPLIT = args.eval
   load_start = os.getloadavg()
   wall = time.perf_counter()
   specs = [suite_optim.OptSpec("adamw", "adamw", suite_optim.ADAMW_GRID),
