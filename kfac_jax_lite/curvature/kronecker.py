@@ -17,6 +17,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from kfac_jax_lite import _cpu_blas
 from kfac_jax_lite.curvature.damping import factored_damping
 
 INVERSE_METHODS = ("eigh", "cholesky")
@@ -29,6 +30,10 @@ def ema(old: jax.Array, new: jax.Array, decay: jax.Array) -> jax.Array:
 
 def damped_inverse(m: jax.Array, shift: jax.Array, method: str) -> jax.Array:
   """``(m + shift I)^{-1}`` for a symmetric PSD ``m``, in float32.
+
+  On a CPU backend both methods are LAPACK calls; the first trace of a matrix
+  inverse limits the BLAS library behind them to one thread
+  (:mod:`kfac_jax_lite._cpu_blas`).
 
   Args:
     m: square symmetric positive semi-definite matrix, or the diagonal (a
@@ -43,6 +48,7 @@ def damped_inverse(m: jax.Array, shift: jax.Array, method: str) -> jax.Array:
   m = m.astype(jnp.float32)
   if m.ndim == 1:
     return 1.0 / (jnp.maximum(m, 0.0) + shift)
+  _cpu_blas.limit_lapack_threads()
   m = 0.5 * (m + m.T)
   if method == "eigh":
     evals, evecs = jnp.linalg.eigh(m)
