@@ -133,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for model in args.models:
       for config in CONFIGS[r % 3:] + CONFIGS[:r % 3]:
         runs.setdefault((model, config), []).append(_run_child(config, model, steps))
+        print(f"round {r + 1}/{rounds}: {model} {config} done", file=sys.stderr, flush=True)
   print("load at end " + " / ".join(f"{x:.1f}" for x in os.getloadavg()))
   print(f"\n| model | configuration | median step | mean | max | inverse steps median | "
         f"inverse steps max | other steps median |\n|{' --- |' * 8}")
