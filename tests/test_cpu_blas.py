@@ -47,23 +47,34 @@ print(json.dumps(dict(numpy_libs=sorted(numpy_libs), scipy_libs=sorted(scipy_lib
 """
 
 
-def _run_child(mode: str, **env: str) -> dict:
-  """Runs ``_CHILD`` with no BLAS thread variable set except ``env``."""
+def _start_child(mode: str, **env: str) -> subprocess.Popen:
+  """Starts ``_CHILD`` with no BLAS thread variable set except ``env``."""
   child_env = {k: v for k, v in os.environ.items()
                if k not in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                             "BLIS_NUM_THREADS", "OMP_NUM_THREADS")}
   child_env.update(env, JAX_PLATFORMS="cpu",
                    PYTHONPATH=os.pathsep.join([_ROOT, child_env.get("PYTHONPATH", "")]))
-  out = subprocess.run([sys.executable, "-c", _CHILD, mode], env=child_env, cwd=_ROOT,
-                       capture_output=True, text=True, timeout=120, check=True)
-  result = json.loads(out.stdout.strip().splitlines()[-1])
-  if not result["scipy_libs"]:
+  return subprocess.Popen([sys.executable, "-c", _CHILD, mode], env=child_env, cwd=_ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def children() -> dict[str, dict]:
+  """Both children's reports, run concurrently (each mostly imports jax)."""
+  procs = {"default": _start_child("raise"),
+           "explicit": _start_child("keep", OPENBLAS_NUM_THREADS="2")}
+  results = {}
+  for name, proc in procs.items():
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    results[name] = json.loads(out.strip().splitlines()[-1])
+  if not results["default"]["scipy_libs"]:
     pytest.skip("scipy and numpy share one BLAS library here: no separate pool to check")
-  return result
+  return results
 
 
-def test_first_cpu_inverse_limits_only_the_lapack_blas():
-  result = _run_child("raise")
+def test_first_cpu_inverse_limits_only_the_lapack_blas(children):
+  result = children["default"]
   assert result["error"] < 1e-4
   for lib in result["scipy_libs"]:
     assert result["before"][lib] == 3
@@ -72,7 +83,7 @@ def test_first_cpu_inverse_limits_only_the_lapack_blas():
     assert result["after"][lib] == 3, f"numpy's BLAS changed: {lib}"
 
 
-def test_explicit_thread_variable_is_respected():
-  result = _run_child("keep", OPENBLAS_NUM_THREADS="2")
+def test_explicit_thread_variable_is_respected(children):
+  result = children["explicit"]
   for lib in result["scipy_libs"]:
     assert result["after"][lib] == result["before"][lib], lib
