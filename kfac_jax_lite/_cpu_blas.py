@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import warnings
 
 import jax
 import threadpoolctl
@@ -83,10 +84,13 @@ def limit_lapack_threads() -> None:
 
 @functools.cache
 def _limit_once() -> None:
+  """The body of :func:`limit_lapack_threads`, run once per process."""
   if jax.default_backend() != "cpu" or any(v in os.environ for v in _THREAD_VARIABLES):
     return
   path = lapack_library_path()
   if path is None:
     return
-  controller = threadpoolctl.ThreadpoolController().select(filepath=path)
-  controller.limit(limits=1)
+  with warnings.catch_warnings():  # e.g. two OpenMP runtimes loaded: not ours to report
+    warnings.simplefilter("ignore")
+    controller = threadpoolctl.ThreadpoolController()
+  controller.select(filepath=path).limit(limits=1)
