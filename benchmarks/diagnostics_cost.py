@@ -30,7 +30,6 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # Before jax/scipy load BLAS.
 
 import jax  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position

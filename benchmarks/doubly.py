@@ -32,7 +32,7 @@ with a bias block ``B [10, 10]``. In one process:
 4609 x 4609 factor takes about 20 s on one CPU core (Cholesky about 7 s).
 Run ``python benchmarks/doubly.py`` (``--rounds``, ``--round-steps``,
 ``--inverse-calls``, ``--inverse-method``, ``--quick``); it prints markdown
-tables. ``OPENBLAS_NUM_THREADS`` defaults to 1 (see ``examples/digits.py``).
+tables.
 """
 
 from __future__ import annotations
@@ -43,12 +43,10 @@ import sys
 import time
 from typing import Any, Sequence
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # Before jax/scipy load BLAS.
-
-import flax.linen as nn  # pylint: disable=wrong-import-position
-import jax  # pylint: disable=wrong-import-position
-import jax.numpy as jnp  # pylint: disable=wrong-import-position
-import numpy as np  # pylint: disable=wrong-import-position
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
 import common  # pylint: disable=wrong-import-position

@@ -27,7 +27,6 @@ each, in one process:
 
 Run ``python benchmarks/families.py`` (``--rounds``, ``--round-steps``,
 ``--stats-calls``, ``--models``, ``--quick``); it prints markdown tables.
-``OPENBLAS_NUM_THREADS`` defaults to 1 (see ``examples/digits.py``).
 """
 
 from __future__ import annotations
@@ -39,10 +38,8 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # Before jax/scipy load BLAS.
-
-import jax  # pylint: disable=wrong-import-position
-import numpy as np  # pylint: disable=wrong-import-position
+import jax
+import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
 import common  # pylint: disable=wrong-import-position

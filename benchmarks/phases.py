@@ -23,11 +23,9 @@ import sys
 import time
 from typing import Any, Callable
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # Before jax/scipy load BLAS.
-
-import jax  # pylint: disable=wrong-import-position
-import jax.numpy as jnp  # pylint: disable=wrong-import-position
-import numpy as np  # pylint: disable=wrong-import-position
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
 import digits  # pylint: disable=wrong-import-position

@@ -29,8 +29,7 @@ the tuned optimizers of ``examples/digits.py``:
 
 Every step is timed to completion (``jax.block_until_ready``); compilation is
 ahead of time and excluded (it dominates the run time: about 30 step
-compilations). ``OPENBLAS_NUM_THREADS`` defaults to 1 (see
-``examples/digits.py``). Run ``python benchmarks/scaling.py`` (``--quick``
+compilations). Run ``python benchmarks/scaling.py`` (``--quick``
 for a short run on 1 and 8 devices, 60 steps in part 2; ``--scaling-only``
 for part 1 alone).
 """
@@ -47,8 +46,6 @@ import sys
 import math
 import time
 from typing import Any, Sequence
-
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # Before jax/scipy load BLAS.
 
 
 def _requested_devices(argv: Sequence[str]) -> int | None:

@@ -19,9 +19,8 @@ process:
    time Adam took; then the train time K-FAC needs to first reach that loss
    (evaluated every 10 steps, at most 1000 steps).
 
-The optimizer settings are the tuned ones of ``examples/digits.py``.
-``OPENBLAS_NUM_THREADS`` defaults to 1 (see that file); pass ``--quick`` for
-a short run.
+The optimizer settings are the tuned ones of ``examples/digits.py``; pass
+``--quick`` for a short run.
 """
 
 from __future__ import annotations
@@ -32,12 +31,10 @@ import platform
 import sys
 from typing import Any
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # Before jax/scipy load BLAS.
+import jax
+import numpy as np
 
-import jax  # pylint: disable=wrong-import-position
-import numpy as np  # pylint: disable=wrong-import-position
-
-import kfac_jax_lite as kfl  # pylint: disable=wrong-import-position
+import kfac_jax_lite as kfl
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
 import digits  # pylint: disable=wrong-import-position

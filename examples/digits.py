@@ -30,11 +30,6 @@ got the best setting of its own grid:
   first 100 steps but noisier later. Momentum 0.9, ``stats_every=1``,
   ``inverse_every=10``, ``ema_decay=0.95``, one-sample MC Fisher, ``eigh``.
 
-On CPU, jax's eigen/Cholesky kernels call scipy's OpenBLAS, whose worker
-threads fight XLA's own thread pool; with few cores this made K-FAC's inverse
-steps up to 10-60x slower in our measurements, so ``OPENBLAS_NUM_THREADS`` defaults
-to 1 here (set it in the environment to override).
-
 Run ``python examples/digits.py`` (``--steps``, ``--out``, ``--quick``).
 """
 
@@ -45,11 +40,9 @@ import os
 import sys
 from typing import Any, Sequence
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # Before jax/scipy load BLAS.
-
-import jax  # pylint: disable=wrong-import-position
-import jax.numpy as jnp  # pylint: disable=wrong-import-position
-import optax  # pylint: disable=wrong-import-position
+import jax
+import jax.numpy as jnp
+import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # pylint: disable=wrong-import-position

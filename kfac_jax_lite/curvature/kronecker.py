@@ -17,6 +17,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from kfac_jax_lite import _cpu_blas
 from kfac_jax_lite.curvature import diagonal
 
 INVERSE_METHODS = ("eigh", "cholesky")
@@ -30,6 +31,10 @@ def ema(old: jax.Array, new: jax.Array, decay: jax.Array) -> jax.Array:
 def damped_inverse(m: jax.Array, shift: jax.Array, method: str) -> jax.Array:
   """``(m + shift I)^{-1}`` for a symmetric PSD ``m``, in float32.
 
+  On a CPU backend both methods are LAPACK calls; the first trace of a matrix
+  inverse limits the BLAS library behind them to one thread
+  (:mod:`kfac_jax_lite._cpu_blas`).
+
   Args:
     m: square symmetric positive semi-definite matrix, or the diagonal (a
       vector) of a diagonal factor.
@@ -42,6 +47,7 @@ def damped_inverse(m: jax.Array, shift: jax.Array, method: str) -> jax.Array:
   """
   if m.ndim == 1:
     return diagonal.damped_inverse(m, shift)
+  _cpu_blas.limit_lapack_threads()
   m = m.astype(jnp.float32)
   m = 0.5 * (m + m.T)
   if method == "eigh":
