@@ -8,7 +8,7 @@ Python standard library's sources and a GRU reading digits row by row. Every
 loss is a ``kfl.losses`` function (mean over the batch).
 
 Optimizers (``suite_optim.py``): ``optax.adamw`` over learning rates
-{1e-3, 3e-3, 1e-2, 3e-2} (weight decay 1e-4), ``optax.contrib.muon`` over
+{1e-3, 3e-3, 1e-2, 3e-2, 1e-1} (weight decay 1e-4), ``optax.contrib.muon`` over
 the same grid, and K-FAC as ``kfl.kfac(loss_fn, sample_batch,
 **kwargs)`` with ``kwargs`` from ``--kfac key=value`` (none by default: the
 library's defaults), plus any ``--variant name:key=value,...`` configs.

@@ -25,10 +25,10 @@ import optax
 
 import kfac_jax_lite as kfl
 
-ADAMW_GRID = (1e-3, 3e-3, 1e-2, 3e-2)
+ADAMW_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 # Muon's learning rate multiplies an orthogonalized (unit spectral scale)
 # update, so its useful range sits above Adam's; Jordan's reference uses 0.02.
-MUON_GRID = (1e-3, 3e-3, 1e-2, 3e-2)
+MUON_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 ADAMW_WEIGHT_DECAY = 1e-4
 # The settings the README's usage example passes (used while kfl.kfac
 # requires a learning rate and none was given).

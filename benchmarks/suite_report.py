@@ -13,7 +13,7 @@ import numpy as np
 
 @dataclasses.dataclass
 class Curve:
-  """One optimizer run's held-out loss curve and its timing.
+  """One optimizer run's evaluation loss curve and its timing.
 
   Attributes:
     label: e.g. ``"adamw lr=0.003"``.
@@ -21,7 +21,7 @@ class Curve:
     lr: the grid learning rate (``None`` for K-FAC).
     steps: steps at the evaluations (0 = init).
     seconds: cumulative train-step wall-clock at the evaluations (compile excluded).
-    loss: held-out loss at the evaluations.
+    loss: evaluation loss at the evaluations.
     compile_s: compile time of the train step (shared by a grid).
   """
   label: str
@@ -34,7 +34,7 @@ class Curve:
 
   @property
   def final(self) -> float:
-    """The last held-out loss (``inf`` if not finite)."""
+    """The last evaluation loss (``inf`` if not finite)."""
     return self.loss[-1] if math.isfinite(self.loss[-1]) else math.inf
 
   @property
@@ -66,7 +66,7 @@ def loss_at(curve: Curve, seconds: float) -> tuple[float, bool]:
 
 
 def best(curves: Sequence[Curve]) -> Curve:
-  """The grid point with the lowest final held-out loss."""
+  """The grid point with the lowest final evaluation loss."""
   return min(curves, key=lambda c: c.final)
 
 
@@ -151,7 +151,7 @@ def format_table(summaries: Mapping[str, dict[str, Any]],
 
 def plot(curves: Mapping[str, Sequence[Curve]], summaries: Mapping[str, dict[str, Any]],
          titles: Mapping[str, str], floors: Mapping[str, float], path: str) -> None:
-  """One panel per model: held-out loss (minus its floor) vs train seconds, log y.
+  """One panel per model: evaluation loss (minus its floor) vs train seconds, log y.
 
   Draws the tuned AdamW and Muon grid points and every K-FAC config (the other
   grid points faint) and the target as a dotted line.
@@ -176,7 +176,7 @@ def plot(curves: Mapping[str, Sequence[Curve]], summaries: Mapping[str, dict[str
                label="target (tuned AdamW final)")
     ax.set_yscale("log")
     ax.set_xlabel("train seconds (compile excluded)")
-    ax.set_ylabel("held-out loss" + (f" − {floor:.3f} (floor)" if floor else ""))
+    ax.set_ylabel("evaluation loss" + (f" − {floor:.3f} (floor)" if floor else ""))
     ax.set_title(textwrap.fill(titles[model], 70), fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
