@@ -108,14 +108,13 @@ def compile_warm(step: Any, state: tuple[Any, ...], batch: Any,
   return compiled, seconds
 
 
-def make_runners(task: Task, specs: Sequence[suite_optim.OptSpec], fallback: bool,
+def make_runners(task: Task, specs: Sequence[suite_optim.OptSpec],
                  options: dict[str, Any] | None) -> list[ChunkRunner]:
   """One runner per grid point and K-FAC config, compiled and warmed up."""
   runners = []
   for spec in specs:
     if spec.family == "kfac":
-      kwargs = suite_optim.kfac_kwargs(spec.kwargs, fallback)
-      txs = [(None, suite_optim.make_kfac(task.loss_fn, task.batches[0], kwargs))]
+      txs = [(None, suite_optim.make_kfac(task.loss_fn, task.batches[0], spec.kwargs))]
     else:
       factory = suite_optim.grid_optimizer(spec.family, task.params)
       txs = [(lr, factory(lr)) for lr in spec.grid]
@@ -132,10 +131,10 @@ def make_runners(task: Task, specs: Sequence[suite_optim.OptSpec], fallback: boo
 
 
 def run_model(task: Task, specs: Sequence[suite_optim.OptSpec], steps: int, chunk: int,
-              fallback: bool, options: dict[str, Any] | None) -> list[Curve]:
+              options: dict[str, Any] | None) -> list[Curve]:
   """All runs of one model, interleaved in chunks; their curves."""
   start = time.perf_counter()
-  runners = make_runners(task, specs, fallback, options)
+  runners = make_runners(task, specs, options)
   setup = time.perf_counter() - start
   timing.interleave(runners, steps // chunk, chunk)
   print(f"{task.name}: setup and compilation {setup:.1f} s, runs "
@@ -152,7 +151,7 @@ def git_commit() -> str:
   return commit + ("+dirty" if git("status", "--porcelain") else "")
 
 
-def header(specs: Sequence[suite_optim.OptSpec], fallback: bool,
+def header(specs: Sequence[suite_optim.OptSpec],
            load: tuple[float, ...]) -> list[str]:
   """Machine, versions, commit, load and how each optimizer is called."""
   import flax  # pylint: disable=import-outside-toplevel
@@ -166,11 +165,7 @@ def header(specs: Sequence[suite_optim.OptSpec], fallback: bool,
       "load average at start: " + " ".join(f"{x:.2f}" for x in load),
       f"evaluation loss: digits models on their {suite_tasks.EVAL_SPLIT} images, the LM "
       "on held-out text"]
-  if fallback:
-    lines.append("NOTE: kfl.kfac(loss_fn, batch) still requires learning_rate; K-FAC "
-                 "configs without one use the README's settings "
-                 f"{suite_optim.README_SETTINGS}.")
-  lines += [f"{s.name}: {suite_optim.describe(s, fallback)}" for s in specs]
+  lines += [f"{s.name}: {suite_optim.describe(s)}" for s in specs]
   return lines
 
 
@@ -225,8 +220,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
            suite_optim.OptSpec("kfac", "kfac", (None,),
                                suite_optim.parse_kwargs(args.kfac, "--kfac")),
            *map(suite_optim.parse_variant, args.variant)]
-  fallback = suite_optim.kfac_fallback_needed()
-  lines = header(specs, fallback, load_start)
+  lines = header(specs, load_start)
   print("\n".join(lines), flush=True)
   options = common.FAST_COMPILE if args.quick else None
   chunk = args.chunk or (QUICK_CHUNK if args.quick else CHUNK)
@@ -236,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     task = TASKS[name](steps, args.quick)
     if not args.no_layers:
       suite_tasks.print_layers(task)
-    curves[name] = run_model(task, specs, steps, chunk, fallback, options)
+    curves[name] = run_model(task, specs, steps, chunk, options)
     summaries[name] = suite_report.summarize(curves[name])
     titles[name], floors[name] = f"{name}: {task.title}", task.floor
     print(suite_report.format_table({name: summaries[name]}, titles), flush=True)

@@ -556,7 +556,8 @@ def test_nnx_whole_state_leaves_batch_stats_untagged():
 
 STEPS = 20
 N_TRAIN, D_X, D_HID, CLASSES = 128, 16, 8, 4
-KFAC_SETTINGS = dict(learning_rate=0.1, damping=1e-2, kl_clip=1e-3, momentum=0.9)
+KFAC_SETTINGS = dict(learning_rate=0.1, damping=1e-2, kl_clip=1e-3, momentum=0.9, stats_every=1,
+                     inverse_every=10)
 
 
 @pytest.fixture(scope="module")
