@@ -10,7 +10,6 @@ block; plus costs, identities and the specs of a traced model's layers.
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +18,7 @@ import pytest
 
 import kfac_jax_lite as kfl
 from kfac_jax_lite.curvature import specs
-from kfac_jax_lite.inspection import _tagged
+from kfac_jax_lite.tagging import tag, trace_loss
 
 LAM = 0.3
 
@@ -128,7 +127,6 @@ def _model_loss(p, b):
   return kfl.losses.softmax_cross_entropy(h * p["s"] @ p["v"], b["y"])
 
 
-@functools.lru_cache(maxsize=None)
 def _model():
   rng = np.random.default_rng(5)
   f32 = lambda x: jnp.asarray(x, jnp.float32)
@@ -142,14 +140,14 @@ def _model():
 
 def test_spec_for_a_traced_model_and_its_estimates_have_the_spec_shapes():
   params, batch = _model()
-  layers = kfl.LayerOptions(blocks={r"\['v'\]": "full"})
-  tagged = _tagged(_model_loss, params, batch, layers)
+  blocks = {r"\['v'\]": "full"}
+  tagged = tag(trace_loss(_model_loss, params, batch), blocks=blocks)
   got = {l.name: specs.spec_for(l) for l in tagged.factored}
   assert got == {"['w']": specs.Kronecker((("A", (4, 4)), ("G", (4, 4)))),  # [W; b]
                  "['emb']": specs.Kronecker((("A", (7,)), ("G", (4, 4)))),
                  "['s']": specs.DiagonalFisher((1, 4)),
                  "['v']": specs.Full(8)}
   est = kfl.estimate_curvature(_model_loss, params, batch, key=jax.random.key(0),
-                               layers=layers)
+                               layers=kfl.LayerOptions(blocks=blocks))
   assert {n: {k: v.shape for k, v in f.items()} for n, f in est.items()} == {
       n: s.factor_shapes for n, s in got.items()}
