@@ -10,7 +10,6 @@ block; plus costs, identities and the specs of a traced model's layers.
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
