@@ -16,7 +16,7 @@ with a bias block ``B [10, 10]``. In one process:
    Reported: median and mean step (the mean carries the inverse steps) and
    their K-FAC/Adam ratios, and the compile time.
 2. One inverse refresh: the damped inverses of every block
-   (``kfac_jax_lite.blocks.inverses``) of the trained state's factors, jitted
+   (``Block.inverses`` of ``kfac_jax_lite.curvature.specs``) of the trained state's factors, jitted
    alone, median of a few calls.
 3. Memory: the blocks' factors and inverses as ``kfl.find_layers`` counts
    them, the whole optimizer state (the ``nbytes`` of its leaves, momentum
@@ -53,7 +53,7 @@ import common  # pylint: disable=wrong-import-position
 import digits_data  # pylint: disable=wrong-import-position
 
 import kfac_jax_lite as kfl  # pylint: disable=wrong-import-position
-from kfac_jax_lite import blocks  # pylint: disable=wrong-import-position
+from kfac_jax_lite.curvature.specs import spec_for  # pylint: disable=wrong-import-position
 from step_time import machine_info  # pylint: disable=wrong-import-position
 import timing  # pylint: disable=wrong-import-position
 
@@ -176,7 +176,7 @@ def inverse_refresh(layers: Sequence[Any], factors: dict[str, dict[str, jax.Arra
   by_name = {l.name: l for l in layers if l.name in factors}
 
   def refresh(facs: dict[str, dict[str, jax.Array]]) -> dict[str, dict[str, jax.Array]]:
-    return {n: blocks.inverses(by_name[n], facs[n], KFAC_HPARAMS["damping"], method)
+    return {n: spec_for(by_name[n]).inverses(facs[n], KFAC_HPARAMS["damping"], method)
             for n in by_name}
 
   fn = jax.jit(refresh).lower(factors).compile()
@@ -194,7 +194,7 @@ def _mib(n: int | None) -> str:
 
 def _dense_factors(layers: Sequence[Any]) -> str:
   head = next(l for l in layers if "Dense" in l.name)
-  return " ".join(f"{k}{list(s)}" for k, s in head.factor_shapes.items())
+  return " ".join(f"{k}{list(s)}" for k, s in spec_for(head).factor_shapes.items())
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -32,7 +32,7 @@ import digits  # pylint: disable=wrong-import-position
 import digits_data  # pylint: disable=wrong-import-position
 
 import kfac_jax_lite as kfl  # pylint: disable=wrong-import-position
-from kfac_jax_lite import blocks  # pylint: disable=wrong-import-position
+from kfac_jax_lite.curvature.specs import spec_for  # pylint: disable=wrong-import-position
 from kfac_jax_lite.statistics import factor_estimate  # pylint: disable=wrong-import-position
 from kfac_jax_lite.tagging import tag, trace_loss  # pylint: disable=wrong-import-position
 
@@ -74,7 +74,7 @@ def phases(problem: str, rounds: int) -> dict[str, float]:
   factors = stats(params, batch)
 
   def inverses(method):
-    return jax.jit(lambda f: {l.name: blocks.inverses(l, f[l.name], 1e-2, method)
+    return jax.jit(lambda f: {l.name: spec_for(l).inverses(f[l.name], 1e-2, method)
                               for l in tagged.factored})
 
   inv_eigh, inv_chol = inverses("eigh"), inverses("cholesky")

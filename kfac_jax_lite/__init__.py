@@ -11,12 +11,12 @@ from kfac_jax_lite.accumulate import AccumulateState, accumulate
 from kfac_jax_lite.alias import kfac
 from kfac_jax_lite.diagnostics import Diagnostics, diagnostics
 from kfac_jax_lite.graft import GraftState, graft
-from kfac_jax_lite.inspection import estimate_curvature, find_layers
+from kfac_jax_lite.inspection import LayerList, estimate_curvature, find_layers
 from kfac_jax_lite.options import (EstimatorOptions, InverseOptions, LayerOptions,
                                    ParallelOptions)
 from kfac_jax_lite.placement import sharded_state_specs
 from kfac_jax_lite.registration import register_dense
-from kfac_jax_lite.tagging.layers import Layer, LayerList
+from kfac_jax_lite.tagging.layers import Layer
 from kfac_jax_lite.transform import KfacState, scale_by_kfac
 
 __version__ = "0.1.0"

@@ -1,16 +1,74 @@
-"""Look before you train: the detected layers, and one curvature estimate."""
+"""Look before you train: the detected layers as a table, and one curvature estimate."""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 
+from kfac_jax_lite.curvature.specs import spec_for
 from kfac_jax_lite.options import EstimatorOptions, LayerOptions, as_estimator, check_type
 from kfac_jax_lite.statistics import Factors, factor_estimate
-from kfac_jax_lite.tagging.layers import LayerList, TaggedLoss, tag
+from kfac_jax_lite.tagging.layers import Layer, TaggedLoss, tag
 from kfac_jax_lite.tagging.trace import trace_loss
+
+_BYTES = 4  # factors and inverses are float32
+
+
+def _block_label(layer: Layer) -> str:
+  """The spec's label (``kron``, ``kron3(diag G)``, ``diag fisher``, ``full``),
+  or ``diag`` (the fallback), ``none`` or ``zero`` (frozen)."""
+  if layer.match is None:
+    return {"diagonal": "diag", "frozen": "zero"}.get(layer.kind, "none")
+  return spec_for(layer).label
+
+
+def state_bytes(layer: Layer, leaf_size: int) -> int:
+  """Bytes of optimizer state for the block (factors + inverses, or ``v``)."""
+  if layer.match is None:
+    return leaf_size * _BYTES if layer.kind == "diagonal" else 0
+  return 2 * _BYTES * sum(math.prod(s) for s in spec_for(layer).factor_shapes.values())
+
+
+def _human(n: float) -> str:
+  for unit in ("B", "KiB", "MiB", "GiB"):
+    if n < 1024 or unit == "GiB":
+      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    n /= 1024
+  return str(n)
+
+
+def format_table(layers: list[Layer], leaf_sizes: Mapping[int, int]) -> str:
+  """One row per block: layer, kind, block type, factor shapes, state memory, note."""
+  rows = [("layer", "kind", "block", "factors", "state", "note")]
+  total = 0
+  for l in layers:
+    size = leaf_sizes.get(l.weight_index, 0)
+    shapes = (" ".join(f"{k}{list(s)}" for k, s in spec_for(l).factor_shapes.items())
+              if l.match is not None else f"v[{size}]" if l.kind == "diagonal" else "-")
+    total += state_bytes(l, size)
+    rows.append((l.name + (" +bias" if l.bias_index is not None else ""), l.kind,
+                 _block_label(l), shapes, _human(state_bytes(l, size)), l.note))
+  rows.append(("total", "", "", "", _human(total), ""))
+  widths = [max(len(r[i]) for r in rows) for i in range(5)]
+  return "\n".join(("  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) +
+                     ("  " + r[5] if r[5] else "")).rstrip() for r in rows)
+
+
+class LayerList(list):
+  """What :func:`find_layers` returns: a list of :class:`Layer` that prints as a table."""
+
+  def __init__(self, layers: list[Layer], leaf_sizes: Mapping[int, int]):
+    super().__init__(layers)
+    self.leaf_sizes = dict(leaf_sizes)
+
+  def total_bytes(self) -> int:
+    """Optimizer-state bytes of all blocks (factors + inverses, diagonal ``v``)."""
+    return sum(state_bytes(l, self.leaf_sizes.get(l.weight_index, 0)) for l in self)
+
+  def __str__(self) -> str:
+    return format_table(self, self.leaf_sizes)
 
 
 def _tagged(loss_fn: Callable[[Any, Any], jax.Array], params: Any, batch: Any,
@@ -75,8 +133,8 @@ def estimate_curvature(loss_fn: Callable[[Any, Any], jax.Array], params: Any,
     channel-major; for an embedding ``A`` is the vector of token
     frequencies). Scale-and-shift layers give ``{"F": [1(+1), d]}``, the
     diagonal Fisher of ``[γ; β]``. Layers over ``max_factor_dim`` have the
-    factors listed by their ``Layer.factor_shapes`` (``K``, ``Psi``, ``G``,
-    ``B`` when doubly factored; vectors for diagonal factors).
+    factors of their block spec (``kfac_jax_lite.curvature.specs``: ``K``,
+    ``Psi``, ``G``, ``B`` when doubly factored; vectors for diagonal factors).
   """
   estimator = as_estimator(estimator)
   return factor_estimate(_tagged(loss_fn, params, batch, layers), params, batch, key,

@@ -38,7 +38,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from kfac_jax_lite import blocks, schedule
+from kfac_jax_lite import schedule
+from kfac_jax_lite.curvature import specs
 from kfac_jax_lite.tagging.layers import Layer
 
 Inverses = dict[str, dict[str, jax.Array]]
@@ -46,9 +47,9 @@ Inverses = dict[str, dict[str, jax.Array]]
 
 def is_sharded(key: str, shape: Sequence[int]) -> bool:
   """Whether a factor's inverse is distributed (and, with ``"sharded"``,
-  kept) in row slices: a Kronecker factor matrix, not a diagonal factor or a
-  diagonal Fisher ``"F"``."""
-  return key != "F" and len(shape) == 2
+  kept) in row slices: a symmetric matrix, not a vector or the elementwise
+  diagonal Fisher (:func:`kfac_jax_lite.curvature.specs.symmetric_matrix`)."""
+  return specs.symmetric_matrix(key, shape)
 
 
 def _rows(d: int, n: int) -> int:
@@ -84,19 +85,14 @@ def init_inverses(factors: Inverses, axis_name: str | None) -> Inverses:
     Identity matrices (all-ones vectors for diagonal factors); a sharded
     matrix of ``d`` rows keeps this device's ``ceil(d / n)`` rows of it.
   """
-  def identity(k: str, f: jax.Array) -> jax.Array:
-    if is_sharded(k, f.shape):
-      return jnp.eye(*f.shape, dtype=jnp.float32)
-    return jnp.ones_like(f, jnp.float32)  # a diagonal: elementwise inverse
-
   if axis_name is None:
-    return {name: {k: identity(k, f) for k, f in fac.items()}
+    return {name: {k: specs.identity(k, f.shape) for k, f in fac.items()}
             for name, fac in factors.items()}
   n = _axis_size(axis_name)
 
   def rows(k: str, f: jax.Array) -> jax.Array:
     if not is_sharded(k, f.shape):
-      return identity(k, f)
+      return specs.identity(k, f.shape)
     r = _rows(f.shape[0], n)
     start = jax.lax.axis_index(axis_name) * r
     return (jnp.arange(r)[:, None] + start == jnp.arange(f.shape[1])[None, :]).astype(
@@ -228,7 +224,7 @@ def precondition(mats: Mapping[Layer, jax.Array], inverses: Inverses,
   one mode per Kronecker factor, in Kronecker order (``[d_in, d_out]`` for
   ``A``, ``G``; ``[t, c, d_out]`` for ``K``, ``Ψ``, ``G``; a doubly-factored
   bias row is a one-mode tensor of its block ``B``, as is a full block's
-  ``vec``; see :func:`kfac_jax_lite.blocks.products`). Factor by factor, each
+  ``vec``; see :meth:`kfac_jax_lite.curvature.specs.Block.products`). Factor by factor, each
   device contracts its row slice of the (symmetric) inverse with the
   factor's mode, giving its block of that mode, and one ``all_gather`` per
   factor position, batched over all layers, assembles the products; a
@@ -249,9 +245,9 @@ def precondition(mats: Mapping[Layer, jax.Array], inverses: Inverses,
   for layer, mat in mats.items():
     inv = inverses[layer.name]
     if axis_name is None or not any(is_sharded(k, x.shape) for k, x in inv.items()):
-      out[layer] = blocks.precondition(layer, inv, mat)
+      out[layer] = specs.spec_for(layer).precondition(inv, mat)
       continue
-    parts = blocks.products(layer, inv, mat)
+    parts = specs.spec_for(layer).products(inv, mat)
     counts[layer] = len(parts)
     for i, (part, invs) in enumerate(parts):
       products.append(((layer, i), invs))

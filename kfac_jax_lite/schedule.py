@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import jax
 
+from kfac_jax_lite.curvature.specs import spec_for
 from kfac_jax_lite.tagging.layers import TaggedLoss
 
 
 def factor_costs(tagged: TaggedLoss) -> dict[tuple[str, str], int]:
   """(layer name, factor name) -> the cost of inverting that factor: ``d^3``
   for a matrix, its size for a diagonal factor or a diagonal Fisher."""
-  return {(l.name, k): math.prod(s) if len(s) == 1 or k == "F" else s[0] ** 3
-          for l in tagged.factored for k, s in l.factor_shapes.items()}
+  return {(l.name, k): c for l in tagged.factored for k, c in spec_for(l).costs().items()}
 
 
 def inversion_costs(tagged: TaggedLoss) -> dict[str, int]:

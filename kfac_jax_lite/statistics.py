@@ -1,28 +1,11 @@
 """Per-layer curvature factor estimates from one batch.
 
 This is where the tagging side (which jaxpr values are a layer's input and
-output) meets the curvature side (what to do with them). For each Kronecker
-layer with activation rows ``a[n, t]`` and output-derivative rows ``ds[s, n, t]``
-(``t`` runs over the axes the weight is shared over: sequence positions,
-spatial locations; one position for an MLP), ``"expand"`` (the default) is
-
-``A = (1/(N T)) sum_{n,t} a a^T``,  ``G = (1/M) sum_{s,n,t} ds ds^T``
-
-and ``"reduce"`` sums over ``t`` before the outer products,
-
-``A = (1/N) sum_n ā ā^T`` with ``ā = mean_t a``,  ``G = (1/M) sum_{s,n} d̄ d̄^T``
-with ``d̄ = sum_t ds``,
-
-where ``M`` is the number of cases the registered loss averages over. For an
-MLP both are the usual K-FAC estimate ``F ≈ A ⊗ G`` (Martens & Grosse 2015,
-eq. 1; Ba et al. 2017, §2); for convolutions "expand" is KFC (Grosse & Martens
-2016) and "reduce" Ba et al.'s Appendix A approximation; for sequences they
-are K-FAC-expand / -reduce (Eschenhagen et al. 2023). Scale-and-shift
-parameters get ``F = (1/M) sum_{s,n} g ⊙ g``, the exact diagonal Fisher from
-the per-example gradients ``g`` those same output derivatives give. A layer
-over ``max_factor_dim`` replaces ``A`` by the doubly-factored ``K ⊗ Ψ``
-(:mod:`kfac_jax_lite.curvature.doubly`, Ba et al. 2017, §4) or by its
-diagonal, and ``G`` by its diagonal (see :mod:`kfac_jax_lite.tagging.geometry`).
+output) meets the curvature side (what to do with them): one forward pass
+with taps and one backward pass per Fisher cotangent give every layer's
+activations and output derivatives; each layer's block spec
+(:mod:`kfac_jax_lite.curvature.specs`) turns them into its factors
+(:mod:`kfac_jax_lite.curvature.estimation` has the formulas).
 """
 
 from __future__ import annotations
@@ -32,10 +15,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from kfac_jax_lite.curvature import symmetric
+from kfac_jax_lite.curvature import specs, symmetric
 from kfac_jax_lite.curvature.estimators import output_cotangents
 from kfac_jax_lite.losses import DISTRIBUTIONS, Distribution
-from kfac_jax_lite.tagging import geometry
 from kfac_jax_lite.tagging.interpret import tapped_loss, zero_perturbations
 from kfac_jax_lite.tagging.layers import TaggedLoss
 from kfac_jax_lite.tagging.trace import varying_axes
@@ -46,7 +28,7 @@ Factors = dict[str, dict[str, jax.Array]]
 def factors_from_values(tagged: TaggedLoss, inputs: dict[str, Any], ds: dict[str, Any],
                         num_cases: int) -> Factors:
   """Every layer's factors from a tapped pass's values (see :func:`tapped_derivatives`)."""
-  return {l.name: geometry.layer_factors(l, inputs[l.name], ds[l.name], num_cases)
+  return {l.name: specs.spec_for(l).estimate(l, inputs[l.name], ds[l.name], num_cases)
           for l in tagged.factored}
 
 
@@ -123,10 +105,6 @@ def factor_estimate(tagged: TaggedLoss, params: Any, batch: Any, key: jax.Array,
   return factors_from_values(tagged, inputs, ds, dist.num_cases(logits_shape))
 
 
-# Factors that are symmetric matrices (the diagonal Fisher "F" is not).
-_SYMMETRIC = frozenset({"A", "G", "K", "Psi", "B", "full"})
-
-
 def pmean_factors(est: Factors, axis_name: str) -> Factors:
   """``lax.pmean`` of factor estimates over a device axis, in one all-reduce.
 
@@ -145,7 +123,7 @@ def pmean_factors(est: Factors, axis_name: str) -> Factors:
   if jax.lax.axis_size(axis_name) == 1:
     return est
   path_leaves, treedef = jax.tree_util.tree_flatten_with_path(est)
-  symmetric_leaf = [getattr(path[-1], "key", None) in _SYMMETRIC and x.ndim == 2
+  symmetric_leaf = [specs.symmetric_matrix(getattr(path[-1], "key", None), x.shape)
                     for path, x in path_leaves]
   leaves = [x for _, x in path_leaves]
   parts = [symmetric.pack(x) if sym else x.reshape(-1)

@@ -26,6 +26,7 @@ import optax
 
 from kfac_jax_lite import masking, placement, schedule
 from kfac_jax_lite._checks import check_number
+from kfac_jax_lite.curvature.specs import spec_for
 from kfac_jax_lite.diagnostics import factors_and_diagnostics
 from kfac_jax_lite.options import (EstimatorOptions, InverseOptions, LayerOptions,
                                    ParallelOptions, as_estimator, check_type)
@@ -117,7 +118,8 @@ def _init_state(tagged: TaggedLoss, params: Any, seed: int, estimator: Estimator
                 parallel: ParallelOptions, diagnostics: Any) -> KfacState:
   """Zero factors, identity inverses, an empty accumulation buffer."""
   zero = jnp.zeros([], jnp.int32)
-  factors = {l.name: {k: jnp.zeros(shape, jnp.float32) for k, shape in l.factor_shapes.items()}
+  factors = {l.name: {k: jnp.zeros(shape, jnp.float32)
+                      for k, shape in spec_for(l).factor_shapes.items()}
              for l in tagged.factored}
   inverses = placement.init_inverses(factors, parallel.axis_name if parallel.sharded else None)
   pending = ({"count": zero, "sums": jax.tree.map(jnp.zeros_like, factors)}

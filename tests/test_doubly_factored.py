@@ -16,6 +16,7 @@ import pytest
 import kfac_jax_lite as kfl
 from helpers import loss_before_and_after
 from kfac_jax_lite.curvature import damping, doubly, kronecker
+from kfac_jax_lite.curvature.specs import spec_for
 
 B, H, W, C, K_OUT = 6, 2, 3, 4, 5  # T = H*W = 6 locations, d_in = 24
 T = H * W
@@ -144,7 +145,7 @@ def test_flattened_input_over_threshold_is_doubly_factored(use_bias: bool):
   expected = {"K": (T, T), "Psi": (C, C), "G": (K_OUT, K_OUT)}
   if use_bias:
     expected["B"] = (K_OUT, K_OUT)
-  assert layer.factor_shapes == expected
+  assert spec_for(layer).factor_shapes == expected
   assert "doubly factored" in layer.note
   table = str(kfl.find_layers(loss_fn, params, batch,
                               layers=kfl.LayerOptions(max_factor_dim=T * C - 1)))
@@ -155,7 +156,7 @@ def test_under_threshold_stays_plain_kronecker():
   loss_fn, params, batch = _setup()
   (layer,) = kfl.find_layers(loss_fn, params, batch)
   assert layer.input_form == "full" and layer.note == ""
-  assert layer.factor_shapes == {"A": (T * C + 1, T * C + 1), "G": (K_OUT, K_OUT)}
+  assert spec_for(layer).factor_shapes == {"A": (T * C + 1, T * C + 1), "G": (K_OUT, K_OUT)}
 
 
 def test_no_visible_flatten_gives_diagonal_input_and_large_output_diagonal_g():
@@ -170,7 +171,7 @@ def test_no_visible_flatten_gives_diagonal_input_and_large_output_diagonal_g():
   (layer,) = kfl.find_layers(loss_fn, params, batch,
                              layers=kfl.LayerOptions(max_factor_dim=K_OUT - 1))
   assert (layer.input_form, layer.output_form) == ("diagonal", "diagonal")
-  assert layer.factor_shapes == {"A": (T * C + 1,), "G": (K_OUT,)}
+  assert spec_for(layer).factor_shapes == {"A": (T * C + 1,), "G": (K_OUT,)}
   assert "diagonal A" in layer.note and "diagonal G" in layer.note
 
 

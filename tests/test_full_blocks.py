@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import kfac_jax_lite as kfl
+from kfac_jax_lite.curvature.specs import spec_for
 
 N, D_IN, K = 5, 3, 4
 
@@ -41,7 +42,7 @@ def test_full_block_and_update_match_the_exact_fisher(setup):
   (layer,) = [l for l in kfl.find_layers(loss_fn, params, batch,
                                          layers=kfl.LayerOptions(blocks=blocks))
               if l.name == "['w']"]
-  assert layer.block == "full" and layer.factor_shapes == {"full": ((D_IN + 1) * K,) * 2}
+  assert layer.block == "full" and spec_for(layer).factor_shapes == {"full": ((D_IN + 1) * K,) * 2}
   assert "full" in str(kfl.find_layers(loss_fn, params, batch,
                                        layers=kfl.LayerOptions(blocks=blocks)))
 

@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 import jax
 
+from kfac_jax_lite.curvature.specs import spec_for
 from kfac_jax_lite.options import LayerOptions
 from kfac_jax_lite.tagging.layers import TaggedLoss, tag
 from kfac_jax_lite.tagging.trace import abstractify, trace_loss, type_key
@@ -14,7 +15,7 @@ from kfac_jax_lite.tagging.trace import abstractify, trace_loss, type_key
 def _structure(tagged: TaggedLoss) -> tuple[Any, ...]:
   """What must agree between two batches' layers (names, kinds and shapes)."""
   return tuple((l.name, l.kind, l.bias_index, l.input_form, l.output_form,
-                l.factor_shapes if l.match else None) for l in tagged.layers)
+                spec_for(l).factor_shapes if l.match else None) for l in tagged.layers)
 
 
 class LayerCache:

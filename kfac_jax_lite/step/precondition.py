@@ -3,7 +3,7 @@
 A Kronecker layer's gradient is viewed as the ``[d_in(+1), d_out]`` matrix
 ``[∇W; ∇b]`` and multiplied by its damped inverse factors
 (``A⁻¹ ∇ G⁻¹``, Martens & Grosse 2015, eq. 4; Ba et al. 2017, eq. 3, 9); a
-diagonal-Fisher or full block by its inverse (:mod:`kfac_jax_lite.blocks`),
+diagonal-Fisher or full block by its inverse (:mod:`kfac_jax_lite.curvature.specs`),
 distributed over devices when the inverses are sharded
 (:mod:`kfac_jax_lite.placement`). Parameters outside any layer get the
 fallback ``g / (v + λ)``; non-trainable collections a zero update.

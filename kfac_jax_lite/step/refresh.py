@@ -3,8 +3,9 @@
 Every ``inverse_every`` steps all of them, or, staggered, a cost-balanced
 ``1/inverse_every`` share of the factors on every step (all on the first);
 each computed here, or spread over the devices (:mod:`kfac_jax_lite.placement`).
-Factored Tikhonov damping (Ba et al. 2017, eq. 3, 12) is in
-:mod:`kfac_jax_lite.blocks`. A non-finite inverse is never committed: the
+How each block is damped and inverted (factored Tikhonov damping, Ba et al.
+2017, eq. 3, 12, for Kronecker factors) is its spec's
+(:mod:`kfac_jax_lite.curvature.specs`). A non-finite inverse is never committed: the
 previous one (the identity before the first refresh) stays.
 """
 
@@ -16,7 +17,8 @@ from typing import Sequence
 import jax
 import optax
 
-from kfac_jax_lite import blocks, guard, placement, schedule
+from kfac_jax_lite import guard, placement, schedule
+from kfac_jax_lite.curvature.specs import spec_for
 from kfac_jax_lite.options import InverseOptions, ParallelOptions
 from kfac_jax_lite.tagging.layers import TaggedLoss
 
@@ -40,8 +42,9 @@ def _invert_here(tagged: TaggedLoss, names: Sequence[str], factors: Inverses,
                  only: dict[str, list[str]] | None = None) -> Inverses:
   """The inverses of ``names``' factors (those in ``only``), on this device."""
   by_name = {l.name: l for l in tagged.factored}
-  return {n: blocks.inverses(by_name[n], factors[n], damping, method,
-                             None if only is None else only[n]) for n in names}
+  return {n: spec_for(by_name[n]).inverses(factors[n], damping, method,
+                                           None if only is None else only[n])
+          for n in names}
 
 
 def _fresh(tagged: TaggedLoss, keys: Sequence[FactorKey], factors: Inverses,
@@ -82,7 +85,7 @@ def _staggered_groups(tagged: TaggedLoss, inverse_every: int,
   """
   if not parallel.distribute_inverses:
     return schedule.balanced_groups(schedule.factor_costs(tagged), inverse_every)
-  shapes = {l.name: l.factor_shapes for l in tagged.factored}
+  shapes = {l.name: spec_for(l).factor_shapes for l in tagged.factored}
   return [tuple((n, k) for n in names for k in shapes[n])
           for names in schedule.balanced_groups(schedule.inversion_costs(tagged),
                                                 inverse_every)]

@@ -2,8 +2,9 @@
 
 Covers ``jnp.take(table, ids, axis=0)``, ``table[ids]``, Flax ``nn.Embed`` and
 ``nnx.Embed``. The layer is ``onehot(ids) @ table``, so its input factor
-``A = E[onehot onehot^T]`` is diagonal: the token frequencies. It is stored
-as a vector, never as a dense ``vocab × vocab`` matrix.
+``A = E[onehot onehot^T]`` is diagonal: the token frequencies (``diagonal_input``;
+estimated by :mod:`kfac_jax_lite.curvature.estimation` from the ids that
+``input_rows`` returns), never a dense ``vocab × vocab`` matrix.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import dataclasses
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 
 from kfac_jax_lite.tagging.match import Match, ParamView, Path
 
@@ -49,13 +49,6 @@ class EmbeddingMatch(Match):
 
   def operand_to_matrix(self, w: jax.Array) -> jax.Array:
     return w
-
-  def input_factor(self, x: jax.Array, *, bias: bool, reduce: bool) -> jax.Array:
-    """Token frequencies ``[vocab]`` (out-of-range ids are dropped)."""
-    del bias, reduce  # no bias; one id per row, so nothing to reduce
-    ids = self.input_rows(x).reshape(-1)
-    counts = jnp.zeros((self.d_in,), jnp.float32).at[ids].add(1.0, mode="drop")
-    return counts / ids.shape[0]
 
 
 def match(eqn: Any, path: Path, in_views: Sequence[ParamView | None],

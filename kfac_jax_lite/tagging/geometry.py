@@ -1,140 +1,22 @@
-"""A Kronecker layer's tensors as the matrices K-FAC works with.
+"""A layer's parameter leaves as the ``[d_in(+1), d_out]`` matrix K-FAC works with.
 
-Each layer family (:mod:`.dense`, :mod:`.conv`) knows how its activations and
-output derivatives become rows ``[N, T, d]``; this module adds what all
-families share: the factors of one batch, the bias (``[W; b]`` is
-``[d_in + 1, d_out]``, Martens & Grosse 2015, §A), the parameter's view
-equations (a weight stored transposed or reshaped), and the way back from the
-preconditioned matrix to the parameter leaves.
+Each layer family (:mod:`.dense`, :mod:`.conv`) knows how its weight operand
+is a ``[d_in, d_out]`` matrix; this module adds what all families share: the
+parameter's view equations (a weight stored transposed or reshaped), the bias
+row (``[W; b]`` is ``[d_in + 1, d_out]``, Martens & Grosse 2015, §A), the
+slices of a scanned stack, and the way back from the preconditioned matrix to
+the parameter leaves.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import jax
 import jax.numpy as jnp
 
-from kfac_jax_lite.curvature import doubly as doubly_lib
-from kfac_jax_lite.gram import gram
 from kfac_jax_lite.tagging.layers import Layer
 from kfac_jax_lite.tagging.match import Part
 from kfac_jax_lite.tagging.eqns import bind_eqn
 from kfac_jax_lite.tagging.trace import TYPE_ONLY_PRIMITIVES
-
-
-def _second_moment(rows: jax.Array, form: str, count: int) -> jax.Array:
-  """``rows^T rows / count``, or only its diagonal for a ``"diagonal"`` form."""
-  if form == "diagonal":
-    return jnp.sum(jnp.square(rows), axis=0) / count
-  return gram(rows) / count
-
-
-def input_factors(layer: Layer, xs: Sequence[jax.Array]) -> dict[str, jax.Array]:
-  """One batch's input factors: ``A`` (a vector if diagonal), or ``K`` and ``Ψ``.
-
-  Args:
-    layer: a Kronecker layer.
-    xs: the activation operand of each use of its weight; the rows of all
-      uses are pooled (K-FAC-expand over uses, for shared weights).
-
-  Returns:
-    Factor name -> float32 array.
-  """
-  m = layer.match
-  reduce = layer.approximation == "reduce"
-  if m.diagonal_input:
-    counts = [m.input_rows(x).size for x in xs]
-    return {"A": sum(m.input_factor(x, bias=False, reduce=reduce) * c
-                     for x, c in zip(xs, counts)) / sum(counts)}
-  doubly = layer.input_form == "doubly"
-  rows = jnp.concatenate([
-      u.input_matrix_rows(x, bias=layer.bias_index is not None and not doubly, reduce=reduce)
-      for u, x in zip(layer.matches, xs)])
-  if doubly:
-    return dict(zip(("K", "Psi"), doubly_lib.input_factors(
-        rows.reshape(rows.shape[0], *m.input_split))))
-  return {"A": _second_moment(rows, layer.input_form, rows.shape[0])}
-
-
-def output_factors(layer: Layer, dss: Sequence[jax.Array], num_cases: int) -> dict[str, jax.Array]:
-  """One batch's ``G`` (and a doubly-factored layer's bias block ``B``).
-
-  Args:
-    layer: a Kronecker layer.
-    dss: output derivatives ``[S, *out_shape]`` of each use of its weight.
-    num_cases: number of cases the loss averages over.
-
-  Returns:
-    ``{"G": ...}`` (summed over uses), plus ``"B"``: the exact Fisher of the
-    bias, ``E[(Σ ds)(Σ ds)^T]`` summed over positions and uses (Ba et al.
-    2017, §4: the bias gets a full block).
-  """
-  gs = [u.output_rows(u.unpermute(ds.astype(jnp.float32)))  # [S, N, T, d_out]
-        for u, ds in zip(layer.matches, dss)]
-  out = {}
-  if "B" in layer.factor_shapes:
-    summed = sum(jnp.sum(g, axis=2) for g in gs)
-    out["B"] = _second_moment(summed.reshape(-1, summed.shape[-1]), layer.output_form,
-                              num_cases)
-  if layer.approximation == "reduce":
-    gs = [jnp.sum(g, axis=2) for g in gs]
-  rows = jnp.concatenate([g.reshape(-1, g.shape[-1]) for g in gs])
-  out["G"] = _second_moment(rows, layer.output_form, num_cases)
-  return out
-
-
-def diagonal_fisher(layer: Layer, xs: Sequence[jax.Array], dss: Sequence[jax.Array],
-                    num_cases: int) -> jax.Array:
-  """The diagonal Fisher ``F`` of ``[W; b]`` from per-example gradients.
-
-  Args:
-    layer: a layer whose ``block`` is ``"diag"`` (or ``"full"``).
-    xs: the activation operand of each use.
-    dss: output derivatives ``[S, *out_shape]`` of each use.
-    num_cases: number of cases the loss averages over.
-
-  Returns:
-    ``[d_in(+1), d_out]`` float32: ``Σ_{s,n} g ⊙ g / num_cases``, ``g`` the
-    per-example gradient summed over uses.
-  """
-  return jnp.sum(jnp.square(_per_example_grads(layer, xs, dss)), axis=(0, 1)) / num_cases
-
-
-def full_fisher(layer: Layer, xs: Sequence[jax.Array], dss: Sequence[jax.Array],
-                num_cases: int) -> jax.Array:
-  """The whole Fisher block ``Σ_{s,n} vec(g) vec(g)^T / num_cases`` of ``[W; b]``
-  (row-major ``vec``), from per-example gradients (``"full"`` blocks)."""
-  g = _per_example_grads(layer, xs, dss)
-  return gram(g.reshape(-1, layer.d_in * layer.d_out)) / num_cases
-
-
-def _per_example_grads(layer: Layer, xs: Sequence[jax.Array],
-                       dss: Sequence[jax.Array]) -> jax.Array:
-  """``[S, N, d_in(+1), d_out]`` per-example gradients, summed over uses."""
-  return sum(u.per_example_grads(x, u.unpermute(ds.astype(jnp.float32)),
-                                 bias=layer.bias_index is not None)
-             for u, x, ds in zip(layer.matches, xs, dss))
-
-
-def layer_factors(layer: Layer, xs: Sequence[jax.Array], dss: Sequence[jax.Array],
-                  num_cases: int) -> dict[str, jax.Array]:
-  """One batch's estimate of every factor of a layer (see ``Layer.factor_shapes``).
-
-  Args:
-    layer: a layer with a match.
-    xs: the activation operand of each use of its weight (``Layer.matches``).
-    dss: output derivatives ``[S, *out_shape]`` of each use.
-    num_cases: number of cases the loss averages over.
-
-  Returns:
-    Factor name -> float32 array.
-  """
-  if layer.block == "full":
-    return {"full": full_fisher(layer, xs, dss, num_cases)}
-  if layer.block == "diag":
-    return {"F": diagonal_fisher(layer, xs, dss, num_cases)}
-  return {**input_factors(layer, xs), **output_factors(layer, dss, num_cases)}
 
 
 def _leaf_to_matrix(layer: Layer, w: jax.Array) -> jax.Array:

@@ -1,4 +1,4 @@
-"""Layer records and ``find_layers``: which block preconditions each parameter.
+"""Layer records and ``tag``: which block preconditions each parameter.
 
 A :class:`Layer` is static (frozen, hashable) and is all the curvature code
 ever learns about the jaxpr: its kind, the parameter leaves it owns, and, for
@@ -8,21 +8,23 @@ Kronecker layers, how to read its inputs and output derivatives.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import jax
 
 from kfac_jax_lite.losses import DISTRIBUTIONS
-from kfac_jax_lite.tagging import grouping, patterns, report
+from kfac_jax_lite.tagging import grouping, patterns
 from kfac_jax_lite.tagging.match import Match
-from kfac_jax_lite.tagging.trace import TracedLoss, trace_loss
+from kfac_jax_lite.tagging.trace import TracedLoss
 
 
 @dataclasses.dataclass(frozen=True)
 class Layer:
-  """One preconditioning block, as reported by :func:`find_layers`.
+  """One preconditioning block, as reported by :func:`kfac_jax_lite.find_layers`.
+
+  Its factors (names, shapes, inverses) are its block spec's,
+  :func:`kfac_jax_lite.curvature.specs.spec_for`.
 
   Attributes:
     name: ``jax.tree_util.keystr`` of the weight's path in ``params`` (the key
@@ -45,7 +47,7 @@ class Layer:
       are summed: Kronecker-factored weight sharing, K-FAC-expand over uses).
     approximation: ``"expand"`` or ``"reduce"`` for weights shared over extra
       axes (sequence positions, spatial locations), see
-      :mod:`kfac_jax_lite.statistics`.
+      :mod:`kfac_jax_lite.curvature.estimation`.
     input_form: the Kronecker input factor: ``"full"`` (``A``), ``"diagonal"``
       (a vector ``A``: embeddings, or an input too large for ``max_factor_dim``)
       or ``"doubly"`` (``K ⊗ Ψ`` of a flattened feature map, Ba et al. 2017,
@@ -80,32 +82,6 @@ class Layer:
     """Rows of the weight matrix, plus one for the bias (the ``A`` size)."""
     assert self.match is not None
     return self.match.d_in + (self.bias_index is not None)
-
-  @property
-  def kron_factors(self) -> tuple[str, ...]:
-    """Names of the Kronecker factors in Kronecker order (empty for ``"F"``)."""
-    if self.block != "kron":
-      return ()
-    return ("K", "Psi", "G") if self.input_form == "doubly" else ("A", "G")
-
-  @property
-  def factor_shapes(self) -> dict[str, tuple[int, ...]]:
-    """Shapes of the factors: ``A`` and ``G`` of a Kronecker block (a vector
-    when diagonal); ``K``, ``Ψ``, ``G`` and the bias block ``B`` of a
-    doubly-factored one; ``F``, the diagonal Fisher of ``[W; b]``; or
-    ``full``, its whole Fisher block (row-major ``vec``)."""
-    if self.block == "full":
-      return {"full": (self.d_in * self.d_out,) * 2}
-    if self.block == "diag":
-      return {"F": (self.d_in, self.d_out)}
-    d = self.d_out
-    g = (d,) if self.output_form == "diagonal" else (d, d)
-    if self.input_form == "doubly":
-      t, c = self.match.input_split
-      return {"K": (t, t), "Psi": (c, c), "G": g,
-              **({"B": g} if self.bias_index is not None else {})}
-    a = (self.d_in,) if self.input_form == "diagonal" else (self.d_in, self.d_in)
-    return {"A": a, "G": g}
 
   @property
   def d_out(self) -> int:
@@ -293,55 +269,3 @@ def tag(traced: TracedLoss, approximation: Mapping[str, str] | None = None,
   order = lambda l: (l.weight_index, l.match.weight_part or () if l.match else ())
   return TaggedLoss(traced=traced, marker=marker, products=frozenset(found.products),
                     layers=tuple(sorted(unique, key=order)))
-
-
-class LayerList(list):
-  """What :func:`find_layers` returns: a list of :class:`Layer` that prints as a table."""
-
-  def __init__(self, layers: list[Layer], leaf_sizes: Mapping[int, int]):
-    super().__init__(layers)
-    self.leaf_sizes = dict(leaf_sizes)
-
-  def total_bytes(self) -> int:
-    """Optimizer-state bytes of all blocks (factors + inverses, diagonal ``v``)."""
-    return sum(report.state_bytes(l, self.leaf_sizes.get(l.weight_index, 0)) for l in self)
-
-  def __str__(self) -> str:
-    return report.format_table(self, self.leaf_sizes)
-
-
-def find_layers(loss_fn: Callable[[Any, Any], jax.Array], params: Any,
-                batch: Any, *, blocks: Mapping[str, str] | None = None,
-                conv_approximation: str = "expand",
-                dense_approximation: str = "expand",
-                max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM) -> LayerList:
-  """Lists the blocks K-FAC will use, one record per block.
-
-  Every parameter leaf appears in exactly one record (a stacked leaf of a
-  scanned stack of layers: in one record per slice, named ``...[i]``): as the
-  weight or bias of a layer (``"dense"``, ``"conv"``, ``"embedding"``,
-  ``"scale"``, ``"shift"``; a weight used at several places, such as an RNN
-  cell, is one layer with several ``matches``), or as a
-  ``"diagonal"`` fallback (or ``"none"``, ``"frozen"``) with a ``note`` saying why. Nothing
-  is run on data: the loss is traced on abstract values. ``print`` the result
-  for a table of blocks, factor shapes and optimizer-state memory.
-
-  Args:
-    loss_fn: ``loss_fn(params, batch) -> scalar`` built with a
-      :mod:`kfac_jax_lite.losses` function.
-    params: the parameter pytree (arrays or ``jax.ShapeDtypeStruct``).
-    batch: a batch pytree (arrays or ``jax.ShapeDtypeStruct``).
-    blocks: per-parameter overrides, as in :func:`kfac_jax_lite.scale_by_kfac`.
-    conv_approximation: ``"expand"`` or ``"reduce"``.
-    dense_approximation: ``"expand"`` or ``"reduce"``.
-    max_factor_dim: see :func:`tag`.
-
-  Returns:
-    The :class:`LayerList` of records, in parameter order.
-  """
-  tagged = tag(trace_loss(loss_fn, params, batch),
-               {"conv": conv_approximation, "dense": dense_approximation}, blocks,
-               max_factor_dim)
-  sizes = {i: math.prod(jax.numpy.shape(l))
-           for i, l in enumerate(jax.tree_util.tree_leaves(params))}
-  return LayerList(list(tagged.layers), sizes)

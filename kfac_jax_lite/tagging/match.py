@@ -18,8 +18,6 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from kfac_jax_lite.gram import gram
-
 Path = tuple[int, ...]
 
 
@@ -57,7 +55,7 @@ class Match:
   # "kron": a Kronecker-factored block; "diag": the exact diagonal of the
   # Fisher from per-example gradients (scale-and-shift parameters).
   block: ClassVar[str] = "kron"
-  # A family whose input factor is diagonal (embeddings: token counts).
+  # A row lookup whose input_rows are ids (embeddings): a diagonal input factor.
   diagonal_input: ClassVar[bool] = False
   # Whether an added broadcast parameter may be taken as this layer's bias.
   takes_bias: ClassVar[bool] = True
@@ -150,10 +148,3 @@ class Match:
     if reduce:
       rows = jnp.mean(rows, axis=1)
     return rows.reshape(-1, rows.shape[-1])
-
-  def input_factor(self, x: jax.Array, *, bias: bool, reduce: bool) -> jax.Array:
-    """The input factor ``A`` of one batch: the second moment of the rows of
-    :meth:`input_matrix_rows` (same arguments), ``[d_in(+1), d_in(+1)]``
-    float32 (``[d_in]`` if ``diagonal_input``)."""
-    rows = self.input_matrix_rows(x, bias=bias, reduce=reduce)
-    return gram(rows) / rows.shape[0]
