@@ -19,8 +19,7 @@ from kfac_jax_lite.curvature import doubly as doubly_lib
 from kfac_jax_lite.gram import gram
 from kfac_jax_lite.tagging.layers import Layer
 from kfac_jax_lite.tagging.match import Part
-from kfac_jax_lite.tagging.eqns import bind_eqn
-from kfac_jax_lite.tagging.trace import TYPE_ONLY_PRIMITIVES
+from kfac_jax_lite.tagging.jaxpr import TYPE_ONLY as TYPE_ONLY_PRIMITIVES, bind as bind_eqn
 
 
 def _second_moment(rows: jax.Array, form: str, count: int) -> jax.Array:
