@@ -14,12 +14,7 @@ from typing import Any
 
 from jax.extend import core as jex_core
 
-from kfac_jax_lite.tagging.jaxpr import BROADCASTS, PRODUCTS, SLICES, VIEWS, trailing_bodies
-
-
-def has_sub_jaxprs(eqn: jex_core.JaxprEqn) -> bool:
-  """Whether ``eqn`` is a higher-order primitive (it carries a jaxpr)."""
-  return any(True for _ in trailing_bodies(eqn))
+from kfac_jax_lite.tagging.jaxpr import BROADCASTS, PRODUCTS, SLICES, VIEWS, is_var, trailing_bodies
 
 
 def multiplied_operands(eqn: jex_core.JaxprEqn) -> set[int]:
@@ -59,8 +54,7 @@ def _multiplied_inputs(jaxpr: jex_core.Jaxpr, origin: dict[Any, frozenset[int]] 
     origin = {v: frozenset({j}) for j, v in enumerate(jaxpr.invars)}
   hits: set[int] = set()
   for eqn in jaxpr.eqns[start:]:
-    sources = [frozenset() if isinstance(v, jex_core.Literal) else origin.get(v, frozenset())
-               for v in eqn.invars]
+    sources = [origin.get(v, frozenset()) if is_var(v) else frozenset() for v in eqn.invars]
     name = eqn.primitive.name
     if name in PRODUCTS:
       hits.update(*sources)
@@ -68,7 +62,7 @@ def _multiplied_inputs(jaxpr: jex_core.Jaxpr, origin: dict[Any, frozenset[int]] 
       origin[eqn.outvars[0]] = sources[0]
     elif name == "concatenate" and any(sources):
       origin[eqn.outvars[0]] = frozenset().union(*sources)
-    elif any(sources) and has_sub_jaxprs(eqn):
+    elif any(sources):  # products inside a cond, while or rolled scan
       for k in multiplied_operands(eqn):
         hits.update(sources[k])
   return hits

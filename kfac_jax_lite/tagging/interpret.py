@@ -52,6 +52,7 @@ class _Taps:
     self.inputs: dict[str, dict[int, jax.Array]] = {}
 
   def __call__(self, eqn: jex_core.JaxprEqn, invals: list[Any], path: Path) -> list[Any]:
+    """Evaluates one equation not inlined, reading and perturbing at the taps."""
     if path == self.marker:
       self.marker_operands = invals
     tap = self.capture.get(path)

@@ -40,9 +40,6 @@ BROADCASTS = frozenset({"broadcast_in_dim"})
 SLICES = frozenset({"slice", "dynamic_slice"})
 # Products whose parameter operand makes a layer (a Kronecker-factored block).
 PRODUCTS = frozenset({"dot_general", "conv_general_dilated"})
-# Params keys of control-flow sub-jaxprs whose inputs are not the trailing
-# operands of their equation (a ``while``'s condition).
-_NOT_TRAILING = frozenset({"cond_jaxpr"})
 
 T = TypeVar("T")
 # (equation, operand values, path) -> output values.
@@ -92,10 +89,11 @@ def trailing_bodies(eqn: jex_core.JaxprEqn) -> Iterator[jex_core.Jaxpr]:
   """Sub-jaxprs of ``eqn`` whose inputs are bound to its trailing operands.
 
   A ``cond``'s branches (all operands but the predicate), a scan's or a
-  call's body (all), a ``while``'s body (its constants and carry).
+  call's body (all), a ``while``'s body (its constants and carry; not its
+  ``cond_jaxpr``).
   """
   for key, value in eqn.params.items():
-    if key not in _NOT_TRAILING:
+    if key != "cond_jaxpr":
       yield from _jaxprs_in(value)
 
 

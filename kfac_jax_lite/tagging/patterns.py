@@ -212,7 +212,7 @@ class _Walker:
     / rolled ``scan``, or, ``into_product``, after this equation)."""
     if all(pv is None for pv in in_views):
       return
-    inside = hidden.multiplied_operands(eqn) if hidden.has_sub_jaxprs(eqn) else set()
+    inside = hidden.multiplied_operands(eqn)
     for k, pv in enumerate(in_views):
       if pv is not None:
         self._use(pv, what)
