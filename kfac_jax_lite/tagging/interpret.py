@@ -49,7 +49,7 @@ class _Taps:
     self.prefixes = prefixes([*self.capture, *self.perturb, self.marker])
     self.perturbations = perturbations
     self.marker_operands: list[Any] = []
-    self.inputs: dict[str, dict[int, jax.Array]] = {}
+    self.inputs: dict[str, list[Any]] = {l.name: [None] * len(l.matches) for l in tagged.factored}
 
   def __call__(self, eqn: jex_core.JaxprEqn, invals: list[Any], path: Path) -> list[Any]:
     """Evaluates one equation not inlined, reading and perturbing at the taps."""
@@ -58,7 +58,7 @@ class _Taps:
     tap = self.capture.get(path)
     if tap is not None:
       layer, use = tap
-      self.inputs.setdefault(layer.name, {})[use] = invals[layer.matches[use].activation_operand]
+      self.inputs[layer.name][use] = invals[layer.matches[use].activation_operand]
     outvals = bind(eqn, invals)
     tap = self.perturb.get(path)
     if tap is not None and tap[0].name in self.perturbations:
@@ -87,10 +87,9 @@ def tapped_loss(tagged: TaggedLoss, param_leaves: Sequence[jax.Array],
   taps = _Taps(tagged, perturbations)
   evaluate(closed.jaxpr, closed.consts, [*param_leaves, *batch_leaves],
            inline=taps.prefixes, on_equation=taps)
-  inputs = {name: tuple(by_use[u] for u in sorted(by_use))
-            for name, by_use in taps.inputs.items()}
   logits, targets = taps.marker_operands[:2]
-  return Tapped(logits=logits, targets=targets, inputs=inputs)
+  return Tapped(logits=logits, targets=targets,
+                inputs={name: tuple(by_use) for name, by_use in taps.inputs.items()})
 
 
 def zero_perturbations(tagged: TaggedLoss) -> dict[str, jax.Array]:

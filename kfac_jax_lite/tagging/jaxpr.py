@@ -51,7 +51,7 @@ def is_var(atom: Any) -> bool:
   return not isinstance(atom, jex_core.Literal)
 
 
-def read(env: dict[Any, T], atom: Any) -> T:
+def _read(env: dict[Any, T], atom: Any) -> T:
   """Reads a jaxpr atom (a variable from ``env`` or a ``Literal``'s value)."""
   return env[atom] if is_var(atom) else atom.val
 
@@ -147,7 +147,7 @@ def evaluate(jaxpr: jex_core.Jaxpr, consts: Sequence[Any], args: Sequence[Any], 
   env.update(zip(jaxpr.invars, args))
   for i, eqn in enumerate(jaxpr.eqns):
     here = path + (i,)
-    invals = [read(env, a) for a in eqn.invars]
+    invals = [_read(env, a) for a in eqn.invars]
     body = inlined_body(eqn) if here in inline else None
     if body is None:
       outvals = on_equation(eqn, invals, here)
@@ -155,4 +155,4 @@ def evaluate(jaxpr: jex_core.Jaxpr, consts: Sequence[Any], args: Sequence[Any], 
       outvals = evaluate(body.jaxpr, body.consts, body_operands(invals, len(body.jaxpr.invars)),
                          inline=inline, on_equation=on_equation, path=here)
     env.update(zip(eqn.outvars, outvals))
-  return [read(env, v) for v in jaxpr.outvars]
+  return [_read(env, v) for v in jaxpr.outvars]

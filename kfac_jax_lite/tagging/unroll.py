@@ -39,24 +39,25 @@ def _unrolled_scans(jaxpr: jex_core.Jaxpr, param_like: Sequence[bool | None], pa
   for i, eqn in enumerate(jaxpr.eqns):
     here = path + (i,)
     ins = [is_var(a) and bool(flags.get(a)) for a in eqn.invars]
-    body = inlined_body(eqn)
-    if eqn.primitive.name == "scan" and _unrolls(eqn, ins):
+    body, scan_flags = inlined_body(eqn), _scan_body_flags(eqn, ins)
+    if scan_flags is not None:
       out.append(here)
-      p = eqn.params
-      n_consts, n_carry = p["num_consts"], p["num_carry"]
-      _unrolled_scans(p["jaxpr"].jaxpr, ins[:n_consts] + [False] * n_carry
-                      + ins[n_consts + n_carry:], here, out)
+      _unrolled_scans(eqn.params["jaxpr"].jaxpr, scan_flags, here, out)
     elif body is not None:
       _unrolled_scans(body.jaxpr, body_operands(ins, len(body.jaxpr.invars)), here, out)
     if eqn.primitive.name in VIEWS | SLICES and ins and ins[0]:
       flags[eqn.outvars[0]] = True
 
 
-def _unrolls(eqn: jex_core.JaxprEqn, param_like: Sequence[bool]) -> bool:
+def _scan_body_flags(eqn: jex_core.JaxprEqn, param_like: list[bool]) -> list[bool] | None:
+  """Which body inputs of a scan to unroll are parameters; None for any other
+  equation (a scan taking no parameter, or longer than :data:`MAX_UNROLL`)."""
   p = eqn.params
+  if eqn.primitive.name != "scan" or p["length"] > MAX_UNROLL:
+    return None
   n_consts, n_carry = p["num_consts"], p["num_carry"]
-  uses_params = any(param_like[:n_consts]) or any(param_like[n_consts + n_carry:])
-  return uses_params and p["length"] <= MAX_UNROLL
+  flags = param_like[:n_consts] + [False] * n_carry + param_like[n_consts + n_carry:]
+  return flags if any(flags) else None
 
 
 class _Unroller:
