@@ -15,8 +15,7 @@ import jax.numpy as jnp
 
 from kfac_jax_lite.tagging.layers import Layer
 from kfac_jax_lite.tagging.match import Part
-from kfac_jax_lite.tagging.eqns import bind_eqn
-from kfac_jax_lite.tagging.trace import TYPE_ONLY_PRIMITIVES
+from kfac_jax_lite.tagging.jaxpr import TYPE_ONLY as TYPE_ONLY_PRIMITIVES, bind as bind_eqn
 
 
 def _leaf_to_matrix(layer: Layer, w: jax.Array) -> jax.Array:

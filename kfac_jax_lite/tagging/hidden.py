@@ -10,32 +10,11 @@ inside; this module looks, so that the fallback can be reported loudly
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any
 
 from jax.extend import core as jex_core
 
-PRODUCTS = frozenset({"dot_general", "conv_general_dilated"})
-# Equations whose output still holds (some of) the operand's values as they are.
-_PASS_THROUGH = frozenset({
-    "reshape", "transpose", "convert_element_type", "squeeze", "expand_dims", "copy",
-    "copy_p", "pvary", "pcast", "slice", "dynamic_slice", "broadcast_in_dim"})
-# Sub-jaxprs whose inputs are not the trailing operands of their equation.
-_SKIPPED = frozenset({"cond_jaxpr"})
-
-
-def _sub_jaxprs(value: Any) -> Iterator[jex_core.Jaxpr]:
-  if isinstance(value, jex_core.ClosedJaxpr):
-    yield value.jaxpr
-  elif isinstance(value, jex_core.Jaxpr):
-    yield value
-  elif isinstance(value, (tuple, list)):
-    for v in value:
-      yield from _sub_jaxprs(v)
-
-
-def has_sub_jaxprs(eqn: jex_core.JaxprEqn) -> bool:
-  """Whether ``eqn`` is a higher-order primitive (it carries a jaxpr)."""
-  return any(True for v in eqn.params.values() for _ in _sub_jaxprs(v))
+from kfac_jax_lite.tagging.jaxpr import BROADCASTS, PRODUCTS, SLICES, VIEWS, is_var, trailing_bodies
 
 
 def multiplied_operands(eqn: jex_core.JaxprEqn) -> set[int]:
@@ -54,12 +33,9 @@ def multiplied_operands(eqn: jex_core.JaxprEqn) -> set[int]:
   """
   out: set[int] = set()
   n_ops = len(eqn.invars)
-  for key, value in eqn.params.items():
-    if key in _SKIPPED:
-      continue
-    for sub in _sub_jaxprs(value):
-      offset = n_ops - len(sub.invars)
-      out |= {offset + j for j in _multiplied_inputs(sub) if offset + j >= 0}
+  for sub in trailing_bodies(eqn):
+    offset = n_ops - len(sub.invars)
+    out |= {offset + j for j in _multiplied_inputs(sub) if offset + j >= 0}
   return out
 
 
@@ -78,16 +54,15 @@ def _multiplied_inputs(jaxpr: jex_core.Jaxpr, origin: dict[Any, frozenset[int]] 
     origin = {v: frozenset({j}) for j, v in enumerate(jaxpr.invars)}
   hits: set[int] = set()
   for eqn in jaxpr.eqns[start:]:
-    sources = [frozenset() if isinstance(v, jex_core.Literal) else origin.get(v, frozenset())
-               for v in eqn.invars]
+    sources = [origin.get(v, frozenset()) if is_var(v) else frozenset() for v in eqn.invars]
     name = eqn.primitive.name
     if name in PRODUCTS:
       hits.update(*sources)
-    elif name in _PASS_THROUGH and sources and sources[0]:
+    elif name in VIEWS | SLICES | BROADCASTS and sources and sources[0]:
       origin[eqn.outvars[0]] = sources[0]
     elif name == "concatenate" and any(sources):
       origin[eqn.outvars[0]] = frozenset().union(*sources)
-    elif any(sources) and has_sub_jaxprs(eqn):
+    elif any(sources):  # products inside a cond, while or rolled scan
       for k in multiplied_operands(eqn):
         hits.update(sources[k])
   return hits

@@ -15,9 +15,8 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jex_core
 
+from kfac_jax_lite.tagging.jaxpr import Path, bind, evaluate, prefixes
 from kfac_jax_lite.tagging.layers import Layer, TaggedLoss
-from kfac_jax_lite.tagging.eqns import bind_eqn, read
-from kfac_jax_lite.tagging.trace import inlined_body
 
 
 @dataclasses.dataclass
@@ -25,61 +24,47 @@ class Tapped:
   """What one tapped evaluation returns.
 
   Attributes:
-    loss: the scalar loss.
     logits: the first operand of the registered loss (the model output).
     targets: the second operand of the registered loss.
     inputs: layer name -> the activation operand of its product equation,
       one per use of the layer's weight (``Layer.matches``).
   """
-  loss: jax.Array
   logits: jax.Array
   targets: jax.Array
   inputs: dict[str, tuple[jax.Array, ...]]
 
 
 class _Taps:
-  """Static lookup tables from equation paths to layer actions."""
+  """The evaluation hook: reads the loss marker's operands and layer inputs,
+  adds perturbations to layer outputs (equations addressed by path)."""
 
-  def __init__(self, tagged: TaggedLoss):
-    self.capture: dict[tuple[int, ...], tuple[Layer, int]] = {}
-    self.perturb: dict[tuple[int, ...], tuple[Layer, int]] = {}
+  def __init__(self, tagged: TaggedLoss, perturbations: Mapping[str, jax.Array]):
+    self.capture: dict[Path, tuple[Layer, int]] = {}
+    self.perturb: dict[Path, tuple[Layer, int]] = {}
     for layer in tagged.factored:
       for use, m in enumerate(layer.matches):
         self.capture[m.path] = (layer, use)
         self.perturb[m.out_path] = (layer, use)
     self.marker = tagged.marker.path
-    paths = list(self.capture) + list(self.perturb) + [self.marker]
-    self.prefixes = {p[:k] for p in paths for k in range(1, len(p))}
+    self.prefixes = prefixes([*self.capture, *self.perturb, self.marker])
+    self.perturbations = perturbations
+    self.marker_operands: list[Any] = []
+    self.inputs: dict[str, list[Any]] = {l.name: [None] * len(l.matches) for l in tagged.factored}
 
-
-def _eval(jaxpr: jex_core.Jaxpr, consts: Sequence[Any], args: Sequence[Any],
-          prefix: tuple[int, ...], taps: _Taps,
-          perturbations: Mapping[str, jax.Array], out: dict[str, Any]) -> list[Any]:
-  env: dict[Any, Any] = {}
-  env.update(zip(jaxpr.constvars, consts))
-  env.update(zip(jaxpr.invars, args))
-  for i, eqn in enumerate(jaxpr.eqns):
-    path = prefix + (i,)
-    invals = [read(env, a) for a in eqn.invars]
-    body = inlined_body(eqn) if path in taps.prefixes else None
-    if body is not None:
-      sub_jaxpr, sub_consts = body
-      outvals = _eval(sub_jaxpr, sub_consts, invals, path, taps, perturbations, out)
-    else:
-      if path == taps.marker:
-        out["logits"], out["targets"] = invals[0], invals[1]
-      tap = taps.capture.get(path)
-      if tap is not None:
-        layer, use = tap
-        out["inputs"].setdefault(layer.name, {})[use] = invals[
-            layer.matches[use].activation_operand]
-      outvals = bind_eqn(eqn, invals)
-      tap = taps.perturb.get(path)
-      if tap is not None and tap[0].name in perturbations:
-        layer, use = tap
-        outvals = [outvals[0] + perturbations[layer.name][use].astype(outvals[0].dtype)]
-    env.update(zip(eqn.outvars, outvals))
-  return [read(env, v) for v in jaxpr.outvars]
+  def __call__(self, eqn: jex_core.JaxprEqn, invals: list[Any], path: Path) -> list[Any]:
+    """Evaluates one equation not inlined, reading and perturbing at the taps."""
+    if path == self.marker:
+      self.marker_operands = invals
+    tap = self.capture.get(path)
+    if tap is not None:
+      layer, use = tap
+      self.inputs[layer.name][use] = invals[layer.matches[use].activation_operand]
+    outvals = bind(eqn, invals)
+    tap = self.perturb.get(path)
+    if tap is not None and tap[0].name in self.perturbations:
+      layer, use = tap
+      outvals = [outvals[0] + self.perturbations[layer.name][use].astype(outvals[0].dtype)]
+    return outvals
 
 
 def tapped_loss(tagged: TaggedLoss, param_leaves: Sequence[jax.Array],
@@ -98,13 +83,13 @@ def tapped_loss(tagged: TaggedLoss, param_leaves: Sequence[jax.Array],
   Returns:
     The :class:`Tapped` values.
   """
-  out: dict[str, Any] = {"inputs": {}}
   closed = tagged.traced.jaxpr
-  (loss,) = _eval(closed.jaxpr, closed.consts, [*param_leaves, *batch_leaves],
-                  (), _Taps(tagged), perturbations, out)
-  inputs = {name: tuple(by_use[u] for u in sorted(by_use))
-            for name, by_use in out["inputs"].items()}
-  return Tapped(loss=loss, logits=out["logits"], targets=out["targets"], inputs=inputs)
+  taps = _Taps(tagged, perturbations)
+  evaluate(closed.jaxpr, closed.consts, [*param_leaves, *batch_leaves],
+           inline=taps.prefixes, on_equation=taps)
+  logits, targets = taps.marker_operands[:2]
+  return Tapped(logits=logits, targets=targets,
+                inputs={name: tuple(by_use) for name, by_use in taps.inputs.items()})
 
 
 def zero_perturbations(tagged: TaggedLoss) -> dict[str, jax.Array]:

@@ -29,15 +29,10 @@ import numpy as np
 from kfac_jax_lite.losses import MARKER_PREFIX
 from kfac_jax_lite.registration import REGISTRATION_PREFIX
 from kfac_jax_lite.tagging import conv, dense, embedding, hidden, relevance, scale
+from kfac_jax_lite.tagging.jaxpr import (
+    BROADCASTS, PRODUCTS, TYPE_ONLY, VIEWS, body_operands, call_name, inlined_body, is_var)
 from kfac_jax_lite.tagging.match import Match, ParamView, Path
-from kfac_jax_lite.tagging.trace import TYPE_ONLY_PRIMITIVES, inlined_body
 
-# Value-preserving reshapes of a parameter: the weight is still "the weight".
-VIEW_PRIMITIVES = frozenset({
-    "reshape", "transpose", "convert_element_type", "squeeze", "expand_dims",
-    "copy", "copy_p"}) | frozenset(TYPE_ONLY_PRIMITIVES)
-# Views that may only feed a bias (they repeat values).
-BROADCAST_PRIMITIVES = frozenset({"broadcast_in_dim"})
 # One matcher per layer family: primitive name -> matcher.
 MATCHERS = {"dot_general": dense.match, "conv_general_dilated": conv.match,
             "gather": embedding.match, "mul": scale.match_scale, "add": scale.match_shift}
@@ -106,10 +101,10 @@ class _Walker:
     live = self._relevant.get(prefix, set())
 
     def view_of(atom):
-      return None if isinstance(atom, jex_core.Literal) else view_env.get(atom)
+      return view_env.get(atom) if is_var(atom) else None
 
     def is_data(atom):
-      return not isinstance(atom, jex_core.Literal) and atom in data_env
+      return is_var(atom) and atom in data_env
 
     for i, eqn in enumerate(jaxpr.eqns):
       path = prefix + (i,)
@@ -120,7 +115,7 @@ class _Walker:
 
       if relevance.is_marker(eqn):
         self.result.markers.append(LossMarker(
-            path, relevance.call_name(eqn)[len(MARKER_PREFIX):],
+            path, call_name(eqn)[len(MARKER_PREFIX):],
             tuple(eqn.invars[0].aval.shape)))
         if in_views[0] is not None:  # the predictions are a parameter
           self._use(in_views[0], "loss")
@@ -128,7 +123,7 @@ class _Walker:
         continue
 
       needed = any(v in live for v in eqn.outvars)
-      if relevance.call_name(eqn).startswith(REGISTRATION_PREFIX):
+      if call_name(eqn).startswith(REGISTRATION_PREFIX):
         if needed:
           self._add_registered(eqn, path, in_views)
           self._mark_data(eqn, data_env, True)
@@ -144,14 +139,9 @@ class _Walker:
         continue
 
       if body is not None:
-        sub_jaxpr, consts = body
-        n_const = len(consts)
-        sub_views = [None] * n_const + in_views
-        sub_data = [False] * n_const + in_data
-        # Some call primitives carry their constants as leading operands.
-        sub_views = sub_views[len(sub_views) - len(sub_jaxpr.invars):]
-        sub_data = sub_data[len(sub_data) - len(sub_jaxpr.invars):]
-        out_views, out_data = self.walk(sub_jaxpr, sub_views, sub_data, path)
+        n_body = len(body.jaxpr.invars)
+        out_views, out_data = self.walk(body.jaxpr, body_operands(in_views, n_body),
+                                        body_operands(in_data, n_body), path)
         for v, pv, d in zip(eqn.outvars, out_views, out_data):
           if pv is not None:
             view_env[v] = pv
@@ -166,10 +156,10 @@ class _Walker:
             zip(eqn.params["start_indices"], eqn.params["limit_indices"])))
         continue
 
-      if name in VIEW_PRIMITIVES | BROADCAST_PRIMITIVES and in_views[0] is not None:
+      if name in VIEWS | BROADCASTS and in_views[0] is not None:
         pv = in_views[0]
         view_env[eqn.outvars[0]] = dataclasses.replace(
-            pv, chain=pv.chain + (eqn,), broadcast=pv.broadcast or name in BROADCAST_PRIMITIVES)
+            pv, chain=pv.chain + (eqn,), broadcast=pv.broadcast or name in BROADCASTS)
         continue
 
       if (eqn.invars and id(eqn.invars[0]) in self._pending
@@ -179,7 +169,7 @@ class _Walker:
 
       if name == "reshape" and in_data[0] and len(eqn.outvars[0].aval.shape) == 2:
         flat_env[eqn.outvars[0]] = tuple(eqn.invars[0].aval.shape)
-      elif name in TYPE_ONLY_PRIMITIVES and in_data[0] and eqn.invars[0] in flat_env:
+      elif name in TYPE_ONLY and in_data[0] and eqn.invars[0] in flat_env:
         flat_env[eqn.outvars[0]] = flat_env[eqn.invars[0]]
 
       if name == "add" and self._match_bias(eqn, path, in_views):
@@ -222,11 +212,11 @@ class _Walker:
     / rolled ``scan``, or, ``into_product``, after this equation)."""
     if all(pv is None for pv in in_views):
       return
-    inside = hidden.multiplied_operands(eqn) if hidden.has_sub_jaxprs(eqn) else set()
+    inside = hidden.multiplied_operands(eqn)
     for k, pv in enumerate(in_views):
       if pv is not None:
         self._use(pv, what)
-        if into_product or eqn.primitive.name in hidden.PRODUCTS or k in inside:
+        if into_product or eqn.primitive.name in PRODUCTS or k in inside:
           self.result.products.add(pv.index)
 
   def _add_registered(self, eqn, path: Path, in_views: list[ParamView | None]) -> None:
@@ -260,9 +250,9 @@ class _Walker:
     that use's bias, with input ``[0; 1]`` (so the bias joins ``W_h``'s
     block); without a bias add it is no use of ``W_h`` at all."""
     matcher = MATCHERS.get(eqn.primitive.name)
-    if eqn.primitive.name not in hidden.PRODUCTS or counts.get(eqn.outvars[0], 0) != 1:
+    if eqn.primitive.name not in PRODUCTS or counts.get(eqn.outvars[0], 0) != 1:
       return
-    zeros = [not isinstance(a, jex_core.Literal) and a in zero_env for a in eqn.invars]
+    zeros = [is_var(a) and a in zero_env for a in eqn.invars]
     found = matcher(eqn, path, in_views, zeros)
     if isinstance(found, Match) and found.takes_bias:
       pv = in_views[found.weight_operand]
@@ -324,9 +314,8 @@ class _Walker:
 
 
 # Equations whose output is zero when any operand is / when the first one is.
-_ZERO_IF_ANY = frozenset({"dot_general", "conv_general_dilated", "mul"})
-_ZERO_IF_FIRST = frozenset({"convert_element_type", "reshape", "transpose", "squeeze",
-                            "expand_dims", "broadcast_in_dim", "copy", "copy_p"})
+_ZERO_IF_ANY = PRODUCTS | {"mul"}
+_ZERO_IF_FIRST = VIEWS | BROADCASTS
 
 
 def _is_zero(eqn, zero_env: set[Any]) -> bool:
@@ -336,9 +325,9 @@ def _is_zero(eqn, zero_env: set[Any]) -> bool:
   if name == "broadcast_in_dim" and isinstance(first, jex_core.Literal):
     return not np.any(first.val)
   if name in _ZERO_IF_FIRST:
-    return not isinstance(first, jex_core.Literal) and first in zero_env
+    return is_var(first) and first in zero_env
   if name in _ZERO_IF_ANY:
-    return any(not isinstance(a, jex_core.Literal) and a in zero_env for a in eqn.invars)
+    return any(is_var(a) and a in zero_env for a in eqn.invars)
   return False
 
 

@@ -21,9 +21,7 @@ from typing import Any, Sequence
 from jax.extend import core as jex_core
 
 from kfac_jax_lite.losses import MARKER_PREFIX
-from kfac_jax_lite.registration import REGISTRATION_PREFIX
-from kfac_jax_lite.tagging.match import Path
-from kfac_jax_lite.tagging.trace import inlined_body
+from kfac_jax_lite.tagging.jaxpr import Path, body_operands, call_name, inlined_body, is_var
 
 # Path of a jaxpr (() for the top level, else the path of the call equation
 # whose body it is) -> the variables of that jaxpr that reach a registered
@@ -31,51 +29,30 @@ from kfac_jax_lite.tagging.trace import inlined_body
 Relevant = dict[Path, set[Any]]
 
 
-def call_name(eqn: jex_core.JaxprEqn) -> str:
-  """The function name of a ``jit`` equation (``""`` for other primitives)."""
-  if eqn.primitive.name not in ("jit", "pjit"):
-    return ""
-  return str(eqn.params.get("name", ""))
-
-
 def is_marker(eqn: jex_core.JaxprEqn) -> bool:
   """Whether ``eqn`` is a :mod:`kfac_jax_lite.losses` marker."""
   return call_name(eqn).startswith(MARKER_PREFIX)
 
 
-def body_operands(eqn: jex_core.JaxprEqn, n_body: int) -> list[Any | None]:
-  """The equation operand bound to each of a body's ``n_body`` inputs.
-
-  Call primitives may carry their constants as leading operands; a body input
-  is the operand at the same position from the end (``None``: a constant).
-  """
-  lead = n_body - len(eqn.invars)
-  return [None] * max(lead, 0) + list(eqn.invars[max(-lead, 0):])
-
-
-def _is_var(atom: Any) -> bool:
-  return not isinstance(atom, jex_core.Literal)
-
-
 def _slice(jaxpr: jex_core.Jaxpr, live_out: Sequence[bool], prefix: Path,
            out: Relevant) -> list[bool]:
   """Fills ``out[prefix]``; returns which inputs of ``jaxpr`` are relevant."""
-  live = {v for v, r in zip(jaxpr.outvars, live_out) if r and _is_var(v)}
+  live = {v for v, r in zip(jaxpr.outvars, live_out) if r and is_var(v)}
   for i in reversed(range(len(jaxpr.eqns))):
     eqn = jaxpr.eqns[i]
     needed = any(v in live for v in eqn.outvars)
     if is_marker(eqn):
       operands = eqn.invars if needed else eqn.invars[:1]  # the predictions only
-      live.update(v for v in operands if _is_var(v))
+      live.update(v for v in operands if is_var(v))
       continue
-    body = None if call_name(eqn).startswith(REGISTRATION_PREFIX) else inlined_body(eqn)
+    body = inlined_body(eqn)
     if body is not None:
-      sub = body[0]
+      sub = body.jaxpr
       sub_live = _slice(sub, [v in live for v in eqn.outvars], prefix + (i,), out)
-      live.update(a for a, r in zip(body_operands(eqn, len(sub.invars)), sub_live)
-                  if r and a is not None and _is_var(a))
+      live.update(a for a, r in zip(body_operands(eqn.invars, len(sub.invars)), sub_live)
+                  if r and a is not None and is_var(a))
     elif needed:
-      live.update(v for v in eqn.invars if _is_var(v))
+      live.update(v for v in eqn.invars if is_var(v))
   out[prefix] = live
   return [v in live for v in jaxpr.invars]
 
@@ -102,20 +79,21 @@ def use_counts(jaxpr: jex_core.Jaxpr, prefix: Path, relevant: Relevant) -> dict[
   live = relevant.get(prefix, set())
   counts: dict[Any, int] = {}
   for i, eqn in enumerate(jaxpr.eqns):
-    body = None if call_name(eqn).startswith(REGISTRATION_PREFIX) else inlined_body(eqn)
+    body = inlined_body(eqn)
     if is_marker(eqn):
       operands = eqn.invars[:1]
     elif body is not None:
       sub_live = relevant.get(prefix + (i,), set())
-      operands = [a for a, v in zip(body_operands(eqn, len(body[0].invars)), body[0].invars)
+      sub = body.jaxpr
+      operands = [a for a, v in zip(body_operands(eqn.invars, len(sub.invars)), sub.invars)
                   if a is not None and v in sub_live]
     else:
       operands = eqn.invars if any(v in live for v in eqn.outvars) else []
     for v in operands:
-      if _is_var(v):
+      if is_var(v):
         counts[v] = counts.get(v, 0) + 1
   for v in jaxpr.outvars:
-    if _is_var(v) and v in live:
+    if is_var(v) and v in live:
       counts[v] = counts.get(v, 0) + 1
   return counts
 
@@ -123,5 +101,5 @@ def use_counts(jaxpr: jex_core.Jaxpr, prefix: Path, relevant: Relevant) -> dict[
 def referenced(jaxpr: jex_core.Jaxpr, num_params: int) -> set[int]:
   """Indices of the parameter inputs that any top-level equation reads."""
   index = {v: i for i, v in enumerate(jaxpr.invars[:num_params])}
-  used = {index[v] for eqn in jaxpr.eqns for v in eqn.invars if _is_var(v) and v in index}
-  return used | {index[v] for v in jaxpr.outvars if _is_var(v) and v in index}
+  used = {index[v] for eqn in jaxpr.eqns for v in eqn.invars if is_var(v) and v in index}
+  return used | {index[v] for v in jaxpr.outvars if is_var(v) and v in index}

@@ -1,4 +1,4 @@
-"""Trace a loss to a jaxpr and walk its nested sub-jaxprs.
+"""Trace a loss to a jaxpr.
 
 Only public ``jax`` / ``jax.extend`` APIs are used. The helpers here know
 jaxprs and nothing of layers or optimizers.
@@ -7,31 +7,13 @@ jaxprs and nothing of layers or optimizers.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 from jax.extend import core as jex_core
 
 from kfac_jax_lite.tagging.trainable import non_trainable
 from kfac_jax_lite.tagging.unroll import unroll_scans
-
-# Higher-order primitives whose body is inlined by the tagger, so that layers
-# inside a user's `jit`, a `custom_jvp` activation or `jax.checkpoint` are seen.
-# name -> params key of the body.
-INLINED_CALLS: dict[str, str] = {
-    "jit": "jaxpr",
-    "pjit": "jaxpr",
-    "custom_jvp_call": "call_jaxpr",
-    "custom_vjp_call": "call_jaxpr",
-    "remat2": "jaxpr",
-    "checkpoint": "jaxpr",
-}
-
-
-# Equations that change only a value's type, not its values: dtype casts and
-# shard_map's invariant -> varying casts. Replaying a weight's view chain on a
-# gradient skips them (the gradient has its own dtype and is not varying).
-TYPE_ONLY_PRIMITIVES = ("convert_element_type", "pvary", "pcast")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,18 +24,12 @@ class TracedLoss:
     jaxpr: the closed jaxpr of ``loss_fn(params, batch)``; its inputs are the
       flattened parameter leaves followed by the flattened batch leaves.
     param_paths: the key path of every parameter leaf, in flatten order.
-    param_treedef: tree structure of the parameters.
-    batch_treedef: tree structure of the batch.
-    batch_avals: shape/dtype of every batch leaf.
     frozen: flat index -> collection of the non-trainable parameter leaves
       (see :mod:`kfac_jax_lite.tagging.trainable`).
   """
 
   jaxpr: jex_core.ClosedJaxpr
   param_paths: tuple[tuple[Any, ...], ...]
-  param_treedef: Any
-  batch_treedef: Any
-  batch_avals: tuple[jax.ShapeDtypeStruct, ...]
   frozen: dict[int, str] = dataclasses.field(default_factory=dict, hash=False, compare=False)
 
   @property
@@ -125,20 +101,5 @@ def trace_loss(loss_fn: Callable[[Any, Any], jax.Array], params: Any,
   return TracedLoss(
       jaxpr=closed,
       param_paths=tuple(path for path, _ in path_leaves),
-      param_treedef=param_treedef,
-      batch_treedef=batch_treedef,
-      batch_avals=tuple(abstractify(batch_leaves)),
       frozen=non_trainable(params))
 
-
-def inlined_body(eqn: jex_core.JaxprEqn) -> tuple[jex_core.Jaxpr, Sequence[Any]] | None:
-  """The body jaxpr and its constants, for call-like primitives we inline."""
-  key = INLINED_CALLS.get(eqn.primitive.name)
-  if key is None or key not in eqn.params:
-    return None
-  body = eqn.params[key]
-  if isinstance(body, jex_core.ClosedJaxpr):
-    return body.jaxpr, body.consts
-  if isinstance(body, jex_core.Jaxpr):
-    return body, ()
-  return None

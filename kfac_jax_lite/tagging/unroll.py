@@ -22,89 +22,69 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jex_core
 
-from kfac_jax_lite.losses import MARKER_PREFIX
-from kfac_jax_lite.tagging.eqns import bind_eqn, read
+from kfac_jax_lite.tagging.jaxpr import (
+    SLICES, VIEWS, Path, bind, body_operands, evaluate, inlined_body, is_var, prefixes)
 
 MAX_UNROLL = 128
-# Primitives through which a value is still "a parameter" (a view of one).
-_VIEWS = frozenset({"reshape", "transpose", "convert_element_type", "squeeze",
-                    "expand_dims", "copy", "copy_p", "pvary", "pcast", "slice"})
-_CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "remat2": "jaxpr", "checkpoint": "jaxpr"}
 
 
-def _scans_over_params(jaxpr: jex_core.Jaxpr, param_like: Sequence[bool]) -> bool:
-  """Whether evaluating ``jaxpr`` would unroll any scan."""
+def _unrolled_scans(jaxpr: jex_core.Jaxpr, param_like: Sequence[bool | None], path: Path,
+                    out: list[Path]) -> None:
+  """Appends to ``out`` the path of every scan that evaluation would unroll.
+
+  ``param_like`` flags the inputs that are parameters (or views or slices of
+  one); calls are followed into their bodies, and unrolled scans into theirs.
+  """
   flags = dict(zip(jaxpr.invars, param_like))
-  for eqn in jaxpr.eqns:
-    ins = [not isinstance(a, jex_core.Literal) and flags.get(a, False) for a in eqn.invars]
-    name = eqn.primitive.name
-    if name == "scan" and _unrolls(eqn, ins):
-      return True
-    body = _call_body(eqn)
-    if body is not None and _scans_over_params(body.jaxpr, ins[-len(body.jaxpr.invars):]):
-      return True
-    if name in _VIEWS and ins and ins[0]:
+  for i, eqn in enumerate(jaxpr.eqns):
+    here = path + (i,)
+    ins = [is_var(a) and bool(flags.get(a)) for a in eqn.invars]
+    body, scan_flags = inlined_body(eqn), _scan_body_flags(eqn, ins)
+    if scan_flags is not None:
+      out.append(here)
+      _unrolled_scans(eqn.params["jaxpr"].jaxpr, scan_flags, here, out)
+    elif body is not None:
+      _unrolled_scans(body.jaxpr, body_operands(ins, len(body.jaxpr.invars)), here, out)
+    if eqn.primitive.name in VIEWS | SLICES and ins and ins[0]:
       flags[eqn.outvars[0]] = True
-  return False
 
 
-def _unrolls(eqn: jex_core.JaxprEqn, param_like: Sequence[bool]) -> bool:
+def _scan_body_flags(eqn: jex_core.JaxprEqn, param_like: list[bool]) -> list[bool] | None:
+  """Which body inputs of a scan to unroll are parameters; None for any other
+  equation (a scan taking no parameter, or longer than :data:`MAX_UNROLL`)."""
   p = eqn.params
-  n_consts, n_carry = p["num_consts"], p["num_carry"]
-  uses_params = any(param_like[:n_consts]) or any(param_like[n_consts + n_carry:])
-  return uses_params and p["length"] <= MAX_UNROLL
-
-
-def _call_body(eqn: jex_core.JaxprEqn) -> jex_core.ClosedJaxpr | None:
-  key = _CALLS.get(eqn.primitive.name)
-  body = eqn.params.get(key) if key else None
-  if str(eqn.params.get("name", "")).startswith(MARKER_PREFIX):
+  if eqn.primitive.name != "scan" or p["length"] > MAX_UNROLL:
     return None
-  if isinstance(body, jex_core.Jaxpr):
-    return jex_core.ClosedJaxpr(body, ())
-  return body if isinstance(body, jex_core.ClosedJaxpr) else None
-
-
-def _eval(jaxpr: jex_core.Jaxpr, consts: Sequence[Any], args: Sequence[Any],
-          param_like: Sequence[bool]) -> list[Any]:
-  env: dict[Any, Any] = dict(zip(jaxpr.constvars, consts))
-  env.update(zip(jaxpr.invars, args))
-  flags = dict(zip(jaxpr.invars, param_like))
-  for eqn in jaxpr.eqns:
-    invals = [read(env, a) for a in eqn.invars]
-    ins = [not isinstance(a, jex_core.Literal) and flags.get(a, False) for a in eqn.invars]
-    name = eqn.primitive.name
-    body = _call_body(eqn)
-    if name == "scan" and _unrolls(eqn, ins):
-      outvals = _unrolled_scan(eqn, invals, ins)
-    elif body is not None and _scans_over_params(body.jaxpr, ins[-len(body.jaxpr.invars):]):
-      n = len(body.jaxpr.invars)
-      outvals = _eval(body.jaxpr, body.consts, invals[-n:], ins[-n:])
-    else:
-      outvals = bind_eqn(eqn, invals)
-    if name in _VIEWS and ins and ins[0]:
-      flags[eqn.outvars[0]] = True
-    env.update(zip(eqn.outvars, outvals))
-  return [read(env, v) for v in jaxpr.outvars]
-
-
-def _unrolled_scan(eqn: jex_core.JaxprEqn, invals: list[Any],
-                   param_like: list[bool]) -> list[Any]:
-  """A scan as a Python loop; scanned-over operands are sliced per step."""
-  p = eqn.params
-  n_consts, n_carry, length = p["num_consts"], p["num_carry"], p["length"]
-  body: jex_core.ClosedJaxpr = p["jaxpr"]
-  consts, carry = invals[:n_consts], invals[n_consts:n_consts + n_carry]
-  xs = invals[n_consts + n_carry:]
+  n_consts, n_carry = p["num_consts"], p["num_carry"]
   flags = param_like[:n_consts] + [False] * n_carry + param_like[n_consts + n_carry:]
-  ys: list[list[Any]] = [[None] * length for _ in range(len(body.jaxpr.outvars) - n_carry)]
-  for i in (reversed(range(length)) if p["reverse"] else range(length)):
-    x_i = [jax.lax.index_in_dim(x, i, 0, keepdims=False) for x in xs]
-    out = _eval(body.jaxpr, body.consts, [*consts, *carry, *x_i], flags)
-    carry = out[:n_carry]
-    for k, y in enumerate(out[n_carry:]):
-      ys[k][i] = y
-  return [*carry, *(jnp.stack(y) for y in ys)]
+  return flags if any(flags) else None
+
+
+class _Unroller:
+  """The evaluation hook: binds every equation but the scans to unroll."""
+
+  def __init__(self, scans: list[Path]):
+    self.scans = frozenset(scans)
+    self.inline = prefixes(scans)
+
+  def __call__(self, eqn: jex_core.JaxprEqn, invals: list[Any], path: Path) -> list[Any]:
+    """Evaluates one equation not inlined (an unrolled scan: a Python loop)."""
+    if path not in self.scans:
+      return bind(eqn, invals)
+    p = eqn.params
+    n_consts, n_carry, length = p["num_consts"], p["num_carry"], p["length"]
+    body: jex_core.ClosedJaxpr = p["jaxpr"]
+    consts, carry = invals[:n_consts], invals[n_consts:n_consts + n_carry]
+    xs = invals[n_consts + n_carry:]
+    ys: list[list[Any]] = [[None] * length for _ in range(len(body.jaxpr.outvars) - n_carry)]
+    for i in (reversed(range(length)) if p["reverse"] else range(length)):
+      x_i = [jax.lax.index_in_dim(x, i, 0, keepdims=False) for x in xs]
+      out = evaluate(body.jaxpr, body.consts, [*consts, *carry, *x_i], inline=self.inline,
+                     on_equation=self, path=path)
+      carry = out[:n_carry]
+      for k, y in enumerate(out[n_carry:]):
+        ys[k][i] = y
+    return [*carry, *(jnp.stack(y) for y in ys)]
 
 
 def unroll_scans(closed: jex_core.ClosedJaxpr, args: Sequence[Any],
@@ -120,7 +100,11 @@ def unroll_scans(closed: jex_core.ClosedJaxpr, args: Sequence[Any],
     ``closed`` itself when no scan takes a parameter, else an equivalent
     closed jaxpr without those scans.
   """
+  scans: list[Path] = []
   flags = [True] * num_params + [False] * (len(args) - num_params)
-  if not _scans_over_params(closed.jaxpr, flags):
+  _unrolled_scans(closed.jaxpr, flags, (), scans)
+  if not scans:
     return closed
-  return jax.make_jaxpr(lambda *a: _eval(closed.jaxpr, closed.consts, a, flags)[0])(*args)
+  unroller = _Unroller(scans)
+  return jax.make_jaxpr(lambda *a: evaluate(
+      closed.jaxpr, closed.consts, a, inline=unroller.inline, on_equation=unroller)[0])(*args)
