@@ -15,13 +15,13 @@ import jax.numpy as jnp
 
 from kfac_jax_lite.tagging.layers import Layer
 from kfac_jax_lite.tagging.match import Part
-from kfac_jax_lite.tagging.jaxpr import TYPE_ONLY as TYPE_ONLY_PRIMITIVES, bind as bind_eqn
+from kfac_jax_lite.tagging.jaxpr import TYPE_ONLY, bind
 
 
 def _leaf_to_matrix(layer: Layer, w: jax.Array) -> jax.Array:
   for eqn in layer.match.weight_chain:
-    if eqn.primitive.name not in TYPE_ONLY_PRIMITIVES:
-      (w,) = bind_eqn(eqn, [w])
+    if eqn.primitive.name not in TYPE_ONLY:
+      (w,) = bind(eqn, [w])
   return layer.match.operand_to_matrix(w)
 
 

@@ -109,11 +109,6 @@ class TaggedLoss:
     return tuple(l for l in self.layers if l.kind == "diagonal")
 
   @property
-  def identity(self) -> tuple[Layer, ...]:
-    """Leaves a ``blocks`` override leaves unpreconditioned."""
-    return tuple(l for l in self.layers if l.kind == "none")
-
-  @property
   def frozen(self) -> tuple[Layer, ...]:
     """Leaves of non-trainable collections (their updates are zero)."""
     return tuple(l for l in self.layers if l.kind == "frozen")

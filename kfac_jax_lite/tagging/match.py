@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-Path = tuple[int, ...]
+from kfac_jax_lite.tagging.jaxpr import Path
 
 
 # A box of a parameter leaf: (start, limit) per axis; None for the whole leaf.
