@@ -18,10 +18,10 @@ from kfac_jax_lite.transform import scale_by_kfac
 
 # The defaults of kfac, chosen on benchmarks/suite.py (README, "Choosing
 # settings"): the KL clip bounds every step, so the learning rate is a ceiling;
-# damping 0.1 was the robust choice across the suite's models; statistics every
+# damping 0.03 reached tuned AdamW's final loss on all five models; statistics every
 # 10 steps and inverses every 50 bring a step to 1.3-1.8x an AdamW step.
 DEFAULT_LEARNING_RATE = 0.3
-DEFAULT_DAMPING = 0.1
+DEFAULT_DAMPING = 0.03
 DEFAULT_KL_CLIP = 1e-3
 DEFAULT_STATS_EVERY = 10
 DEFAULT_INVERSE_EVERY = 50
