@@ -96,7 +96,7 @@ def make_optimizer(sample_batch: Any, axis_name: str | None = None,
   ``parallel`` are :class:`kfl.ParallelOptions` fields besides ``axis_name``.
   """
   return kfl.kfac(loss_fn, sample_batch, LEARNING_RATE, damping=DAMPING, ema_decay=EMA_DECAY,
-                  inverse_every=1, estimator="exact",
+                  stats_every=1, inverse_every=1, estimator="exact",
                   parallel=kfl.ParallelOptions(axis_name=axis_name, **parallel))
 
 
@@ -350,7 +350,7 @@ def run_pmap_tokens(**kwargs: Any) -> tuple[Arrays, dict[str, Any]]:
   out = {}
   for placement in ("replicated", "sharded"):
     tx = kfl.kfac(token_loss_fn, local_batch(batches[0]), LEARNING_RATE, damping=DAMPING,
-                  inverse_every=1, estimator="exact",
+                  stats_every=1, inverse_every=1, estimator="exact",
                   parallel=kfl.ParallelOptions(axis_name=AXIS, inverse_placement=placement),
                   layers=kfl.LayerOptions(max_factor_dim=MAX_FACTOR_DIM, **kwargs))
 
