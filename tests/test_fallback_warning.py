@@ -99,7 +99,8 @@ def test_fused_kernels_warn_only_when_not_one_layer():
 
   with pytest.warns(UserWarning, match="no Kronecker block for 2 weight") as record:
     _init(also_alone, params, tt.class_batch())
-  assert "['wa']: used 2 times" in str(record[0].message)
+  assert "['wa']: joined (concatenate / stack) into a fused weight" in str(record[0].message)
+  assert "['wb']: joined (concatenate / stack) into a fused weight" in str(record[0].message)
 
 
 @pytest.mark.parametrize("choice", ["diag", "none"])

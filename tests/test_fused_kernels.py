@@ -79,6 +79,14 @@ def test_one_layer_over_the_joined_weight() -> None:
   assert [names[i] for i in fused.bias_indices] == ["['ba']", "['bb']"]
 
 
+def test_an_override_on_one_leaf_drops_the_whole_join() -> None:
+  fp, _, batch = _setup()
+  layers = kfl.find_layers(_fused_loss, fp, batch, layers=kfl.LayerOptions(blocks={"wb": "diag"}))
+  notes = {l.name: (l.kind, l.note) for l in layers}
+  assert notes["['wb']"] == ("diagonal", "blocks override: diagonal")
+  assert notes["['wa']"][0] == "diagonal" and "fused weight" in notes["['wa']"][1]
+
+
 def test_factors_equal_the_pre_joined_model() -> None:
   fp, jp, batch = _setup()
   got, want = _estimate(_fused_loss, fp, batch), _estimate(_joined_loss, jp, batch)

@@ -131,7 +131,10 @@ class TaggedLoss:
     return tuple(l for l in self.layers if l.kind == "frozen")
 
 
-def _describe(uses: list[str], referenced: bool = False) -> str:
+def _describe(uses: list[str], referenced: bool = False, joined: bool = False) -> str:
+  if joined:
+    return ("joined (concatenate / stack) into a fused weight whose leaves are not all "
+            "used only by its products, or one is overridden: diagonal fallback")
   if not uses and referenced:
     return ("used only off the path to the registered distribution's predictions "
             "(e.g. a weight-decay term): no Fisher: diagonal fallback")
@@ -241,12 +244,13 @@ def tag(traced: TracedLoss, approximation: Mapping[str, str] | None = None,
   bias_of = grouping.biases(groups, found, paths, shapes, blocks, frozen)
   grouping.check_registrations(found, groups, bias_of, paths, shapes, blocks)
   owned: dict[int, list[Layer]] = {}
+  joined = {i for m in found.layers if m.weight_fused is not None for i in m.weight_fused.indices}
   for (index, part), ms in groups.items():
     bias_index, bias_part = bias_of[index, part]
     ms = tuple(dataclasses.replace(m, bias_index=bias_index, bias_part=bias_part, bias_fused=(
         None if bias_index is None else m.bias_fused)) for m in ms)
-    joined = ms[0].weight_fused.indices if ms[0].weight_fused is not None else (index,)
-    name = "+".join(keystr(paths[i]) for i in joined) + grouping.part_suffix(part, shapes[index])
+    leaves = ms[0].weight_fused.indices if ms[0].weight_fused is not None else (index,)
+    name = "+".join(keystr(paths[i]) for i in leaves) + grouping.part_suffix(part, shapes[index])
     full = grouping.match_override(name, blocks) == "full"
     if full:
       grouping.check_full(name, ms[0], bias_index is not None, max_factor_dim)
@@ -271,7 +275,7 @@ def tag(traced: TracedLoss, approximation: Mapping[str, str] | None = None,
     if i in owned:
       continue
     choice = grouping.match_override(keystr(path), blocks)
-    why = _describe(grouping.leaf_uses(found.uses, i), i in found.referenced)
+    why = _describe(grouping.leaf_uses(found.uses, i), i in found.referenced, i in joined)
     if choice in ("kron", "full"):
       raise ValueError(
           f"blocks asks for a {'Kronecker' if choice == 'kron' else 'full'} block for "
