@@ -210,8 +210,8 @@ def from_values(tagged: TaggedLoss, inputs: dict[str, Sequence[jax.Array]],
 
 
 def _batch_grad_sq(layer: Layer, grad_leaves: Sequence[jax.Array]) -> jax.Array:
-  bias = None if layer.bias_index is None else grad_leaves[layer.bias_index]
-  mat = geometry.params_to_matrix(layer, grad_leaves[layer.weight_index], bias)
+  bias = [grad_leaves[i] for i in layer.bias_indices] or None
+  mat = geometry.params_to_matrix(layer, [grad_leaves[i] for i in layer.weight_indices], bias)
   return jnp.sum(jnp.square(mat.astype(jnp.float32)))
 
 

@@ -82,21 +82,25 @@ def test_fallback_of_a_weight_matrix_warns_at_init(case, path: str, why: str):
   _init_silently(loss_fn, params, batch, blocks=eval(suggestion))  # pylint: disable=eval-used
 
 
-def test_fused_kernels_concatenated_into_one_matmul_warn():
+def test_fused_kernels_warn_only_when_not_one_layer():
   """Flax's OptimizedLSTMCell concatenates its gate kernels into one matmul:
-  no Kronecker block yet, so every kernel is named (biases are vectors)."""
+  one Kronecker layer per concatenation (tests/test_fused_kernels.py), so no
+  warning; a joined leaf also read on its own is no layer, and is named."""
   model = nn.RNN(nn.OptimizedLSTMCell(D))
   x = tt.normal(1, tt.B, tt.T, tt.D_IN)
   params = model.init(jax.random.key(0), x)["params"]
   loss_fn = lambda p, b: tt.xent(model.apply({"params": p}, b["x"])[:, -1, :tt.D_OUT], b)
-  batch = {"x": x, "y": tt.randint(2, (tt.B,), tt.D_OUT)}
-  with pytest.warns(UserWarning, match="no Kronecker block for 8 weight") as record:
-    _init(loss_fn, params, batch)
-  msg = str(record[0].message)
-  assert all(f"['{g}']['kernel']: used by concatenate" in msg
-             for g in ("ii", "if", "ig", "io", "hi", "hf", "hg", "ho")), msg
-  assert "['bias']" not in msg
-  _init_silently(loss_fn, params, batch, blocks={"kernel": "diag"})
+  _init_silently(loss_fn, params, {"x": x, "y": tt.randint(2, (tt.B,), tt.D_OUT)})
+  params = {"wa": tt.normal(1, tt.D_IN, tt.D_OUT), "wb": tt.normal(2, tt.D_IN, tt.D_OUT)}
+
+  def also_alone(p, b):
+    fused = b["x"] @ jnp.concatenate([p["wa"], p["wb"]], axis=1)
+    return tt.xent(fused[:, :tt.D_OUT] + b["x"] @ p["wa"], b)
+
+  with pytest.warns(UserWarning, match="no Kronecker block for 2 weight") as record:
+    _init(also_alone, params, tt.class_batch())
+  assert "['wa']: joined (concatenate / stack) into a fused weight" in str(record[0].message)
+  assert "['wb']: joined (concatenate / stack) into a fused weight" in str(record[0].message)
 
 
 @pytest.mark.parametrize("choice", ["diag", "none"])

@@ -29,22 +29,20 @@ Inverses = dict[str, dict[str, jax.Array]]
 
 def _gradient_matrices(tagged: TaggedLoss, grads: Sequence[Any],
                        params: Sequence[Any]) -> dict[Layer, tuple[Any, jax.Array]]:
-  """Layer -> (its bias gradient or ``None``, ``[∇W; ∇b]`` in float32).
+  """Layer -> (its bias gradient leaves or ``None``, ``[∇W; ∇b]`` in float32).
 
   A masked-out weight skips the layer; a masked-out bias counts as zeros.
   """
   mats = {}
   for layer in tagged.factored:
-    w = grads[layer.weight_index]
-    if masking.is_masked(w):
+    ws = [grads[i] for i in layer.weight_indices]
+    if any(masking.is_masked(w) for w in ws):
       continue
-    b = None
-    if layer.bias_index is not None:
-      b = grads[layer.bias_index]
-      if masking.is_masked(b):
-        b = jnp.zeros_like(params[layer.bias_index], w.dtype)
-    mats[layer] = (b, geometry.params_to_matrix(
-        layer, w.astype(jnp.float32), None if b is None else b.astype(jnp.float32)))
+    bs = [jnp.zeros_like(params[i], ws[0].dtype) if masking.is_masked(grads[i]) else grads[i]
+          for i in layer.bias_indices] or None
+    mats[layer] = (bs, geometry.params_to_matrix(
+        layer, [w.astype(jnp.float32) for w in ws],
+        None if bs is None else [b.astype(jnp.float32) for b in bs]))
   return mats
 
 
@@ -58,11 +56,12 @@ def _kronecker_updates(tagged: TaggedLoss, grads: Sequence[Any], params: Sequenc
   pres = placement.precondition({l: m for l, (_, m) in mats.items()}, inverses,
                                 parallel.axis_name if parallel.sharded else None)
   parts: list[tuple[int, jax.Array]] = []
-  for layer, (b, _) in mats.items():
-    w_out, b_out = geometry.matrix_to_params(layer, pres[layer], grads[layer.weight_index], b)
-    parts.append((layer.weight_index, w_out))
-    if b is not None and not masking.is_masked(grads[layer.bias_index]):
-      parts.append((layer.bias_index, b_out))
+  for layer, (bs, _) in mats.items():
+    w_out, b_out = geometry.matrix_to_params(
+        layer, pres[layer], [grads[i] for i in layer.weight_indices], bs)
+    parts += zip(layer.weight_indices, w_out)
+    parts += [(i, b) for i, b in zip(layer.bias_indices, b_out or ())
+              if not masking.is_masked(grads[i])]
   out: dict[int, jax.Array] = {}
   for i, value in parts:
     out[i] = out[i] + value if i in out else value

@@ -85,7 +85,7 @@ def match(eqn: Any, path: Path, in_views: Sequence[ParamView | None],
     a_ndim = len(eqn.invars[act].aval.shape)
     return DenseMatch(
         path=path, weight_index=pv.index, weight_operand=w,
-        weight_chain=pv.chain, weight_shape=w_shape,
+        weight_chain=pv.chain, weight_shape=w_shape, weight_fused=pv.fused,
         out_shape=tuple(eqn.outvars[0].aval.shape), out_path=path,
         act_contract=tuple(contract[act]),
         act_free=tuple(d for d in range(a_ndim) if d not in contract[act]),
@@ -128,7 +128,8 @@ def registered(eqn: Any, path: Path, in_views: Sequence[ParamView | None],
       path=path, weight_index=pv.index, weight_operand=w, weight_chain=pv.chain,
       weight_shape=w_shape, out_shape=out, out_path=path, act_operand=act,
       act_contract=(nd - 1,), act_free=tuple(range(nd - 1)), weight_contract=(0,),
-      weight_free=(1,), weight_part=pv.part,
+      weight_free=(1,), weight_part=pv.part, weight_fused=pv.fused,
+      bias_fused=None if b_view is None else b_view.fused,
       bias_index=None if b_view is None else b_view.index,
       bias_part=None if b_view is None else b_view.part)
 

@@ -33,14 +33,19 @@ def match_override(name: str, blocks: Mapping[str, str]) -> str | None:
 
 # Match fields that describe a use's activation or output, not its weight.
 _USE_FIELDS = frozenset({"path", "out_path", "out_shape", "bias_index", "out_perm",
-                         "weight_chain", "act_contract", "act_free"})
+                         "weight_chain", "act_contract", "act_free", "bias_fused"})
 
 
 def _weight_signature(m: Match) -> tuple[Any, ...]:
   """Equal for two uses that read the parameter leaf as the same matrix."""
   chain = tuple((e.primitive.name, str(sorted(e.params.items()))) for e in m.weight_chain)
+  if m.weight_fused is not None:
+    chain += (m.weight_fused.axis,) + tuple(
+        (pv.index, tuple((e.primitive.name, str(sorted(e.params.items()))) for e in pv.chain))
+        for pv in m.weight_fused.members)
   return (type(m), chain) + tuple((f.name, getattr(m, f.name))
-                                  for f in dataclasses.fields(m) if f.name not in _USE_FIELDS)
+                                  for f in dataclasses.fields(m)
+                                  if f.name not in _USE_FIELDS | {"weight_fused"})
 
 
 def weight_groups(found: patterns.WalkResult, paths: Sequence[tuple[Any, ...]],
@@ -57,9 +62,10 @@ def weight_groups(found: patterns.WalkResult, paths: Sequence[tuple[Any, ...]],
     uses_of.setdefault((m.weight_index, m.weight_part), []).append(m)
   groups = {
       key: ms for key, ms in uses_of.items()
-      if sorted(found.uses.get(key, [])) == sorted(f"{m.kind}@{m.path}" for m in ms)
-      and match_override(jax.tree_util.keystr(paths[key[0]]), blocks) not in ("diag", "none")
-      and key[0] not in frozen and len({_weight_signature(m) for m in ms}) == 1}
+      if len({_weight_signature(m) for m in ms}) == 1 and all(
+          sorted(found.uses.get(k, [])) == sorted(f"{m.kind}@{m.path}" for m in ms)
+          and match_override(jax.tree_util.keystr(paths[k[0]]), blocks) not in ("diag", "none")
+          and k[0] not in frozen for k in _member_keys(key, ms[0].weight_fused))}
   whole = _tiled_leaves(list(groups), found.uses, shapes)
   return {key: ms for key, ms in groups.items() if key[0] in whole}
 
@@ -71,15 +77,22 @@ def biases(groups: Mapping[UseKey, list[Match]], found: patterns.WalkResult,
   candidates = {}
   for key, ms in groups.items():
     bias = (ms[0].bias_index, ms[0].bias_part)
-    if bias[0] is not None and all((m.bias_index, m.bias_part) == bias for m in ms) and (
-        bias[0] not in frozen
-        and sorted(found.uses.get(bias, [])) == sorted(f"bias@{m.out_path}" for m in ms)
-        and match_override(jax.tree_util.keystr(paths[bias[0]]), blocks) in (
-            None, "kron", "full")):
+    joined = lambda m: None if m.bias_fused is None else m.bias_fused.indices
+    same = all((m.bias_index, m.bias_part, joined(m)) == bias + (joined(ms[0]),) for m in ms)
+    if bias[0] is not None and same and all(
+        k[0] not in frozen
+        and sorted(found.uses.get(k, [])) == sorted(f"bias@{m.out_path}" for m in ms)
+        and match_override(jax.tree_util.keystr(paths[k[0]]), blocks) in (None, "kron", "full")
+        for k in _member_keys(bias, ms[0].bias_fused)):
       candidates[key] = bias
   whole = _tiled_leaves(list(candidates.values()), found.uses, shapes)
   return {key: candidates[key] if key in candidates and candidates[key][0] in whole
           else (None, None) for key in groups}
+
+
+def _member_keys(key: UseKey, joined: Any) -> tuple[UseKey, ...]:
+  """The key of a weight or bias, or the keys of each leaf of a fused one."""
+  return (key,) if joined is None else tuple((i, None) for i in joined.indices)
 
 
 def check_full(name: str, m: Match, has_bias: bool, max_factor_dim: int) -> None:

@@ -28,14 +28,16 @@ class Layer:
 
   Attributes:
     name: ``jax.tree_util.keystr`` of the weight's path in ``params`` (the key
-      used by :func:`kfac_jax_lite.estimate_curvature` and the optimizer state).
+      used by :func:`kfac_jax_lite.estimate_curvature` and the optimizer state);
+      for a fused weight, its leaves' joined by ``+``.
     kind: the layer family, Kronecker-factored (``"dense"``, ``"conv"``,
       ``"embedding"``: its input factor is diagonal), ``"diagonal"`` (the
       fallback), ``"none"`` (not preconditioned, by a ``blocks`` override) or
       ``"frozen"`` (a non-trainable collection of a Flax variables dict, e.g.
       BatchNorm's ``batch_stats``: its update is zero).
-    weight_path: key path of the weight leaf (for ``"diagonal"``: the leaf).
-    bias_path: key path of the bias leaf, or ``None``.
+    weight_path: key path of the weight leaf (for ``"diagonal"``: the leaf;
+      for a fused weight: its first leaf, all are ``weight_indices``).
+    bias_path: key path of the (first) bias leaf, or ``None``.
     note: why a parameter got the fallback, or how a large layer's factors
       were reduced (see ``max_factor_dim``); empty otherwise.
     weight_index: flat index of the weight leaf in ``params``.
@@ -69,6 +71,21 @@ class Layer:
   input_form: str = dataclasses.field(default="full", repr=False)
   output_form: str = dataclasses.field(default="full", repr=False)
   full_block: bool = dataclasses.field(default=False, repr=False)
+
+  @property
+  def weight_indices(self) -> tuple[int, ...]:
+    """Flat indices of the weight leaves: one, or the leaves joined into a
+    fused weight (:mod:`.fused`) in joining order."""
+    fused = None if self.match is None else self.match.weight_fused
+    return (self.weight_index,) if fused is None else fused.indices
+
+  @property
+  def bias_indices(self) -> tuple[int, ...]:
+    """Flat indices of the bias leaves (none, one, or a fused bias's)."""
+    if self.bias_index is None:
+      return ()
+    fused = None if self.match is None else self.match.bias_fused
+    return (self.bias_index,) if fused is None else fused.indices
 
   @property
   def block(self) -> str:
@@ -114,7 +131,10 @@ class TaggedLoss:
     return tuple(l for l in self.layers if l.kind == "frozen")
 
 
-def _describe(uses: list[str], referenced: bool = False) -> str:
+def _describe(uses: list[str], referenced: bool = False, joined: bool = False) -> str:
+  if joined:
+    return ("joined (concatenate / stack) into a fused weight whose leaves are not all "
+            "used only by its products, or one is overridden: diagonal fallback")
   if not uses and referenced:
     return ("used only off the path to the registered distribution's predictions "
             "(e.g. a weight-decay term): no Fisher: diagonal fallback")
@@ -224,10 +244,13 @@ def tag(traced: TracedLoss, approximation: Mapping[str, str] | None = None,
   bias_of = grouping.biases(groups, found, paths, shapes, blocks, frozen)
   grouping.check_registrations(found, groups, bias_of, paths, shapes, blocks)
   owned: dict[int, list[Layer]] = {}
+  joined = {i for m in found.layers if m.weight_fused is not None for i in m.weight_fused.indices}
   for (index, part), ms in groups.items():
     bias_index, bias_part = bias_of[index, part]
-    ms = tuple(dataclasses.replace(m, bias_index=bias_index, bias_part=bias_part) for m in ms)
-    name = keystr(paths[index]) + grouping.part_suffix(part, shapes[index])
+    ms = tuple(dataclasses.replace(m, bias_index=bias_index, bias_part=bias_part, bias_fused=(
+        None if bias_index is None else m.bias_fused)) for m in ms)
+    leaves = ms[0].weight_fused.indices if ms[0].weight_fused is not None else (index,)
+    name = "+".join(keystr(paths[i]) for i in leaves) + grouping.part_suffix(part, shapes[index])
     full = grouping.match_override(name, blocks) == "full"
     if full:
       grouping.check_full(name, ms[0], bias_index is not None, max_factor_dim)
@@ -243,7 +266,7 @@ def tag(traced: TracedLoss, approximation: Mapping[str, str] | None = None,
         weight_index=index, bias_index=bias_index, match=ms[0], matches=ms,
         approximation=approximation.get(ms[0].kind, "expand"),
         input_form=input_form, output_form=output_form, note=note)
-    for i in {index, bias_index} - {None}:
+    for i in set(layer.weight_indices + layer.bias_indices):
       owned.setdefault(i, []).append(layer)
   for i, path in enumerate(paths):
     if i in frozen:
@@ -252,7 +275,7 @@ def tag(traced: TracedLoss, approximation: Mapping[str, str] | None = None,
     if i in owned:
       continue
     choice = grouping.match_override(keystr(path), blocks)
-    why = _describe(grouping.leaf_uses(found.uses, i), i in found.referenced)
+    why = _describe(grouping.leaf_uses(found.uses, i), i in found.referenced, i in joined)
     if choice in ("kron", "full"):
       raise ValueError(
           f"blocks asks for a {'Kronecker' if choice == 'kron' else 'full'} block for "

@@ -35,11 +35,17 @@ class ParamView:
   broadcast: bool = False
   # The slice of the leaf this view reads (a layer of a scanned stack).
   part: Part = None
+  # Several leaves concatenated into one operand (:mod:`.fused`); ``index``
+  # is then the first member's, ``root_shape`` the joined shape.
+  fused: Any = None
 
   @property
-  def key(self) -> tuple[int, Part]:
-    """What a use of this view is a use of: the leaf, or a box of it."""
-    return self.index, self.part
+  def keys(self) -> tuple[tuple[int, Part], ...]:
+    """What a use of this view is a use of: the leaf, a box of it, or each
+    leaf of a fused view."""
+    if self.fused is not None:
+      return tuple((m.index, None) for m in self.fused.members)
+    return ((self.index, self.part),)
 
   @property
   def shape(self) -> tuple[int, ...]:
@@ -75,6 +81,9 @@ class Match:
   bias_part: Part = None
   # Operand position of the activation, if not the other of two operands.
   act_operand: int | None = None
+  # The leaves joined into a fused weight / bias (:class:`.fused.Fused`).
+  weight_fused: Any = None
+  bias_fused: Any = None
 
   @property
   def activation_operand(self) -> int:

@@ -28,7 +28,7 @@ import numpy as np
 
 from kfac_jax_lite.losses import MARKER_PREFIX
 from kfac_jax_lite.registration import REGISTRATION_PREFIX
-from kfac_jax_lite.tagging import conv, dense, embedding, hidden, relevance, scale
+from kfac_jax_lite.tagging import conv, dense, embedding, fused, hidden, relevance, scale
 from kfac_jax_lite.tagging.jaxpr import (
     BROADCASTS, PRODUCTS, TYPE_ONLY, VIEWS, body_operands, call_name, inlined_body, is_var)
 from kfac_jax_lite.tagging.match import Match, ParamView, Path
@@ -80,7 +80,8 @@ class _Walker:
     self._zero: dict[int, ParamView] = {}
 
   def _use(self, view: ParamView, what: str) -> None:
-    self.result.uses.setdefault(view.key, []).append(what)
+    for key in view.keys:  # each leaf of a fused view
+      self.result.uses.setdefault(key, []).append(what)
 
   def walk(self, jaxpr: jex_core.Jaxpr, views: list[ParamView | None],
            data: list[bool], prefix: Path) -> tuple[list[ParamView | None], list[bool]]:
@@ -156,6 +157,12 @@ class _Walker:
             zip(eqn.params["start_indices"], eqn.params["limit_indices"])))
         continue
 
+      joined = fused.view(eqn, in_views)
+      if joined is not None:  # a fused kernel: a view of several leaves
+        view_env[eqn.outvars[0]] = ParamView(in_views[0].index, tuple(
+            eqn.outvars[0].aval.shape), fused=joined)
+        continue
+
       if name in VIEWS | BROADCASTS and in_views[0] is not None:
         pv = in_views[0]
         view_env[eqn.outvars[0]] = dataclasses.replace(
@@ -178,6 +185,8 @@ class _Walker:
 
       matcher = MATCHERS.get(name)
       found = matcher(eqn, path, in_views, in_data) if matcher else None
+      if isinstance(found, Match):
+        found = fused.admit(found, in_views[found.weight_operand])
       if isinstance(found, dense.DenseMatch):
         act = eqn.invars[1 - found.weight_operand]
         found = dense.with_flatten_origin(found, tuple(act.aval.shape), flat_env.get(act))
@@ -217,7 +226,7 @@ class _Walker:
       if pv is not None:
         self._use(pv, what)
         if into_product or eqn.primitive.name in PRODUCTS or k in inside:
-          self.result.products.add(pv.index)
+          self.result.products.update(i for i, _ in pv.keys)
 
   def _add_registered(self, eqn, path: Path, in_views: list[ParamView | None]) -> None:
     """A ``kfl.register_dense`` equation: one dense layer, body not inspected."""
@@ -237,7 +246,7 @@ class _Walker:
     match = dataclasses.replace(match, weight_part=pv.part)
     self._use(pv, f"{match.kind}@{match.path}")
     if match.kind in ("dense", "conv"):
-      self.result.products.add(pv.index)
+      self.result.products.update(i for i, _ in pv.keys)
     if match.takes_bias and counts.get(eqn.outvars[0], 0) == 1:  # a bias add may follow
       self._pending[id(eqn.outvars[0])] = (match, None)
     else:
@@ -254,8 +263,8 @@ class _Walker:
       return
     zeros = [is_var(a) and a in zero_env for a in eqn.invars]
     found = matcher(eqn, path, in_views, zeros)
-    if isinstance(found, Match) and found.takes_bias:
-      pv = in_views[found.weight_operand]
+    pv = in_views[found.weight_operand] if isinstance(found, Match) else None
+    if isinstance(found, Match) and found.takes_bias and fused.admit(found, pv) is found:
       self._pending[id(eqn.outvars[0])] = (dataclasses.replace(found, weight_part=pv.part), None)
       self._zero[id(eqn.outvars[0])] = pv
 
@@ -297,9 +306,9 @@ class _Walker:
       weight = self._zero.pop(id(eqn.invars[k]), None)
       if weight is not None:  # a zero product: its bias makes it a use
         self._use(weight, f"{match.kind}@{match.path}")
-        self.result.products.add(weight.index)
+        self.result.products.update(i for i, _ in weight.keys)
       self.result.layers.append(dataclasses.replace(
-          match, out_path=path, bias_index=pv.index, bias_part=pv.part))
+          match, out_path=path, bias_index=pv.index, bias_part=pv.part, bias_fused=pv.fused))
       self._use(pv, f"bias@{path}")
       return True
     return False
@@ -337,7 +346,7 @@ def _drop_ones(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def _is_root(pv: ParamView | None) -> bool:
   """A whole parameter leaf, before any view equation."""
-  return pv is not None and not pv.chain and pv.part is None
+  return pv is not None and not pv.chain and pv.part is None and pv.fused is None
 
 
 def _varying_axes(pv: ParamView, operand: Any) -> tuple[int, ...]:
