@@ -141,7 +141,7 @@ def grid_optimizer(family: str, params: Any
 
 # Dotted keys set a field of an option value: ``inverses.method=cholesky``.
 OPTION_TYPES = {"layers": kfl.LayerOptions, "estimator": kfl.EstimatorOptions,
-                "inverses": kfl.InverseOptions}
+                "inverses": kfl.InverseOptions, "adaptive": kfl.AdaptiveOptions}
 
 
 def call_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:

@@ -12,8 +12,8 @@ from kfac_jax_lite.alias import kfac
 from kfac_jax_lite.diagnostics import Diagnostics, diagnostics
 from kfac_jax_lite.graft import GraftState, graft
 from kfac_jax_lite.inspection import LayerList, estimate_curvature, find_layers
-from kfac_jax_lite.options import (EstimatorOptions, InverseOptions, LayerOptions,
-                                   ParallelOptions)
+from kfac_jax_lite.options import (AdaptiveOptions, EstimatorOptions, InverseOptions,
+                                   LayerOptions, ParallelOptions)
 from kfac_jax_lite.placement import sharded_state_specs
 from kfac_jax_lite.registration import register_dense
 from kfac_jax_lite.tagging.layers import Layer
@@ -22,7 +22,7 @@ from kfac_jax_lite.transform import KfacState, scale_by_kfac
 __version__ = "0.1.0"
 
 __all__ = [
-    "AccumulateState", "Diagnostics", "EstimatorOptions", "GraftState", "InverseOptions",
+    "AccumulateState", "AdaptiveOptions", "Diagnostics", "EstimatorOptions", "GraftState", "InverseOptions",
     "KfacState", "Layer", "LayerList", "LayerOptions", "ParallelOptions", "accumulate",
     "diagnostics", "estimate_curvature", "find_layers", "graft", "kfac", "losses",
     "register_dense", "scale_by_kfac", "sharded_state_specs",

@@ -11,8 +11,8 @@ import optax
 from kfac_jax_lite.tagging.trainable import non_trainable
 from kfac_jax_lite import graft as graft_lib
 from kfac_jax_lite._checks import check_number
-from kfac_jax_lite.options import (EstimatorOptions, InverseOptions, LayerOptions,
-                                   ParallelOptions)
+from kfac_jax_lite.options import (AdaptiveOptions, EstimatorOptions, InverseOptions,
+                                   LayerOptions, ParallelOptions)
 from kfac_jax_lite.transform import scale_by_kfac
 
 
@@ -44,6 +44,7 @@ def kfac(
     inverses: InverseOptions = InverseOptions(),
     parallel: ParallelOptions = ParallelOptions(),
     graft: str | None = None,
+    adaptive: AdaptiveOptions | None = None,
     sample_params: Any = None,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
@@ -79,6 +80,12 @@ def kfac(
       (of the gradients' moving average with decay ``momentum``) and the norm
       of Adam's step (``b1=momentum``), see :func:`kfac_jax_lite.graft`; the
       learning rate is then Adam's, and ``kl_clip`` is not used.
+    adaptive: ``None``, or a :class:`kfac_jax_lite.AdaptiveOptions`: the step
+      ``α Δ + μ δ₀`` minimizes the quadratic model and the damping adapts
+      (Martens & Grosse 2015, §6.5, §7); needs ``kl_clip=None`` and
+      ``momentum=None``, and ``learning_rate`` multiplies the step (pass 1.0).
+      Not the default: on the suite it took more steps than the default and
+      cost 1.3-1.9x its step time (README, "Choosing settings").
     sample_params: as in :func:`kfac_jax_lite.scale_by_kfac`.
     seed: as in :func:`kfac_jax_lite.scale_by_kfac`.
 
@@ -94,7 +101,13 @@ def kfac(
       stats_every=stats_every, inverse_every=inverse_every, layers=layers,
       estimator=estimator, inverses=inverses, parallel=parallel,
       sample_params=sample_params, seed=seed)
-  if graft == "adam":
+  if adaptive is not None:
+    if kl_clip is not None or not _is_zero(momentum) or graft is not None:
+      raise ValueError("adaptive=kfl.AdaptiveOptions() chooses the step size and the "
+                       "momentum: pass kl_clip=None, momentum=None and no graft "
+                       "(learning_rate multiplies the chosen step; 1.0 takes it as is).")
+    parts = [kfac_part(adaptive=adaptive)]
+  elif graft == "adam":
     b1 = 0.0 if _is_zero(momentum) else momentum
     parts = [graft_lib.graft(optax.chain(optax.ema(b1, debias=True), kfac_part()),
                              optax.scale_by_adam(b1=b1))]

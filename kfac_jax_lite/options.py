@@ -8,7 +8,9 @@ static, the choices that shape the compiled step, is grouped here:
 - :class:`LayerOptions`: which layers get which block, and the approximations;
 - :class:`EstimatorOptions`: how the Fisher statistics are estimated;
 - :class:`InverseOptions`: how and when the damped inverses are computed;
-- :class:`ParallelOptions`: the device axis and where inverse work happens.
+- :class:`ParallelOptions`: the device axis and where inverse work happens;
+- :class:`AdaptiveOptions`: step size, momentum and damping from the
+  quadratic model.
 
 They are immutable and hashable, validate themselves on construction (the
 error names the field and the fix), and are not numbers, so
@@ -40,6 +42,12 @@ def _one_of(field: str, value: object, choices: tuple[str, ...]) -> None:
 def _python_int(field: str, value: object, low: int = 1) -> None:
   if isinstance(value, bool) or not isinstance(value, int) or value < low:
     raise ValueError(f"{field} must be a Python int >= {low}, got {value!r}.")
+
+
+def _fraction(field: str, fraction: object) -> None:
+  if fraction is not None and (isinstance(fraction, bool) or not isinstance(
+      fraction, (int, float)) or not 0.0 < fraction <= 1.0):
+    raise ValueError(f"{field} must be None or a Python float in (0, 1], got {fraction!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,11 +133,7 @@ class EstimatorOptions:
   def __post_init__(self) -> None:
     _one_of("EstimatorOptions.kind (the estimator)", self.kind, ESTIMATORS)
     _python_int("EstimatorOptions.num_samples", self.num_samples)
-    fraction = self.batch_fraction
-    if fraction is not None and (isinstance(fraction, bool) or not isinstance(
-        fraction, (int, float)) or not 0.0 < fraction <= 1.0):
-      raise ValueError("EstimatorOptions.batch_fraction must be None or a Python "
-                       f"float in (0, 1], got {fraction!r}.")
+    _fraction("EstimatorOptions.batch_fraction", self.batch_fraction)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,3 +215,44 @@ def check_type(name: str, value: object, cls: type) -> None:
   """Raises ``ValueError`` unless ``value`` is a ``cls`` (names the fix)."""
   if not isinstance(value, cls):
     raise ValueError(f"{name} must be a kfl.{cls.__name__}(...), got {value!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptiveOptions:
+  """Step size, momentum and damping chosen by the quadratic model.
+
+  Martens & Grosse (2015), §7: every step, ``α`` and ``μ`` of the update
+  ``α Δ + μ δ₀`` (``Δ`` the K-FAC direction, ``δ₀`` the previous update)
+  minimize the damped quadratic model with the exact Gauss–Newton matrix on
+  the batch (one linearization and two forward-mode products of the model);
+  §6.5: every ``damping_every`` steps the damping follows the
+  Levenberg–Marquardt rule from the reduction ratio ``ρ`` (one more forward
+  pass), starting from the transform's ``damping``.
+
+  Attributes:
+    adapt_damping: adapt the damping (else it stays at ``damping``).
+    damping_every: steps between damping adaptations.
+    damping_decay: ``ω`` in ``(0, 1)``: ``λ ← ωλ`` when ``ρ > 3/4``, ``λ/ω``
+      when ``ρ < 1/4`` (M&G's ``(19/20)^5`` for ``damping_every=5``).
+    min_damping: the damping's lower bound.
+    max_damping: the damping's upper bound.
+    batch_fraction: form the model on this leading fraction in ``(0, 1]``
+      of the batch (``None``: all of it).
+  """
+
+  adapt_damping: bool = True
+  damping_every: int = 5
+  damping_decay: float = 0.95 ** 5
+  min_damping: float = 1e-6
+  max_damping: float = 1e4
+  batch_fraction: float | None = None
+
+  def __post_init__(self) -> None:
+    _python_int("AdaptiveOptions.damping_every", self.damping_every)
+    if not 0.0 < self.damping_decay < 1.0:
+      raise ValueError("AdaptiveOptions.damping_decay must be in (0, 1), got "
+                       f"{self.damping_decay!r}.")
+    if not 0.0 < self.min_damping <= self.max_damping:
+      raise ValueError("AdaptiveOptions needs 0 < min_damping <= max_damping, got "
+                       f"{self.min_damping!r}, {self.max_damping!r}.")
+    _fraction("AdaptiveOptions.batch_fraction", self.batch_fraction)

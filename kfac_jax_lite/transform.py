@@ -10,7 +10,9 @@ first call):
    Tikhonov damping (Ba et al. 2017, eq. 3);
 3. every step: the preconditioned gradient ``A^{-1} ∇W G^{-1}`` per layer, the
    diagonal fallback elsewhere;
-4. optionally, the KL-clipped step-size scale (Ba et al. 2017, eq. 14).
+4. optionally, the KL-clipped step-size scale (Ba et al. 2017, eq. 14), or
+   the step size, momentum and damping of the quadratic model (Martens &
+   Grosse 2015, §6.5, §7; :mod:`kfac_jax_lite.step.quadratic`).
 
 Non-finite statistics or inverses are never committed to the state.
 """
@@ -28,9 +30,9 @@ from kfac_jax_lite import masking, placement, schedule
 from kfac_jax_lite._checks import check_number
 from kfac_jax_lite.curvature.specs import spec_for
 from kfac_jax_lite.diagnostics import factors_and_diagnostics
-from kfac_jax_lite.options import (EstimatorOptions, InverseOptions, LayerOptions,
-                                   ParallelOptions, as_estimator, check_type)
-from kfac_jax_lite.step import estimate, precondition, refresh, step_size
+from kfac_jax_lite.options import (AdaptiveOptions, EstimatorOptions, InverseOptions,
+                                   LayerOptions, ParallelOptions, as_estimator, check_type)
+from kfac_jax_lite.step import estimate, precondition, quadratic, refresh, step_size
 from kfac_jax_lite.step.layers import LayerCache
 from kfac_jax_lite.tagging import report
 from kfac_jax_lite.tagging.layers import TaggedLoss
@@ -57,6 +59,9 @@ class KfacState(NamedTuple):
       :class:`kfac_jax_lite.Diagnostics` of the latest statistics batch
       (zeros before the first); ``None`` otherwise. Inside a chain, read it
       with ``optax.tree.get(opt_state, "diagnostics")``.
+    adaptive: with ``adaptive=kfl.AdaptiveOptions(...)``, the quadratic
+      model's :class:`kfac_jax_lite.step.quadratic.AdaptiveState` (damping,
+      previous update, ``α``, ``μ``, ``ρ``); ``None`` otherwise.
   """
   count: jax.Array
   key: jax.Array
@@ -66,6 +71,7 @@ class KfacState(NamedTuple):
   diag: Any
   pending: Any = None
   diagnostics: Any = None
+  adaptive: Any = None
 
 
 class _NotParams:
@@ -77,7 +83,8 @@ class _NotParams:
 
 
 def _check_numbers(damping: Any, ema_decay: Any, stats_every: Any, inverse_every: Any,
-                   kl_clip: Any, learning_rate: Any, inverses: InverseOptions) -> None:
+                   kl_clip: Any, learning_rate: Any, inverses: InverseOptions,
+                   adaptive: AdaptiveOptions | None) -> None:
   """Raises ``ValueError`` for concrete numbers out of range (NaN included)."""
   check_number("damping", damping, low=0.0,
                hint="It is the Tikhonov damping λ > 0 added to every block.")
@@ -92,6 +99,12 @@ def _check_numbers(damping: Any, ema_decay: Any, stats_every: Any, inverse_every
   if inverses.staggered and not isinstance(inverse_every, int):
     raise ValueError("InverseOptions(staggered=True) needs a Python-int inverse_every "
                      "(under optax.inject_hyperparams, list it in static_args).")
+  if adaptive is not None and kl_clip is not None:
+    raise ValueError("adaptive=kfl.AdaptiveOptions() chooses the step size itself: "
+                     "pass kl_clip=None.")
+  if adaptive is not None and callable(damping):
+    raise ValueError("adaptive=kfl.AdaptiveOptions() adapts the damping from its "
+                     "initial value: pass a number as damping, not a schedule.")
 
 
 def _diag_tree(tagged: TaggedLoss, params: Any) -> Any:
@@ -115,7 +128,7 @@ def _zero_diagnostics(tagged: TaggedLoss, params: Any, batch: Any,
 
 
 def _init_state(tagged: TaggedLoss, params: Any, seed: int, estimator: EstimatorOptions,
-                parallel: ParallelOptions, diagnostics: Any) -> KfacState:
+                parallel: ParallelOptions, diagnostics: Any, adaptive: Any) -> KfacState:
   """Zero factors, identity inverses, an empty accumulation buffer."""
   zero = jnp.zeros([], jnp.int32)
   factors = {l.name: {k: jnp.zeros(shape, jnp.float32)
@@ -125,7 +138,7 @@ def _init_state(tagged: TaggedLoss, params: Any, seed: int, estimator: Estimator
   pending = ({"count": zero, "sums": jax.tree.map(jnp.zeros_like, factors)}
              if estimator.accumulate else None)
   return KfacState(zero, jax.random.key_data(jax.random.key(seed)), zero, factors,
-                   inverses, _diag_tree(tagged, params), pending, diagnostics)
+                   inverses, _diag_tree(tagged, params), pending, diagnostics, adaptive)
 
 
 def _check_update_args(params: Any, batch: Any, positional: tuple[Any, ...],
@@ -164,6 +177,7 @@ def scale_by_kfac(
     estimator: str | EstimatorOptions = "mc",
     inverses: InverseOptions = InverseOptions(),
     parallel: ParallelOptions = ParallelOptions(),
+    adaptive: AdaptiveOptions | None = None,
     sample_params: Any = None,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
@@ -203,6 +217,10 @@ def scale_by_kfac(
       (:class:`kfac_jax_lite.InverseOptions`: eigh/Cholesky, staggered).
     parallel: the device axis and where inverse work happens
       (:class:`kfac_jax_lite.ParallelOptions`).
+    adaptive: ``None``, or a :class:`kfac_jax_lite.AdaptiveOptions`: the
+      output is then the negated update ``-(α Δ + μ δ₀)`` of the quadratic
+      model, with ``damping`` its initial damping (Martens & Grosse 2015,
+      §6.5, §7); a following ``scale_by_learning_rate(1.0)`` applies it.
     sample_params: the full parameters (arrays or ``jax.ShapeDtypeStruct``),
       needed only inside ``optax.masked`` / ``optax.partition``, which hide
       the masked-out parameters from ``init``. There, ``update`` also needs
@@ -222,8 +240,10 @@ def scale_by_kfac(
   for name, value, cls in (("layers", layers, LayerOptions), ("inverses", inverses,
                            InverseOptions), ("parallel", parallel, ParallelOptions)):
     check_type(name, value, cls)
+  if adaptive is not None:
+    check_type("adaptive", adaptive, AdaptiveOptions)
   _check_numbers(damping, ema_decay, stats_every, inverse_every, kl_clip, learning_rate,
-                 inverses)
+                 inverses, adaptive)
   layer_cache = LayerCache(loss_fn, sample_batch, layers)
 
   def init_fn(params: Any) -> KfacState:
@@ -232,6 +252,9 @@ def scale_by_kfac(
       return KfacState(zero, jax.random.key_data(jax.random.key(seed)), zero,
                        _NotParams(), _NotParams(), params)
     if masking.has_masked(params):
+      if adaptive is not None:
+        raise ValueError("adaptive=kfl.AdaptiveOptions() needs all the parameters: it "
+                         "does not work inside optax.masked / optax.partition.")
       if sample_params is None:
         raise masking.masked_error("pass scale_by_kfac(..., sample_params=params)")
       full = abstractify(sample_params)
@@ -242,7 +265,8 @@ def scale_by_kfac(
       warnings.warn(message, UserWarning, stacklevel=2)
     stats_batch = estimate.leading_fraction(layer_cache.sample_batch, estimator.batch_fraction)
     return _init_state(tagged, params, seed, estimator, parallel, _zero_diagnostics(
-        layer_cache(full, stats_batch), full, stats_batch, estimator))
+        layer_cache(full, stats_batch), full, stats_batch, estimator),
+        None if adaptive is None else quadratic.init(params, damping))
 
   def update_fn(updates: Any, state: KfacState, params: Any = None, *positional: Any,
                 batch: Any = None, kfac_accumulate_only: bool = False,
@@ -254,7 +278,10 @@ def scale_by_kfac(
         raise masking.masked_error("pass the full parameters as update(..., kfac_params=params)")
       params = kfac_params
     tagged = layer_cache(params, batch)
-    damping_now = damping(state.count) if callable(damping) else damping
+    if adaptive is not None:
+      damping_now = state.adaptive.damping
+    else:
+      damping_now = damping(state.count) if callable(damping) else damping
     decay_now = ema_decay(state.count) if callable(ema_decay) else ema_decay
     key, subkey = jax.random.split(jax.random.wrap_key_data(state.key))
     if parallel.axis_name is not None:
@@ -281,13 +308,20 @@ def scale_by_kfac(
     out, diag = precondition.precondition(tagged, updates, params, inverse_values,
                                           state.diag, state.count == 0, damping_now,
                                           decay_now, parallel)
-    if kl_clip is not None:
+    adaptive_state = state.adaptive
+    if adaptive is not None:
+      model_batch = estimate.leading_fraction(batch, adaptive.batch_fraction)
+      delta, adaptive_state = quadratic.update(
+          layer_cache(params, model_batch), loss_fn, updates, out, state.adaptive, params,
+          model_batch, state.count, adaptive, parallel.axis_name)
+      out = jax.tree.map(jnp.negative, delta)
+    elif kl_clip is not None:
       lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
       out = step_size.clip(out, updates, lr, kl_clip)
     return out, KfacState(
         count=optax.safe_increment(state.count), key=jax.random.key_data(key),
         stats_count=stats_count, factors=factors, inverses=inverse_values, diag=diag,
         pending=None if state.pending is None else jax.tree.map(jnp.zeros_like, state.pending),
-        diagnostics=diagnostics)
+        diagnostics=diagnostics, adaptive=adaptive_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -24,11 +24,13 @@ class Tapped:
   """What one tapped evaluation returns.
 
   Attributes:
+    loss: the loss value.
     logits: the first operand of the registered loss (the model output).
     targets: the second operand of the registered loss.
     inputs: layer name -> the activation operand of its product equation,
       one per use of the layer's weight (``Layer.matches``).
   """
+  loss: jax.Array
   logits: jax.Array
   targets: jax.Array
   inputs: dict[str, tuple[jax.Array, ...]]
@@ -85,10 +87,10 @@ def tapped_loss(tagged: TaggedLoss, param_leaves: Sequence[jax.Array],
   """
   closed = tagged.traced.jaxpr
   taps = _Taps(tagged, perturbations)
-  evaluate(closed.jaxpr, closed.consts, [*param_leaves, *batch_leaves],
-           inline=taps.prefixes, on_equation=taps)
+  (loss,) = evaluate(closed.jaxpr, closed.consts, [*param_leaves, *batch_leaves],
+                     inline=taps.prefixes, on_equation=taps)
   logits, targets = taps.marker_operands[:2]
-  return Tapped(logits=logits, targets=targets,
+  return Tapped(loss=loss, logits=logits, targets=targets,
                 inputs={name: tuple(by_use) for name, by_use in taps.inputs.items()})
 
 
