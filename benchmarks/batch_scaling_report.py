@@ -121,7 +121,7 @@ def _panel(ax: Any, name: str, model: Mapping[str, Any]) -> None:
   ax.set_yscale("log")
   ax.set_xlabel("batch size B (examples)")
   ax.set_ylabel(f"steps to evaluation loss {model['config']['target']}")
-  ax.set_title(f"{name}: {model['title'][:60]}", fontsize=8)
+  ax.set_title(f"{name}: {model['title'].split(' (')[0]}", fontsize=9)
   ax.legend(fontsize=7)
 
 
