@@ -47,6 +47,7 @@ Run ``python benchmarks/batch_scaling.py`` (about 30 minutes on 2 CPU cores;
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -225,6 +226,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--json", default=os.path.join(REPO, "benchmarks", "results",
                                                      "batch_scaling.json"))
   parser.add_argument("--png", default=os.path.join(REPO, "docs", "batch_scaling.png"))
+  parser.add_argument("--replot", metavar="JSON",
+                      help="only redraw --png from a saved JSON of this script")
   args = parser.parse_args(argv)
   args.models = [m.strip() for m in args.models.split(",") if m.strip()]
   unknown = [m for m in args.models if m not in CONFIGS]
@@ -240,7 +243,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     What the JSON holds: ``header`` and ``models``.
   """
   args = parse_args(argv)
+  if args.replot:
+    with open(args.replot, encoding="utf-8") as f:
+      result = json.load(f)
+    report.plot(result["models"], args.png)
+    return result
   clock, load = time.perf_counter(), os.getloadavg()
+  commit = report.git_commit(REPO)
   configs = QUICK if args.quick else CONFIGS
   grids = dict(GRIDS, **({"kfac": KFAC_LR_GRID} if args.kfac_grid == "learning_rate" else {}))
   if args.quick:
@@ -251,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     models[name] = study_model(makers[name](), configs[name], grids, args.quick)
     print(report.model_table(name, models[name]), flush=True)
   result = {"header": report.header(load, os.getloadavg(), time.perf_counter() - clock,
-                                    args.quick, REPO), "models": models}
+                                    args.quick, commit), "models": models}
   report.write_json(result, args.json)
   report.plot(models, args.png)
   print(report.header_text(result["header"]))

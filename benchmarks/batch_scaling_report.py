@@ -16,7 +16,7 @@ NAMES = {"adamw": "AdamW", "kfac": "K-FAC"}
 COLORS = {"adamw": "tab:blue", "kfac": "tab:red"}
 
 
-def _git_commit(repo: str) -> str:
+def git_commit(repo: str) -> str:
   """``repo``'s commit, with ``+dirty`` when it has uncommitted changes."""
   def git(*args: str) -> str:
     return subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True,
@@ -26,16 +26,16 @@ def _git_commit(repo: str) -> str:
 
 
 def header(load_start: tuple[float, ...], load_end: tuple[float, ...], seconds: float,
-           quick: bool, repo: str) -> dict[str, str]:
-  """Machine, load averages (``uptime``'s 1/5/15 min) at start and end, commit,
-  versions, wall-clock of the whole run."""
+           quick: bool, commit: str) -> dict[str, str]:
+  """Machine, load averages (``uptime``'s 1/5/15 min) at start and end, the
+  commit at the start, versions, wall-clock of the whole run."""
   import optax  # pylint: disable=import-outside-toplevel
   fmt = lambda load: " ".join(f"{x:.2f}" for x in load)
   return {"machine": f"{platform.platform()} ({platform.machine()}), {os.cpu_count()} CPUs, "
                      f"backend {jax.default_backend()}",
           "versions": f"python {platform.python_version()}, jax {jax.__version__}, "
                       f"optax {optax.__version__}",
-          "commit": _git_commit(repo),
+          "commit": commit,
           "load": f"load average at start {fmt(load_start)}, at end {fmt(load_end)}",
           "wall": f"{seconds:.0f} s{' (--quick)' if quick else ''}"}
 
