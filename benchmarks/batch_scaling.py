@@ -29,7 +29,7 @@ whose evaluation loss is non-finite or above ``DIVERGED`` x its initial value
 is stopped as diverged. Steps, not seconds, are the figure: the machine's
 load does not change them.
 
-Definitions. ``S(B)``: the best learning rate's steps to the target at batch
+Definitions. ``S(B)``: the best grid value's steps to the target at batch
 size ``B``. McCandlish et al.'s model ``S(B) = S_min (1 + B_crit / B)``,
 i.e. ``S = S_min + E_min / B`` with ``B_crit = E_min / S_min``, is fitted
 by least squares linear in ``1 / B``, each point weighted by ``1 / S(B)``
@@ -37,7 +37,8 @@ by least squares linear in ``1 / B``, each point weighted by ``1 / S(B)``
 The halving limit is the first measured doubling ``B -> 2B`` with
 ``S(B) / S(2B) < 1.5`` (perfect scaling gives 2). The gradient noise scale
 ``B_simple = tr Σ / ||G||²`` and the gradient diversity come from
-``kfl.diagnostics`` averaged over 8 batches, at the initialization and at the
+``kfl.diagnostics`` averaged over 8 batches of ``min(4 B_mid, largest B)``
+examples, at the initialization and at the
 parameters where the mid batch size's best AdamW run first reached the target.
 
 Run ``python benchmarks/batch_scaling.py`` (about 30 minutes on 2 CPU cores;
