@@ -48,7 +48,7 @@ class KfacState(NamedTuple):
     inverses: layer name -> ``{"A": ..., "G": ...}`` damped inverses (float32;
       identities before the first refresh; this device's row slices of the
       matrices with ``inverse_placement="sharded"``).
-    diag: parameter-shaped tree: squared-gradient moving average for leaves
+    rms: parameter-shaped tree: squared-gradient moving average for leaves
       under the diagonal fallback, ``None`` for Kronecker-owned leaves.
     pending: with ``EstimatorOptions(accumulate=True)``, ``{"count": n,
       "sums": factors}``: estimates of the micro-batches of the step being
@@ -63,7 +63,7 @@ class KfacState(NamedTuple):
   stats_count: jax.Array
   factors: dict[str, dict[str, jax.Array]]
   inverses: dict[str, dict[str, jax.Array]]
-  diag: Any
+  rms: Any
   pending: Any = None
   diagnostics: Any = None
 
@@ -94,12 +94,12 @@ def _check_numbers(damping: Any, ema_decay: Any, stats_every: Any, inverse_every
                      "(under optax.inject_hyperparams, list it in static_args).")
 
 
-def _diag_tree(tagged: TaggedLoss, params: Any) -> Any:
+def _rms_tree(tagged: TaggedLoss, params: Any) -> Any:
   """Zero squared-gradient averages for the fallback's leaves, ``None`` elsewhere."""
   leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=masking.is_masked)
-  diag_idx = {l.weight_index for l in tagged.diagonal}
+  rms_idx = {l.weight_index for l in tagged.rms}
   return jax.tree_util.tree_unflatten(treedef, [
-      jnp.zeros(jnp.shape(x), jnp.float32) if i in diag_idx and not masking.is_masked(x)
+      jnp.zeros(jnp.shape(x), jnp.float32) if i in rms_idx and not masking.is_masked(x)
       else None for i, x in enumerate(leaves)])
 
 
@@ -125,7 +125,7 @@ def _init_state(tagged: TaggedLoss, params: Any, seed: int, estimator: Estimator
   pending = ({"count": zero, "sums": jax.tree.map(jnp.zeros_like, factors)}
              if estimator.accumulate else None)
   return KfacState(zero, jax.random.key_data(jax.random.key(seed)), zero, factors,
-                   inverses, _diag_tree(tagged, params), pending, diagnostics)
+                   inverses, _rms_tree(tagged, params), pending, diagnostics)
 
 
 def _check_update_args(params: Any, batch: Any, positional: tuple[Any, ...],
@@ -278,15 +278,15 @@ def scale_by_kfac(
         lambda: (state.factors, state.stats_count, state.diagnostics))
     inverse_values = refresh.refresh_inverses(tagged, factors, state.inverses, state.count,
                                               damping_now, inverse_every, inverses, parallel)
-    out, diag = precondition.precondition(tagged, updates, params, inverse_values,
-                                          state.diag, state.count == 0, damping_now,
-                                          decay_now, parallel)
+    out, rms = precondition.precondition(tagged, updates, params, inverse_values,
+                                         state.rms, state.count == 0, damping_now,
+                                         decay_now, parallel)
     if kl_clip is not None:
       lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
       out = step_size.clip(out, updates, lr, kl_clip)
     return out, KfacState(
         count=optax.safe_increment(state.count), key=jax.random.key_data(key),
-        stats_count=stats_count, factors=factors, inverses=inverse_values, diag=diag,
+        stats_count=stats_count, factors=factors, inverses=inverse_values, rms=rms,
         pending=None if state.pending is None else jax.tree.map(jnp.zeros_like, state.pending),
         diagnostics=diagnostics)
 

@@ -113,7 +113,7 @@ def _estimates(loss_fn: Callable[[Any, Any], jax.Array], params: Any, batch: Any
 def test_penalties_leave_layers_and_factors_unchanged(case: str):
   loss_fn, params, batch = CASES[case]()
   table = str(kfl.find_layers(loss_fn, params, batch))
-  assert " kron" in table or "diag fisher" in table, table
+  assert " kron" in table or "diagonal_fisher" in table, table
   factors = _estimates(loss_fn, params, batch)
   grad = jax.grad(loss_fn)(params, batch)
   for penalized in (with_l2(loss_fn), with_norm(loss_fn, params)):

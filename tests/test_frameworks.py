@@ -18,7 +18,7 @@ exact diagonal-Fisher ``"scale"`` block, holding ``[γ; β]`` when the offset
 and ``"shift"`` records when the framework folds ``γ`` into the normalizer
 first (``x̂ = (x - μ) · (γ · rsqrt(σ² + ε))``: linen, nnx and Haiku LayerNorm).
 With batch statistics (train-mode BatchNorm) that folded ``γ`` multiplies a
-batch-wide value, not a per-example activation: diagonal fallback, a
+batch-wide value, not a per-example activation: rms fallback, a
 documented limitation. Attention projections are dense layers; the ``q·kᵀ``
 and ``attn·v`` products of two activations are never layers.
 
@@ -60,9 +60,9 @@ D_MODEL, HEADS = 4, 2
 HEAD_IN = {"dense": D_H, "conv": CONV_OUT, "embedding": EMB, "layernorm": D_IN,
            "batchnorm": D_IN, "attention": D_MODEL}
 
-# Kinds of leaves no layer owns: the diagonal fallback, "none" (a blocks
+# Kinds of leaves no layer owns: the rms fallback, "none" (a blocks
 # override) and "frozen" (a non-trainable collection); each says why in its note.
-FALLBACK_KINDS = ("diagonal", "none", "frozen")
+FALLBACK_KINDS = ("rms", "none", "frozen")
 
 
 # ----------------------------------------------------------------------------
@@ -224,7 +224,7 @@ def linen_case(family: str) -> Case:
   head = rec(params, ("head", "kernel"), "dense")
   if family == "batchnorm":
     return (lambda p, b: loss({"params": p, **others}, b), params, batch,
-            {head, rec(params, ("body", "scale"), "diagonal"),
+            {head, rec(params, ("body", "scale"), "rms"),
              rec(params, ("body", "bias"), "shift")})
   return (lambda p, b: loss({"params": p}, b), params, batch,
           {head} | {rec(params, ("body", proj, "kernel"), "dense", ("body", proj, "bias"))
@@ -279,7 +279,7 @@ def nnx_case(family: str) -> Case:
       "conv": lambda: {r(("body", "kernel"), "conv", ("body", "bias"))},
       "embedding": lambda: {r(("body", "embedding"), "embedding")},
       "layernorm": lambda: {r(("body", "scale"), "scale"), r(("body", "bias"), "shift")},
-      "batchnorm": lambda: {r(("body", "scale"), "diagonal"), r(("body", "bias"), "shift")},
+      "batchnorm": lambda: {r(("body", "scale"), "rms"), r(("body", "bias"), "shift")},
       "attention": lambda: {r(("body", proj, "kernel"), "dense", ("body", proj, "bias"))
                             for proj in ("query", "key", "value", "out")},
   }[family]()
@@ -427,7 +427,7 @@ def haiku_case(hk: Any, family: str, bias: bool = True) -> Case:
       "conv": lambda: {r(("body", "w"), "conv", ("body", "b") if bias else None)},
       "embedding": lambda: {r(("body", "embeddings"), "embedding")},
       "layernorm": lambda: {r(("body", "scale"), "scale"), r(("body", "offset"), "shift")},
-      "batchnorm": lambda: {r(("body", "scale"), "diagonal"), r(("body", "offset"), "shift")},
+      "batchnorm": lambda: {r(("body", "scale"), "rms"), r(("body", "offset"), "shift")},
       "attention": lambda: {attn(proj) for proj in ("query", "key", "value", "linear")},
   }[family]() | {r(("head", "w"), "dense",
                    ("head", "b") if bias and family == "dense" else None)}
@@ -508,7 +508,7 @@ def linen_whole_case() -> tuple[LossFn, Any, dict[str, jax.Array], set[str], set
   assert set(variables) == {"params", "batch_stats"}
   r = functools.partial(rec, variables)
   want = {r(("params", "head", "kernel"), "dense"),
-          r(("params", "body", "scale"), "diagonal"),
+          r(("params", "body", "scale"), "rms"),
           r(("params", "body", "bias"), "shift")}
   stats = {path_name(variables, "batch_stats", "body", s) for s in ("mean", "var")}
   return linen_loss(model, variables), variables, batch, stats, want
@@ -544,7 +544,7 @@ def test_nnx_whole_state_leaves_batch_stats_untagged():
     return xent(nnx.merge(graphdef, s, copy=True)(b["x"]), b)
 
   r = functools.partial(rec, state)
-  want = {r(("head", "kernel"), "dense"), r(("body", "scale"), "diagonal"),
+  want = {r(("head", "kernel"), "dense"), r(("body", "scale"), "rms"),
           r(("body", "bias"), "shift")}
   stats = {path_name(state, "body", s) for s in ("mean", "var")}
   assert_frozen(loss_fn, state, family_batch("batchnorm"), stats, want)

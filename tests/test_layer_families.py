@@ -499,7 +499,7 @@ def test_single_example_last_layer_conv_is_exact_fisher_block():
 
 
 # ----------------------------------------------------------------------------
-# 3. Grouped convolutions fall back to the diagonal block.
+# 3. Grouped convolutions get the rms fallback.
 # ----------------------------------------------------------------------------
 
 
@@ -513,7 +513,7 @@ class FlaxDepthwise(nn.Module):
 
 
 @pytest.mark.parametrize("flavor", ["lax_groups2", "flax_depthwise"])
-def test_grouped_conv_gets_diagonal_block(flavor: str):
+def test_grouped_conv_gets_rms_fallback(flavor: str):
   x = jax.ShapeDtypeStruct((2, 4, 4, 4), jnp.float32)
   batch = {"x": x, "y": jax.ShapeDtypeStruct((2,), jnp.int32)}
   if flavor == "lax_groups2":
@@ -536,7 +536,7 @@ def test_grouped_conv_gets_diagonal_block(flavor: str):
           model.apply({"params": p}, b["x"]), b["y"])
     kernel, head = "['Conv_0']['kernel']", "['Dense_0']['kernel']"
   layers = {l.name: l for l in kfl.find_layers(loss_fn, params, batch)}
-  assert layers[kernel].kind == "diagonal", layers[kernel]
+  assert layers[kernel].kind == "rms", layers[kernel]
   assert "grouped" in layers[kernel].note, layers[kernel].note
   assert layers[head].kind == "dense"
   leaves = jax.tree_util.tree_leaves_with_path(params)
@@ -638,7 +638,7 @@ def test_embedding_factors_match_oracle(flavor: str, dist: str):
   _assert_close(got["G"], g)
 
 
-def test_tied_embedding_is_diagonal():
+def test_tied_embedding_gets_rms_fallback():
   params = {"table": jax.ShapeDtypeStruct((VOCAB, EMB), jnp.float32)}
   batch = {"ids": jax.ShapeDtypeStruct(IDS.shape, jnp.int32),
            "y": jax.ShapeDtypeStruct(IDS.shape, jnp.int32)}
@@ -649,7 +649,7 @@ def test_tied_embedding_is_diagonal():
 
   (layer,) = kfl.find_layers(loss_fn, params, batch)
   assert layer.name == "['table']"
-  assert layer.kind == "diagonal", layer
+  assert layer.kind == "rms", layer
   assert layer.note
 
 

@@ -48,11 +48,11 @@ class Want:
 
   Attributes:
     name: expected ``Layer.name`` (keystr of the weight path).
-    kind: ``"dense"`` or ``"diagonal"``.
+    kind: ``"dense"`` or ``"rms"``.
     bias: keystr of the expected bias path, or ``None``.
     a_dim: expected size of ``A`` (``d_in + 1`` with a bias); dense only.
     g_dim: expected size of ``G`` (``d_out``); dense only.
-    note: a substring the record's note must contain (diagonal only).
+    note: a substring the record's note must contain (rms only).
   """
   name: str
   kind: str
@@ -67,9 +67,9 @@ def dense(name: str, bias: str | None, d_in: int, d_out: int) -> Want:
   return Want(name, "dense", bias, d_in + (bias is not None), d_out)
 
 
-def diag(name: str, note: str = "") -> Want:
-  """An expected diagonal-fallback record."""
-  return Want(name, "diagonal", note=note)
+def rms(name: str, note: str = "") -> Want:
+  """An expected rms-fallback record."""
+  return Want(name, "rms", note=note)
 
 
 def records(layers: list[Any]) -> set[Record]:
@@ -94,7 +94,7 @@ def assert_partition(layers: list[Any], params: Any) -> None:
       else:
         assert l.bias_index is None
     else:
-      assert l.kind == "diagonal", l.kind
+      assert l.kind == "rms", l.kind
       assert l.bias_path is None and l.note
   assert sorted(map(keystr, seen)) == sorted(map(keystr, leaf_paths))
   assert len(seen) == len(leaf_paths)
@@ -628,7 +628,7 @@ def test_tied_weight_autoencoder():
     return kfl.losses.squared_error(h @ p["w"].T, b["x"])
 
   layers = check_case(loss_fn, params, {"x": normal(100, B, D_IN)},
-                      [diag("['w']"), diag("['b']")])
+                      [rms("['w']"), rms("['b']")])
   by_name = {l.name: l for l in layers}
   assert _tied_note(by_name["['w']"].note), by_name["['w']"].note
 
@@ -650,7 +650,7 @@ def test_tied_embedding_reused_as_output_projection(lookup: str):
     return xent(h @ p["embed"].T, b)
 
   layers = check_case(loss_fn, params, batch,
-                      [diag("['embed']"), dense("['wh']", "['bh']", d, d)])
+                      [rms("['embed']"), dense("['wh']", "['bh']", d, d)])
   note = {l.name: l.note for l in layers}["['embed']"]
   assert _tied_note(note), note
 
@@ -692,7 +692,7 @@ def test_weight_in_l2_penalty_keeps_its_block(penalty: str):
     return dict_mlp_loss(p, b) + 1e-4 * reg(p["w1"]) + 1e-4 * reg(p["aux"])
 
   check_case(loss_fn, params, class_batch(),
-             DICT_MLP_WANT + [diag("['aux']", note="off the path to the registered")])
+             DICT_MLP_WANT + [rms("['aux']", note="off the path to the registered")])
 
 
 def test_penalized_bias_stays_the_bias():
@@ -703,7 +703,7 @@ def test_penalized_bias_stays_the_bias():
 
 
 @pytest.mark.parametrize("how", ["divide", "multiply_exp"])
-def test_scalar_temperature_is_diagonal(how: str):
+def test_scalar_temperature_gets_rms_fallback(how: str):
   params = dict(dict_mlp_params(), temp=jnp.asarray(1.5, jnp.float32))
 
   def loss_fn(p, b):
@@ -712,16 +712,16 @@ def test_scalar_temperature_is_diagonal(how: str):
     logits = logits / p["temp"] if how == "divide" else logits * jnp.exp(p["temp"])
     return xent(logits, b)
 
-  check_case(loss_fn, params, class_batch(), DICT_MLP_WANT + [diag("['temp']")])
+  check_case(loss_fn, params, class_batch(), DICT_MLP_WANT + [rms("['temp']")])
 
 
-def test_unused_parameter_is_diagonal_not_used():
+def test_unused_parameter_is_rms_not_used():
   params = dict(dict_mlp_params(), unused=normal(9, 3, 2))
   check_case(dict_mlp_loss, params, class_batch(),
-             DICT_MLP_WANT + [diag("['unused']", note="not used")])
+             DICT_MLP_WANT + [rms("['unused']", note="not used")])
 
 
-def test_unused_nnx_submodule_is_diagonal_not_used():
+def test_unused_nnx_submodule_is_rms_not_used():
   class WithSpare(nnx.Module):
     def __init__(self, rngs: nnx.Rngs):
       self.l1 = nnx.Linear(D_IN, D_OUT, rngs=rngs)
@@ -735,7 +735,7 @@ def test_unused_nnx_submodule_is_diagonal_not_used():
   check_case(lambda s, b: xent(nnx.merge(graphdef, s)(b["x"]), b), state,
              class_batch(),
              [dense(n("l1", "kernel"), n("l1", "bias"), D_IN, D_OUT),
-              diag(n("spare", "kernel"), note="not used")])
+              rms(n("spare", "kernel"), note="not used")])
 
 
 # ----------------------------------------------------------------------------
@@ -996,7 +996,7 @@ LARGE_DAMPING_CASES: dict[str, Callable[[], tuple[Callable[..., jax.Array], Any,
                                         p["w2"]) + p["b2"], b),
         dict_mlp_params(True), class_batch(seq=True)),
     "eqx_vmap": lambda: (eqx_vmapped_loss, eqx_mlp(), class_batch()),
-    "with_diagonal_leaves": lambda: (
+    "with_rms_leaves": lambda: (
         lambda p, b: dict_mlp_loss(p, b) / p["temp"] + 1e-4 * jnp.sum(p["w1"] ** 2),
         dict(dict_mlp_params(), temp=jnp.asarray(1.5, jnp.float32)), class_batch()),
 }

@@ -108,7 +108,7 @@ def precondition(tagged: TaggedLoss, updates: Any, params: Any, inverses: Invers
   for layer in tagged.frozen:
     if not masking.is_masked(grads[layer.weight_index]):
       out[layer.weight_index] = jnp.zeros_like(grads[layer.weight_index])
-  for layer in tagged.diagonal:
+  for layer in tagged.rms:
     i = layer.weight_index
     if not masking.is_masked(grads[i]):
       out[i], new_diag[i] = _fallback_update(grads[i], new_diag[i], first, damping,
