@@ -209,8 +209,7 @@ def tag(traced: TracedLoss, approximation: Mapping[str, str] | None = None,
       path) -> ``"kron"`` (must be a detected layer), ``"full"`` (the exact
       Fisher block of a detected dense / conv / scale layer's ``[W; b]``, at
       most ``max_factor_dim`` parameters), ``"rms"`` (the squared-gradient
-      fallback) or
-      ``"none"`` (gradient passed through unpreconditioned). The
+      fallback) or ``"none"`` (gradient passed through unpreconditioned). The
       first matching pattern wins; a bias follows its own pattern, else its
       weight's.
     max_factor_dim: largest Kronecker factor kept as a dense matrix. A larger
@@ -226,6 +225,20 @@ def tag(traced: TracedLoss, approximation: Mapping[str, str] | None = None,
       or an override asks for a Kronecker block where no layer was detected.
   """
   found = patterns.walk(traced.jaxpr, traced.num_params)
+  marker = _the_marker(found)
+  blocks = dict(blocks or {})
+  approximation = dict(approximation or {})
+  check_options(approximation, blocks)
+  owned = _layers(traced, found, approximation, blocks, max_factor_dim)
+  _add_fallbacks(owned, traced, found, blocks)
+  unique = {id(l): l for ls in owned.values() for l in ls}.values()
+  order = lambda l: (l.weight_index, l.match.weight_part or () if l.match else ())
+  return TaggedLoss(traced=traced, marker=marker, products=frozenset(found.products),
+                    layers=tuple(sorted(unique, key=order)))
+
+
+def _the_marker(found: patterns.WalkResult) -> patterns.LossMarker:
+  """The one registered predictive distribution; raises unless there is exactly one."""
   if not found.markers:
     raise ValueError(
         "loss_fn registers no predictive distribution: compute the loss with "
@@ -240,31 +253,27 @@ def tag(traced: TracedLoss, approximation: Mapping[str, str] | None = None,
   marker = found.markers[0]
   if marker.distribution not in DISTRIBUTIONS:
     raise ValueError(f"Unknown registered loss {marker.distribution!r}.")
-  blocks = dict(blocks or {})
-  approximation = dict(approximation or {})
-  check_options(approximation, blocks)
-  paths = traced.param_paths
-  keystr = jax.tree_util.keystr
+  return marker
+
+
+def _layers(traced: TracedLoss, found: patterns.WalkResult, approximation: Mapping[str, str],
+            blocks: Mapping[str, str], max_factor_dim: int) -> dict[int, list[Layer]]:
+  """Leaf index -> the layers that own it, one layer per group of matches."""
+  paths, frozen = traced.param_paths, traced.frozen
   shapes = [tuple(v.aval.shape) for v in traced.jaxpr.jaxpr.invars[:traced.num_params]]
-  frozen = traced.frozen
   groups = grouping.weight_groups(found, paths, shapes, blocks, frozen)
   bias_of = grouping.biases(groups, found, paths, shapes, blocks, frozen)
   grouping.check_registrations(found, groups, bias_of, paths, shapes, blocks)
   owned: dict[int, list[Layer]] = {}
-  joined = {i for m in found.layers if m.weight_fused is not None for i in m.weight_fused.indices}
   for (index, part), ms in groups.items():
     bias_index, bias_part = bias_of[index, part]
     ms = tuple(dataclasses.replace(m, bias_index=bias_index, bias_part=bias_part, bias_fused=(
         None if bias_index is None else m.bias_fused)) for m in ms)
     leaves = ms[0].weight_fused.indices if ms[0].weight_fused is not None else (index,)
-    name = "+".join(keystr(paths[i]) for i in leaves) + grouping.part_suffix(part, shapes[index])
-    full = grouping.match_override(name, blocks) == "full"
-    if full:
-      grouping.check_full(name, ms[0], bias_index is not None, max_factor_dim)
-      input_form, output_form, note = "full", "full", "blocks override: full Fisher block"
-    else:
-      input_form, output_form, note = _factor_forms(ms[0], bias_index is not None,
-                                                    max_factor_dim)
+    name = ("+".join(jax.tree_util.keystr(paths[i]) for i in leaves)
+            + grouping.part_suffix(part, shapes[index]))
+    full, input_form, output_form, note = _forms(name, ms[0], bias_index is not None, blocks,
+                                                 max_factor_dim)
     if len(ms) > 1:
       note = "; ".join(filter(None, [f"shared by {len(ms)} uses: statistics summed", note]))
     layer = Layer(
@@ -275,22 +284,36 @@ def tag(traced: TracedLoss, approximation: Mapping[str, str] | None = None,
         input_form=input_form, output_form=output_form, note=note)
     for i in set(layer.weight_indices + layer.bias_indices):
       owned.setdefault(i, []).append(layer)
-  for i, path in enumerate(paths):
-    if i in frozen:
-      owned[i] = [_fallback(path, i, f"non-trainable collection {frozen[i]!r}: update 0",
+  return owned
+
+
+def _forms(name: str, m: Match, has_bias: bool, blocks: Mapping[str, str],
+           max_factor_dim: int) -> tuple[bool, str, str, str]:
+  """``(full, input_form, output_form, note)``: a ``"full"`` override, else
+  the Kronecker factor forms (:func:`_factor_forms`)."""
+  if grouping.match_override(name, blocks) == "full":
+    grouping.check_full(name, m, has_bias, max_factor_dim)
+    return True, "full", "full", "blocks override: full Fisher block"
+  return (False, *_factor_forms(m, has_bias, max_factor_dim))
+
+
+def _add_fallbacks(owned: dict[int, list[Layer]], traced: TracedLoss,
+                   found: patterns.WalkResult, blocks: Mapping[str, str]) -> None:
+  """Gives every leaf no layer owns its record: frozen, ``"none"`` or ``"rms"``."""
+  joined = {i for m in found.layers if m.weight_fused is not None for i in m.weight_fused.indices}
+  for i, path in enumerate(traced.param_paths):
+    if i in traced.frozen:
+      owned[i] = [_fallback(path, i, f"non-trainable collection {traced.frozen[i]!r}: update 0",
                             "frozen")]
     if i in owned:
       continue
-    choice = grouping.match_override(keystr(path), blocks)
+    name = jax.tree_util.keystr(path)
+    choice = grouping.match_override(name, blocks)
     why = _describe(grouping.leaf_uses(found.uses, i), i in found.referenced, i in joined)
     if choice in ("kron", "full"):
       raise ValueError(
           f"blocks asks for a {'Kronecker' if choice == 'kron' else 'full'} block for "
-          f"{keystr(path)}, but no layer was detected there ({why}).")
+          f"{name}, but no layer was detected there ({why}).")
     owned[i] = [_fallback(path, i, "blocks override: not preconditioned", "none")
                 if choice == "none" else _fallback(
                     path, i, "blocks override: rms" if choice == "rms" else why)]
-  unique = {id(l): l for ls in owned.values() for l in ls}.values()
-  order = lambda l: (l.weight_index, l.match.weight_part or () if l.match else ())
-  return TaggedLoss(traced=traced, marker=marker, products=frozenset(found.products),
-                    layers=tuple(sorted(unique, key=order)))
