@@ -23,8 +23,9 @@ import kfac_jax_lite as kfl
 from kfac_jax_lite.tagging import report
 from kfac_jax_lite.tagging.layers import tag
 from kfac_jax_lite.tagging.trace import trace_loss
-import test_frameworks as fw
-import test_tagging as tt
+import _framework_cases as fw
+import _tagging_cases as tt
+import _model_forms as forms
 import test_weight_sharing as ws
 
 VOCAB, D = 6, 4
@@ -129,7 +130,7 @@ def _l2(loss_fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
 
 
 ORDINARY: dict[str, Callable[[], tuple[Callable[..., jax.Array], Any, Any]]] = {
-    "linen_mlp": tt.linen_case,
+    "linen_mlp": forms.linen_case,
     "plain_mlp_with_weight_decay": lambda: (
         _l2(tt.dict_mlp_loss), tt.dict_mlp_params(), tt.class_batch()),
     "rnn": lambda: (ws.rnn_loss, ws.rnn_params(), ws.rnn_batch()),
