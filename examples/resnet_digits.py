@@ -10,7 +10,7 @@ written for K-FAC: ``kfl.find_layers`` finds the six convolutions (Kronecker
 blocks, KFC: one row of patches per output location) and the dense head; the
 BatchNorm offsets get the exact diagonal Fisher of a shift, and the BatchNorm
 scales (multiplied by the batch's own rsqrt(variance), so no per-example
-gradient can be read) the diagonal fallback. The table is printed at the start.
+gradient can be read) the rms fallback. The table is printed at the start.
 
 Three runs from the same initialization on the same batch sequence: K-FAC with
 ``conv_approximation="expand"`` (Grosse & Martens 2016), K-FAC with

@@ -56,7 +56,7 @@ class Diagnostics:
   """Gradient statistics of one batch, over the layers the statistics pass covers.
 
   Every Kronecker layer (dense, conv, embedding; weight and bias together)
-  and every scale-and-shift layer is covered. Parameters with the diagonal
+  and every scale-and-shift layer is covered. Parameters with the rms
   fallback are not: ``uncovered`` names them, and every total below is over
   the covered layers only.
 
@@ -74,7 +74,7 @@ class Diagnostics:
     noise_scale: ``B_simple = trace_sigma / grad_sq_norm``.
     diversity: ``Σ_n ||g_n||² / ||Σ_n g_n||²`` (Yin et al. 2018).
     uncovered: names (as in :func:`kfac_jax_lite.find_layers`) of the
-      layers not covered (static): the diagonal fallback, and layers whose
+      layers not covered (static): the rms fallback, and layers whose
       rows do not run along the batch axis (e.g. a time-major ``[T, B, d]``
       input; the check is by size, so keep the batch axis leading).
   """
@@ -103,7 +103,7 @@ def _rows(layer: Layer, xs: Sequence[jax.Array],
   bias = layer.bias_index is not None
   a, d = [], []
   for u, x, ds in zip(layer.matches, xs, dss):
-    rows = u.input_rows(x if u.diagonal_input else x.astype(jnp.float32))
+    rows = u.input_rows(x if u.vector_input else x.astype(jnp.float32))
     if bias:
       rows = jnp.concatenate([rows, jnp.ones_like(rows[..., :1])], -1)
     a.append(rows)
@@ -145,21 +145,21 @@ def layer_terms(layer: Layer, xs: Sequence[jax.Array], dss: Sequence[jax.Array],
     ``([N] ||g_n||², ||Σ_n g_n||²)`` in float32.
   """
   m = layer.match
-  if m.block == "diag":
+  if m.block == "diagonal_fisher":
     g = sum(u.per_example_grads(x, u.unpermute(ds.astype(jnp.float32))[None],
                                 bias=layer.bias_index is not None)[0]
             for u, x, ds in zip(layer.matches, xs, dss)) * scale
     return jnp.sum(jnp.square(g), axis=(1, 2)), jnp.sum(jnp.square(jnp.sum(g, axis=0)))
   a, d = _rows(layer, xs, dss)
   d = d * scale
-  if m.diagonal_input:
+  if m.vector_input:
     return _embedding_terms(a, d, m.d_in)
   return _kron_terms(a, d)
 
 
 def _rows_per_example(m: Any) -> int:
   """The size of the axis a use's per-example terms are read along (its ``N``)."""
-  if m.block == "diag":
+  if m.block == "diagonal_fisher":
     return m.out_shape[0] if m.out_shape else 1
   return jax.eval_shape(m.output_rows, jax.ShapeDtypeStruct(m.out_shape, jnp.float32)).shape[0]
 
@@ -196,7 +196,7 @@ def from_values(tagged: TaggedLoss, inputs: dict[str, Sequence[jax.Array]],
                      f"shape {logits_shape}); pass a larger batch.")
   covered = [l for l in tagged.factored
              if all(_rows_per_example(u) == batch_size for u in l.matches)]
-  uncovered = tuple(l.name for l in tagged.layers if l.kind in ("diagonal", "none")
+  uncovered = tuple(l.name for l in tagged.layers if l.kind in ("rms", "none")
                     or (l.match is not None and l not in covered))
   scale = batch_size / num_cases
   terms = {l.name: layer_terms(l, inputs[l.name], true_ds[l.name], scale) for l in covered}

@@ -17,17 +17,17 @@ _BYTES = 4  # factors and inverses are float32
 
 
 def _block_label(layer: Layer) -> str:
-  """The spec's label (``kron``, ``kron3(diag G)``, ``diag fisher``, ``full``),
-  or ``diag`` (the fallback), ``none`` or ``zero`` (frozen)."""
+  """The spec's label (``kron``, ``kron3(vector G)``, ``diagonal_fisher``,
+  ``full``), or ``rms`` (the fallback), ``none`` or ``zero`` (frozen)."""
   if layer.match is None:
-    return {"diagonal": "diag", "frozen": "zero"}.get(layer.kind, "none")
+    return "zero" if layer.kind == "frozen" else layer.kind
   return spec_for(layer).label
 
 
 def state_bytes(layer: Layer, leaf_size: int) -> int:
   """Bytes of optimizer state for the block (factors + inverses, or ``v``)."""
   if layer.match is None:
-    return leaf_size * _BYTES if layer.kind == "diagonal" else 0
+    return leaf_size * _BYTES if layer.kind == "rms" else 0
   return 2 * _BYTES * sum(math.prod(s) for s in spec_for(layer).factor_shapes.values())
 
 
@@ -46,7 +46,7 @@ def format_table(layers: list[Layer], leaf_sizes: Mapping[int, int]) -> str:
   for l in layers:
     size = leaf_sizes.get(l.weight_index, 0)
     shapes = (" ".join(f"{k}{list(s)}" for k, s in spec_for(l).factor_shapes.items())
-              if l.match is not None else f"v[{size}]" if l.kind == "diagonal" else "-")
+              if l.match is not None else f"v[{size}]" if l.kind == "rms" else "-")
     total += state_bytes(l, size)
     rows.append((l.name + (" +bias" if l.bias_index is not None else ""), l.kind,
                  _block_label(l), shapes, _human(state_bytes(l, size)), l.note))
@@ -64,7 +64,7 @@ class LayerList(list):
     self.leaf_sizes = dict(leaf_sizes)
 
   def total_bytes(self) -> int:
-    """Optimizer-state bytes of all blocks (factors + inverses, diagonal ``v``)."""
+    """Optimizer-state bytes of all blocks (factors + inverses, the fallback's ``v``)."""
     return sum(state_bytes(l, self.leaf_sizes.get(l.weight_index, 0)) for l in self)
 
   def __str__(self) -> str:
@@ -86,7 +86,7 @@ def find_layers(loss_fn: Callable[[Any, Any], jax.Array], params: Any, batch: An
   scanned stack of layers: in one record per slice, named ``...[i]``): as the
   weight or bias of a layer (``"dense"``, ``"conv"``, ``"embedding"``,
   ``"scale"``, ``"shift"``; a weight used at several places, such as an RNN
-  cell, is one layer with several ``matches``), or as a ``"diagonal"``
+  cell, is one layer with several ``matches``), or as an ``"rms"``
   fallback (or ``"none"``, ``"frozen"``) with a ``note`` saying why. Nothing
   is run on data: the loss is traced on abstract values. ``print`` the result
   for a table of blocks, factor shapes and optimizer-state memory.
@@ -134,7 +134,8 @@ def estimate_curvature(loss_fn: Callable[[Any, Any], jax.Array], params: Any,
     frequencies). Scale-and-shift layers give ``{"F": [1(+1), d]}``, the
     diagonal Fisher of ``[γ; β]``. Layers over ``max_factor_dim`` have the
     factors of their block spec (``kfac_jax_lite.curvature.specs``: ``K``,
-    ``Psi``, ``G``, ``B`` when doubly factored; vectors for diagonal factors).
+    ``Psi``, ``G``, ``B`` when doubly factored; a vector
+    for a factor kept as its diagonal).
   """
   estimator = as_estimator(estimator)
   return factor_estimate(_tagged(loss_fn, params, batch, layers), params, batch, key,

@@ -31,4 +31,4 @@ def masked_error(fix: str) -> ValueError:
       "optax.masked / optax.partition): estimating curvature runs the model on "
       f"all parameters, so {fix}. To leave parameters out of K-FAC "
       "preconditioning without masking, use scale_by_kfac(..., blocks={regex: "
-      "'none'}) (or 'diag').")
+      "'none'}) (or 'rms').")

@@ -28,7 +28,7 @@ from kfac_jax_lite.curvature.estimators import ESTIMATORS
 from kfac_jax_lite.curvature.kronecker import INVERSE_METHODS
 
 APPROXIMATIONS = ("expand", "reduce")
-BLOCK_CHOICES = ("kron", "diag", "full", "none")
+BLOCK_CHOICES = ("kron", "rms", "full", "none")
 PLACEMENTS = ("replicated", "sharded")
 DEFAULT_MAX_FACTOR_DIM = 4096
 
@@ -61,12 +61,12 @@ class LayerOptions:
       over extra axes (sequence positions; Eschenhagen et al. 2023).
     blocks: overrides of the detected blocks: regex (searched in the
       ``keystr`` of a parameter's path) -> ``"kron"`` | ``"full"`` (the exact
-      Fisher block of a small layer) | ``"diag"`` (the squared-gradient
-      fallback) | ``"none"`` (not preconditioned). Stored read-only.
+      Fisher block of a small layer) | ``"rms"`` (the squared-gradient
+      fallback, RMSProp-like) | ``"none"`` (not preconditioned). Stored read-only.
     max_factor_dim: largest Kronecker factor kept as a dense matrix: a larger
       input factor is doubly factored (``K ⊗ Ψ``, Ba et al. 2017, §4) when the
-      layer's input is a visibly flattened feature map, else diagonal; a
-      larger output factor is diagonal. ``find_layers`` notes each case.
+      layer's input is a visibly flattened feature map, else a vector (its
+      diagonal); a larger output factor is a vector. ``find_layers`` notes each case.
   """
 
   conv_approximation: str = "expand"
@@ -82,6 +82,9 @@ class LayerOptions:
       raise ValueError("LayerOptions.blocks must be a mapping {regex: block kind}, "
                        f"got {type(self.blocks).__name__}.")
     for pattern, choice in self.blocks.items():
+      if choice == "diag":
+        raise ValueError(f"LayerOptions.blocks[{pattern!r}] = 'diag': the squared-gradient "
+                         "fallback is now called 'rms'; pass 'rms'.")
       _one_of(f"LayerOptions.blocks[{pattern!r}]", choice, BLOCK_CHOICES)
       try:
         re.compile(pattern)

@@ -30,9 +30,10 @@ The factors themselves (the moving averages) are replicated in both.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -127,52 +128,93 @@ def distribute(compute: Callable[[tuple[str, ...], Inverses], Inverses],
     Layer name -> factor name -> inverse (or row slice) for ``names``.
   """
   n = jax.lax.axis_size(axis_name)
+  plan = _plan(names, costs, factors, n)
+  mine_whole, mine_split = jax.lax.switch(
+      jax.lax.axis_index(axis_name),
+      [functools.partial(_owner, compute, factors, plan, n, i) for i in range(n)])
+  out: Inverses = {m: {} for m in names}
+  if plan.whole_size:
+    rows = jax.lax.all_gather(mine_whole, axis_name, to="invarying")
+    for i, share in enumerate(plan.whole):
+      for m, k, s, span in _spans(share, math.prod):
+        out[m][k] = rows[i, span].reshape(s)
+  if plan.split_size:
+    _exchange_slices(out, mine_split, plan.split, n, axis_name, sharded)
+  return out
+
+
+Entry = tuple[str, str, tuple[int, ...]]  # (layer name, factor name, factor shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """Who inverts what: device ``i`` inverts the layers ``shares[i]``; of their
+  inverses, ``whole[i]`` are gathered whole and ``split[i]`` go out in row
+  slices. Every device's buffers have the largest share's sizes (float32
+  entries): ``whole_size`` in all, ``split_size`` per destination device."""
+  shares: list[tuple[str, ...]]
+  whole: list[list[Entry]]
+  split: list[list[Entry]]
+  whole_size: int
+  split_size: int
+
+
+def _plan(names: tuple[str, ...], costs: Mapping[str, int], factors: Inverses,
+          n: int) -> _Plan:
+  """The cost-balanced shares of ``n`` devices and their buffer sizes."""
   shares = schedule.balanced_groups({m: costs[m] for m in names}, n)
   keys = [[(m, k, factors[m][k].shape) for m in share for k in factors[m]]
           for share in shares]
   whole = [[e for e in share if not is_sharded(e[1], e[2])] for share in keys]
   split = [[e for e in share if is_sharded(e[1], e[2])] for share in keys]
-  whole_size = max(sum(math.prod(s) for _, _, s in share) for share in whole)
-  split_size = max(sum(_rows(s[0], n) * s[1] for _, _, s in share) for share in split)
+  return _Plan(shares, whole, split,
+               max(sum(math.prod(s) for _, _, s in share) for share in whole),
+               max(sum(_slice_size(s, n) for _, _, s in share) for share in split))
 
-  def owner(i: int) -> tuple[jax.Array, jax.Array]:
-    """Device ``i``'s share: its whole inverses, and ``[n, size]`` slices."""
-    inv = compute(shares[i], factors)
-    blocks = [jnp.pad(inv[m][k], ((0, _rows(s[0], n) * n - s[0]), (0, 0))).reshape(n, -1)
-              for m, k, s in split[i]]
-    slices = jnp.concatenate(blocks + [jnp.zeros((n, split_size - sum(
-        b.shape[1] for b in blocks)), jnp.float32)], axis=1)
-    return _pack([inv[m][k] for m, k, _ in whole[i]], whole_size), slices
 
-  mine_whole, mine_split = jax.lax.switch(
-      jax.lax.axis_index(axis_name), [functools.partial(owner, i) for i in range(n)])
-  out: Inverses = {m: {} for m in names}
-  if whole_size:
-    rows = jax.lax.all_gather(mine_whole, axis_name, to="invarying")
-    for i, share in enumerate(whole):
-      offset = 0
-      for m, k, s in share:
-        out[m][k] = rows[i, offset:offset + math.prod(s)].reshape(s)
-        offset += math.prod(s)
-  if split_size:
-    # Row j of every device's buffer goes to device j: row i here is owner i's.
-    received = jax.lax.all_to_all(mine_split, axis_name, 0, 0)
-    for i, share in enumerate(split):
-      offset = 0
-      for m, k, s in share:
-        size = _rows(s[0], n) * s[1]
-        out[m][k] = received[i, offset:offset + size].reshape(-1, s[1])
-        offset += size
-    if not sharded:
-      entries = [e for share in split for e in share]
-      everyone = jax.lax.all_gather(_pack([out[m][k] for m, k, _ in entries], sum(
-          _rows(s[0], n) * s[1] for _, _, s in entries)), axis_name, to="invarying")
-      offset = 0
-      for m, k, s in entries:
-        size = _rows(s[0], n) * s[1]
-        out[m][k] = everyone[:, offset:offset + size].reshape(-1, s[1])[:s[0]]
-        offset += size
-  return out
+def _slice_size(shape: tuple[int, ...], n: int) -> int:
+  """Entries of one device's row slice of a ``shape`` matrix."""
+  return _rows(shape[0], n) * shape[1]
+
+
+def _spans(entries: Sequence[Entry], size_of: Callable[[tuple[int, ...]], int]
+           ) -> Iterator[tuple[str, str, tuple[int, ...], slice]]:
+  """Each entry with its span in a buffer that packs them one after another."""
+  offset = 0
+  for m, k, s in entries:
+    yield m, k, s, slice(offset, offset + size_of(s))
+    offset += size_of(s)
+
+
+def _owner(compute: Callable[[tuple[str, ...], Inverses], Inverses], factors: Inverses,
+           plan: _Plan, n: int, i: int) -> tuple[jax.Array, jax.Array]:
+  """Device ``i``'s share: its whole inverses packed, and ``[n, split_size]``
+  row slices (row ``j`` for device ``j``)."""
+  inv = compute(plan.shares[i], factors)
+  blocks = [jnp.pad(inv[m][k], ((0, _rows(s[0], n) * n - s[0]), (0, 0))).reshape(n, -1)
+            for m, k, s in plan.split[i]]
+  slices = jnp.concatenate(blocks + [jnp.zeros((n, plan.split_size - sum(
+      b.shape[1] for b in blocks)), jnp.float32)], axis=1)
+  return _pack([inv[m][k] for m, k, _ in plan.whole[i]], plan.whole_size), slices
+
+
+def _exchange_slices(out: Inverses, mine: jax.Array, split: list[list[Entry]], n: int,
+                     axis_name: str, sharded: bool) -> None:
+  """Hands row slice ``j`` of every split inverse to device ``j`` (one
+  ``all_to_all``) into ``out``; with ``"replicated"`` then gathers them whole."""
+  size = functools.partial(_slice_size, n=n)
+  # Row j of every device's buffer goes to device j: row i here is owner i's.
+  received = jax.lax.all_to_all(mine, axis_name, 0, 0)
+  for i, share in enumerate(split):
+    for m, k, s, span in _spans(share, size):
+      out[m][k] = received[i, span].reshape(-1, s[1])
+  if sharded:
+    return
+  entries = [e for share in split for e in share]
+  everyone = jax.lax.all_gather(_pack([out[m][k] for m, k, _ in entries], sum(
+      size(s) for _, _, s in entries)), axis_name, to="invarying")
+  for m, k, s, span in _spans(entries, size):
+    out[m][k] = everyone[:, span].reshape(-1, s[1])[:s[0]]
 
 
 def distribute_on_mesh(compute: Callable[[tuple[str, ...], Inverses], Inverses],

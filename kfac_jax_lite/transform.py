@@ -9,7 +9,7 @@ first call):
 2. every ``inverse_every`` steps: damped factor inverses with factored
    Tikhonov damping (Ba et al. 2017, eq. 3);
 3. every step: the preconditioned gradient ``A^{-1} ∇W G^{-1}`` per layer, the
-   diagonal fallback elsewhere;
+   rms fallback (squared-gradient averages) elsewhere;
 4. optionally, the KL-clipped step-size scale (Ba et al. 2017, eq. 14), or
    the step size, momentum and damping of the quadratic model (Martens &
    Grosse 2015, §6.5, §7; :mod:`kfac_jax_lite.step.quadratic`).
@@ -50,8 +50,8 @@ class KfacState(NamedTuple):
     inverses: layer name -> ``{"A": ..., "G": ...}`` damped inverses (float32;
       identities before the first refresh; this device's row slices of the
       matrices with ``inverse_placement="sharded"``).
-    diag: parameter-shaped tree: squared-gradient moving average for leaves
-      under the diagonal fallback, ``None`` for Kronecker-owned leaves.
+    rms: parameter-shaped tree: squared-gradient moving average for leaves
+      under the rms fallback, ``None`` for Kronecker-owned leaves.
     pending: with ``EstimatorOptions(accumulate=True)``, ``{"count": n,
       "sums": factors}``: estimates of the micro-batches of the step being
       accumulated (see :func:`kfac_jax_lite.accumulate`); ``None`` otherwise.
@@ -68,7 +68,7 @@ class KfacState(NamedTuple):
   stats_count: jax.Array
   factors: dict[str, dict[str, jax.Array]]
   inverses: dict[str, dict[str, jax.Array]]
-  diag: Any
+  rms: Any
   pending: Any = None
   diagnostics: Any = None
   adaptive: Any = None
@@ -107,12 +107,12 @@ def _check_numbers(damping: Any, ema_decay: Any, stats_every: Any, inverse_every
                      "initial value: pass a number as damping, not a schedule.")
 
 
-def _diag_tree(tagged: TaggedLoss, params: Any) -> Any:
+def _rms_tree(tagged: TaggedLoss, params: Any) -> Any:
   """Zero squared-gradient averages for the fallback's leaves, ``None`` elsewhere."""
   leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=masking.is_masked)
-  diag_idx = {l.weight_index for l in tagged.diagonal}
+  rms_idx = {l.weight_index for l in tagged.rms}
   return jax.tree_util.tree_unflatten(treedef, [
-      jnp.zeros(jnp.shape(x), jnp.float32) if i in diag_idx and not masking.is_masked(x)
+      jnp.zeros(jnp.shape(x), jnp.float32) if i in rms_idx and not masking.is_masked(x)
       else None for i, x in enumerate(leaves)])
 
 
@@ -138,7 +138,7 @@ def _init_state(tagged: TaggedLoss, params: Any, seed: int, estimator: Estimator
   pending = ({"count": zero, "sums": jax.tree.map(jnp.zeros_like, factors)}
              if estimator.accumulate else None)
   return KfacState(zero, jax.random.key_data(jax.random.key(seed)), zero, factors,
-                   inverses, _diag_tree(tagged, params), pending, diagnostics, adaptive)
+                   inverses, _rms_tree(tagged, params), pending, diagnostics, adaptive)
 
 
 def _check_update_args(params: Any, batch: Any, positional: tuple[Any, ...],
@@ -305,9 +305,9 @@ def scale_by_kfac(
         lambda: (state.factors, state.stats_count, state.diagnostics))
     inverse_values = refresh.refresh_inverses(tagged, factors, state.inverses, state.count,
                                               damping_now, inverse_every, inverses, parallel)
-    out, diag = precondition.precondition(tagged, updates, params, inverse_values,
-                                          state.diag, state.count == 0, damping_now,
-                                          decay_now, parallel)
+    out, rms = precondition.precondition(tagged, updates, params, inverse_values,
+                                         state.rms, state.count == 0, damping_now,
+                                         decay_now, parallel)
     adaptive_state = state.adaptive
     if adaptive is not None:
       model_batch = estimate.leading_fraction(batch, adaptive.batch_fraction)
@@ -320,7 +320,7 @@ def scale_by_kfac(
       out = step_size.clip(out, updates, lr, kl_clip)
     return out, KfacState(
         count=optax.safe_increment(state.count), key=jax.random.key_data(key),
-        stats_count=stats_count, factors=factors, inverses=inverse_values, diag=diag,
+        stats_count=stats_count, factors=factors, inverses=inverse_values, rms=rms,
         pending=None if state.pending is None else jax.tree.map(jnp.zeros_like, state.pending),
         diagnostics=diagnostics, adaptive=adaptive_state)
 

@@ -3,18 +3,14 @@
 Run as ``python distributed_worker.py OUT_DIR [MODE ...]`` with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (the flag must be set
 before jax is imported, which is why this is a separate process). Every mode
-trains the same tiny MLP (6 -> 8 -> 3, softmax cross-entropy) for
-``NUM_STEPS`` steps on the same global batches of ``GLOBAL_BATCH`` examples,
-distributed in a different way, and writes:
+trains the same tiny MLP of :mod:`_distributed_setup` (6 -> 8 -> 3, softmax
+cross-entropy) for ``NUM_STEPS`` steps on the same global batches of
+``GLOBAL_BATCH`` examples, distributed in a different way, and writes:
 
 * ``OUT_DIR/results.npz``: ``"{mode}|{kind}|{name}"`` arrays (final
   parameters, factors and inverses, and per-mode extras);
 * ``OUT_DIR/meta.json``: ``{mode: {"ok", "error", "traceback", "seconds",
   "cpu_seconds", ...}}``; a mode that raises is recorded, not fatal.
-
-The module is also imported by the test (in a 1-device process) for the model,
-the data and the single-device reference run, so it must not need 8 devices at
-import time.
 """
 
 from __future__ import annotations
@@ -22,135 +18,20 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
-import traceback
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import kfac_jax_lite as kfl
-
-NUM_DEVICES = 8
-AXIS = "batch"
-GLOBAL_BATCH = 16
-NUM_STEPS = 3
-D_IN, D_HIDDEN, D_OUT = 6, 8, 3
-LEARNING_RATE = 0.1
-DAMPING = 1e-2
-EMA_DECAY = 0.95
-MC_SEED = 3
-
-Arrays = dict[str, np.ndarray]
-Batch = dict[str, np.ndarray]
-
-def init_params(seed: int = 0) -> dict[str, dict[str, jax.Array]]:
-  """Initial MLP parameters (``x @ kernel + bias`` layers)."""
-  k0, k1, k2 = jax.random.split(jax.random.key(seed), 3)
-  return {
-      "l0": {"kernel": jax.random.normal(k0, (D_IN, D_HIDDEN)) / np.sqrt(D_IN),
-             "bias": 0.1 * jax.random.normal(k2, (D_HIDDEN,))},
-      "l1": {"kernel": jax.random.normal(k1, (D_HIDDEN, D_OUT)) / np.sqrt(D_HIDDEN),
-             "bias": jnp.zeros((D_OUT,))},
-  }
-
-
-def apply_mlp(params: Any, x: jax.Array) -> jax.Array:
-  """The MLP's outputs (logits)."""
-  h = jnp.tanh(x @ params["l0"]["kernel"] + params["l0"]["bias"])
-  return h @ params["l1"]["kernel"] + params["l1"]["bias"]
-
-
-def loss_fn(params: Any, batch: Any) -> jax.Array:
-  """Mean softmax cross-entropy of the MLP over the (local) batch."""
-  return kfl.losses.softmax_cross_entropy(apply_mlp(params, batch["x"]), batch["y"])
-
-
-def regression_loss_fn(params: Any, batch: Any) -> jax.Array:
-  """Squared error to one-hot targets (Gaussian model: continuous MC samples)."""
-  targets = jax.nn.one_hot(batch["y"], D_OUT)
-  return kfl.losses.squared_error(apply_mlp(params, batch["x"]), targets)
-
-
-def make_batches() -> list[Batch]:
-  """``NUM_STEPS`` fixed global batches of ``GLOBAL_BATCH`` examples."""
-  rng = np.random.default_rng(0)
-  return [{"x": rng.normal(size=(GLOBAL_BATCH, D_IN)).astype(np.float32),
-           "y": rng.integers(0, D_OUT, GLOBAL_BATCH).astype(np.int32)}
-          for _ in range(NUM_STEPS)]
-
-
-def local_batch(batch: Batch, n: int = NUM_DEVICES) -> Batch:
-  """The first of ``n`` equal shards of a global batch (for shapes only)."""
-  return jax.tree.map(lambda a: a[:a.shape[0] // n], batch)
-
-
-def make_optimizer(sample_batch: Any, axis_name: str | None = None,
-                   **parallel: Any) -> optax.GradientTransformationExtraArgs:
-  """The K-FAC optimizer every mode uses (exact Fisher: no sampling noise).
-
-  ``parallel`` are :class:`kfl.ParallelOptions` fields besides ``axis_name``.
-  """
-  return kfl.kfac(loss_fn, sample_batch, LEARNING_RATE, damping=DAMPING, ema_decay=EMA_DECAY,
-                  stats_every=1, inverse_every=1, estimator="exact",
-                  parallel=kfl.ParallelOptions(axis_name=axis_name, **parallel))
-
-
-def snapshot(params: Any, opt_state: Any, prefix: str = "") -> Arrays:
-  """Final parameters, factors and inverses as ``"{kind}|{name}"`` arrays."""
-  kstate: kfl.KfacState = opt_state[0]
-  out = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    out[f"{prefix}params|{jax.tree_util.keystr(path)}"] = np.asarray(leaf)
-  for kind, tree in (("factors", kstate.factors), ("inverses", kstate.inverses)):
-    for name, fac in tree.items():
-      for which, leaf in fac.items():
-        out[f"{prefix}{kind}|{name}|{which}"] = np.asarray(leaf)
-  return out
-
-
-def _sgd_step(tx: optax.GradientTransformationExtraArgs,
-              grads_fn: Callable[[Any, Any], Any]) -> Callable[..., Any]:
-  """``(params, state, batch) -> (params, state)`` with the given gradients."""
-
-  def step(params: Any, state: Any, batch: Any) -> tuple[Any, Any]:
-    grads = grads_fn(params, batch)
-    updates, state = tx.update(grads, state, params, batch=batch)
-    return optax.apply_updates(params, updates), state
-
-  return step
-
-
-def run_reference() -> Arrays:
-  """The single-device run on the full global batches (the oracle run)."""
-  batches = make_batches()
-  tx = make_optimizer(batches[0])
-  params = init_params()
-  state = tx.init(params)
-  step = jax.jit(_sgd_step(tx, jax.grad(loss_fn)))
-  for batch in batches:
-    params, state = step(params, state, batch)
-  return snapshot(params, state)
-
-
-def _replicate(tree: Any) -> Any:
-  """Stacks ``NUM_DEVICES`` copies of every leaf, placed one per device.
-
-  jax 0.10.2's ``pmap`` returns arrays with this sharding; giving the first
-  call the same one keeps the second call from compiling again.
-  """
-  mesh = jax.make_mesh((NUM_DEVICES,), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
-  return jax.tree.map(
-      lambda a: jax.device_put(np.broadcast_to(np.asarray(a), (NUM_DEVICES, *np.shape(a))),
-                               NamedSharding(mesh, P(AXIS))), tree)
-
-
-def _split(batch: Batch) -> Batch:
-  return jax.tree.map(lambda a: a.reshape(NUM_DEVICES, -1, *a.shape[1:]), batch)
+from _distributed_setup import (
+    AXIS, Arrays, DAMPING, D_OUT, EMBED, GLOBAL_BATCH, LEARNING_RATE, MAX_FACTOR_DIM, MC_SEED,
+    NUM_DEVICES, NUM_STEPS, TOKENS, VOCAB, replicate, sgd_step, split_batch, init_params,
+    local_batch, loss_fn, make_batches, make_optimizer, regression_loss_fn, run_modes, snapshot,
+    token_loss_fn)
 
 
 def run_pmap(**kwargs: Any) -> tuple[Arrays, dict[str, Any]]:
@@ -169,14 +50,14 @@ def run_pmap(**kwargs: Any) -> tuple[Arrays, dict[str, Any]]:
   def grads_fn(params: Any, batch: Any) -> Any:
     return jax.lax.pmean(jax.grad(loss_fn)(params, batch), AXIS)
 
-  step = jax.pmap(_sgd_step(tx, grads_fn), axis_name=AXIS)
-  params = _replicate(init_params())
+  step = jax.pmap(sgd_step(tx, grads_fn), axis_name=AXIS)
+  params = replicate(init_params())
   if kwargs.get("inverse_placement") == "sharded":
     state = jax.pmap(tx.init, axis_name=AXIS)(params)
   else:
-    state = _replicate(tx.init(init_params()))
+    state = replicate(tx.init(init_params()))
   for batch in batches:
-    params, state = step(params, state, _split(batch))
+    params, state = step(params, state, split_batch(batch))
   return snapshot(params, state), {}
 
 
@@ -213,27 +94,13 @@ def run_shard_map(check_vma: bool, **kwargs: Any) -> tuple[Arrays, dict[str, Any
   batches = make_batches()
   mesh = jax.make_mesh((NUM_DEVICES,), (AXIS,))
   tx = make_optimizer(local_batch(batches[0]), axis_name=AXIS, **kwargs)
-
-  if check_vma:
-    def grads_fn(params: Any, batch: Any) -> Any:
-      return jax.grad(lambda p: jax.lax.pmean(loss_fn(p, batch), AXIS))(params)
-  else:
-    def grads_fn(params: Any, batch: Any) -> Any:
-      return jax.lax.pmean(jax.grad(loss_fn)(params, batch), AXIS)
-
-  replicated = NamedSharding(mesh, P())
   # The default (Explicit) mesh makes shard_map check the in_specs against
   # the arguments' shardings, so the inputs must be placed accordingly.
-  params = jax.device_put(init_params(), replicated)
-  if kwargs.get("inverse_placement") == "sharded":
-    specs = kfl.sharded_state_specs(tx.init, params, mesh, AXIS)
-    state = jax.jit(jax.shard_map(tx.init, mesh=mesh, in_specs=P(), out_specs=specs,
-                                  check_vma=check_vma))(params)
-  else:
-    specs = P()
-    state = jax.device_put(tx.init(init_params()), replicated)
+  params = jax.device_put(init_params(), NamedSharding(mesh, P()))
+  state, specs = _shard_map_state(tx, params, mesh, check_vma,
+                                  kwargs.get("inverse_placement") == "sharded")
   step = jax.jit(jax.shard_map(
-      _sgd_step(tx, grads_fn), mesh=mesh, in_specs=(P(), specs, P(AXIS)),
+      sgd_step(tx, _shard_map_grads_fn(check_vma)), mesh=mesh, in_specs=(P(), specs, P(AXIS)),
       out_specs=(P(), specs), check_vma=check_vma))
   for batch in batches:
     params, state = step(params, state,
@@ -242,6 +109,25 @@ def run_shard_map(check_vma: bool, **kwargs: Any) -> tuple[Arrays, dict[str, Any
             for name, fac in state[0].inverses.items() for k, leaf in fac.items()}
   return snapshot(params, state), {"axis_types": str(mesh.axis_types),
                                    "inverse_shard_shapes": shards}
+
+
+def _shard_map_grads_fn(check_vma: bool) -> Callable[[Any, Any], Any]:
+  """The global-mean gradient under ``shard_map`` (see :func:`run_shard_map`)."""
+  if check_vma:
+    return lambda params, batch: jax.grad(
+        lambda p: jax.lax.pmean(loss_fn(p, batch), AXIS))(params)
+  return lambda params, batch: jax.lax.pmean(jax.grad(loss_fn)(params, batch), AXIS)
+
+
+def _shard_map_state(tx: optax.GradientTransformationExtraArgs, params: Any,
+                     mesh: jax.sharding.Mesh, check_vma: bool, sharded: bool) -> tuple[Any, Any]:
+  """The initial state and its ``shard_map`` specs: built inside ``shard_map``
+  with sharded inverses, else replicated."""
+  if sharded:
+    specs = kfl.sharded_state_specs(tx.init, params, mesh, AXIS)
+    return jax.jit(jax.shard_map(tx.init, mesh=mesh, in_specs=P(), out_specs=specs,
+                                 check_vma=check_vma))(params), specs
+  return jax.device_put(tx.init(init_params()), NamedSharding(mesh, P())), P()
 
 
 def run_gspmd(axis_type: jax.sharding.AxisType | None,
@@ -262,7 +148,6 @@ def run_gspmd(axis_type: jax.sharding.AxisType | None,
   axis_types = None if axis_type is None else (axis_type,)
   mesh = jax.make_mesh((NUM_DEVICES,), (AXIS,), axis_types=axis_types)
   tx = make_optimizer(batches[0], **kwargs)
-  traces = []
   compiles = []
 
   def on_event(event: str, duration: float, **kwargs: Any) -> None:
@@ -270,13 +155,7 @@ def run_gspmd(axis_type: jax.sharding.AxisType | None,
     if event == "/jax/core/compile/backend_compile_duration":
       compiles.append(event)
 
-  body = _sgd_step(tx, jax.grad(loss_fn))
-
-  def counted(params: Any, state: Any, batch: Any) -> tuple[Any, Any]:
-    traces.append(1)
-    return body(params, state, batch)
-
-  step = jax.jit(counted)
+  step, traces = _counting_jit(sgd_step(tx, jax.grad(loss_fn)))
   replicated = NamedSharding(mesh, P())
   params = jax.device_put(init_params(), replicated)
   state = jax.device_put(tx.init(init_params()), replicated)
@@ -299,8 +178,7 @@ def run_gspmd(axis_type: jax.sharding.AxisType | None,
       meta["state_shardings"].append(
           {jax.tree_util.keystr(p): str(leaf.sharding) for p, leaf in leaves})
       meta["factors_replicated"].append(all(
-          leaf.sharding.is_fully_replicated
-          for leaf in jax.tree.leaves(state[0].factors)))
+          leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(state[0].factors)))
   finally:
     jax.monitoring.unregister_event_duration_listener(on_event)
   with jax.set_mesh(mesh):
@@ -309,25 +187,15 @@ def run_gspmd(axis_type: jax.sharding.AxisType | None,
   return snapshot(params, state), meta
 
 
-VOCAB, TOKENS, EMBED = 5, 2, 4
+def _counting_jit(body: Callable[..., Any]) -> tuple[Callable[..., Any], list[int]]:
+  """``jax.jit(body)``, and a list that grows by one each time ``body`` is traced."""
+  traces: list[int] = []
 
+  def counted(params: Any, state: Any, batch: Any) -> tuple[Any, Any]:
+    traces.append(1)
+    return body(params, state, batch)
 
-MAX_FACTOR_DIM = TOKENS * EMBED  # The dense layer's A (with its bias row) is larger.
-
-
-def token_loss_fn(params: Any, batch: Any) -> jax.Array:
-  """Embedding -> RMS norm with a scale -> tanh, flattened -> dense.
-
-  Its blocks have a diagonal input factor (the embedding's ``A``) and a
-  diagonal Fisher (``"F"``, the norm's scale), which stay whole when the
-  inverses are sharded, beside Kronecker matrices, which are sharded: the
-  embedding's ``G`` and, with ``max_factor_dim=MAX_FACTOR_DIM``, the dense
-  layer's doubly-factored ``K``, ``Psi``, ``G`` and its bias block ``B``.
-  """
-  h = params["table"][batch["ids"]]
-  h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + 1e-6) * params["gamma"]
-  logits = jnp.tanh(h).reshape(h.shape[0], -1) @ params["w"] + params["b"]
-  return kfl.losses.softmax_cross_entropy(logits, batch["y"])
+  return jax.jit(counted), traces
 
 
 def run_pmap_tokens(**kwargs: Any) -> tuple[Arrays, dict[str, Any]]:
@@ -357,11 +225,11 @@ def run_pmap_tokens(**kwargs: Any) -> tuple[Arrays, dict[str, Any]]:
     def grads_fn(p: Any, batch: Any) -> Any:
       return jax.lax.pmean(jax.grad(token_loss_fn)(p, batch), AXIS)
 
-    step = jax.pmap(_sgd_step(tx, grads_fn), axis_name=AXIS)
-    p = _replicate(params)
+    step = jax.pmap(sgd_step(tx, grads_fn), axis_name=AXIS)
+    p = replicate(params)
     state = jax.pmap(tx.init, axis_name=AXIS)(p)
     for batch in batches:
-      p, state = step(p, state, _split(batch))
+      p, state = step(p, state, split_batch(batch))
     out.update(snapshot(p, state, prefix=f"{placement}|"))
   return out, {}
 
@@ -383,8 +251,8 @@ def run_pmap_mc() -> tuple[Arrays, dict[str, Any]]:
     return tx.update(grads, state, params, batch=batch)[1]
 
   state = jax.pmap(step, axis_name=AXIS)(
-      _replicate(init_params()), _replicate(tx.init(init_params())),
-      _replicate(batch))
+      replicate(init_params()), replicate(tx.init(init_params())),
+      replicate(batch))
   out = {}
   for name, fac in state.factors.items():
     for which, leaf in fac.items():
@@ -447,41 +315,6 @@ RUNNERS: dict[str, Callable[[], tuple[Arrays, dict[str, Any]]]] = {
     "pmap_mc": run_pmap_mc,
     "shard_map_grads": run_shard_map_grads,
 }
-
-
-def _short_traceback(exc: BaseException) -> str:
-  """The traceback frames in kfac_jax_lite / the workers, plus the error."""
-  frames = [f for f in traceback.extract_tb(exc.__traceback__)
-            if "kfac_jax_lite" in f.filename or f.filename.endswith("_worker.py")]
-  return "".join(traceback.format_list(frames)) + f"{type(exc).__name__}: {exc}"
-
-
-def run_modes(runners: dict[str, Callable[[], tuple[Arrays, dict[str, Any]]]],
-              modes: list[str]) -> tuple[Arrays, dict[str, Any]]:
-  """Runs each mode, catching its error, with wall and CPU seconds.
-
-  Args:
-    runners: mode -> runner returning ``(arrays, info)``.
-    modes: the modes to run, in order.
-
-  Returns:
-    ``"{mode}|{key}"`` arrays, and per mode ``{"ok", "error", "traceback",
-    "seconds", "cpu_seconds", **info}``.
-  """
-  arrays: Arrays = {}
-  meta: dict[str, Any] = {}
-  for mode in modes:
-    start, cpu_start = time.perf_counter(), time.process_time()
-    try:
-      result, info = runners[mode]()
-      arrays.update({f"{mode}|{k}": v for k, v in result.items()})
-      meta[mode] = {"ok": True, "error": None, "traceback": None, **info}
-    except Exception as exc:  # pylint: disable=broad-except
-      meta[mode] = {"ok": False, "error": f"{type(exc).__name__}: {exc}",
-                    "traceback": _short_traceback(exc)}
-    meta[mode]["seconds"] = round(time.perf_counter() - start, 2)
-    meta[mode]["cpu_seconds"] = round(time.process_time() - cpu_start, 2)
-  return arrays, meta
 
 
 def main(argv: list[str]) -> int:

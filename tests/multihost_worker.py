@@ -6,7 +6,7 @@ two processes (``PROCESS_ID`` 0 and 1, the same free ``PORT``), each with
 ``jax.distributed.initialize`` joins them into one system of 4 CPU devices
 whose cross-process collectives go through gloo (jax's CPU default).
 
-Every mode trains the MLP of ``distributed_worker.py`` for its ``NUM_STEPS``
+Every mode trains the MLP of ``_distributed_setup.py`` for its ``NUM_STEPS``
 steps on its global batches (``estimator="exact"``, so the result does not
 depend on how the batch is split). Each process builds only its own rows of
 every global batch and assembles the global array with
@@ -52,7 +52,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-import distributed_worker as dw
+import _distributed_setup as dw
 
 
 
@@ -101,7 +101,7 @@ def host_copy(leaf: jax.Array) -> tuple[np.ndarray, bool, bool]:
 
 
 def snapshot(params: Any, opt_state: Any) -> tuple[Arrays, bool, bool]:
-  """Final parameters, factors and inverses (``distributed_worker.snapshot`` keys).
+  """Final parameters, factors and inverses (``_distributed_setup.snapshot`` keys).
 
   Returns:
     ``(arrays, every leaf fully replicated, local replicas all equal)``.

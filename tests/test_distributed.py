@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import distributed_worker as worker
+import _distributed_setup as setup
 import kfac_jax_lite as kfl
 
 WORKER_PATH = pathlib.Path(__file__).with_name("distributed_worker.py")
@@ -76,12 +76,12 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Results:
   flags = os.environ.get("XLA_FLAGS", "")
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count="
-                      f"{worker.NUM_DEVICES}".strip()}
+                      f"{setup.NUM_DEVICES}".strip()}
   proc = subprocess.Popen([sys.executable, str(WORKER_PATH), str(out)], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
     with jax.default_device(CPU):  # same backend as the worker's fake devices
-      reference = worker.run_reference()
+      reference = setup.run_reference()
     _, stderr = proc.communicate(timeout=WORKER_TIMEOUT_S)
   except BaseException:
     proc.kill()
@@ -108,15 +108,15 @@ def _assert_matches_reference(got: dict[str, np.ndarray],
 def test_reference_first_layer_input_factor_is_brute_force_ema(results: Results):
   # A of the first layer depends on the data only: an EMA of [x, 1]^T [x, 1] / N.
   expected = None
-  for batch in worker.make_batches():
+  for batch in setup.make_batches():
     a = np.concatenate([batch["x"], np.ones((len(batch["x"]), 1), np.float32)], 1)
     est = a.astype(np.float64).T @ a / len(a)
     expected = est if expected is None else (
-        worker.EMA_DECAY * expected + (1 - worker.EMA_DECAY) * est)
+        setup.EMA_DECAY * expected + (1 - setup.EMA_DECAY) * est)
   np.testing.assert_allclose(results.reference[f"factors|{L0}|A"], expected,
                              rtol=1e-5, atol=1e-6)
   # Training moved the parameters (so equal parameters below mean something).
-  init = worker.init_params()
+  init = setup.init_params()
   assert np.max(np.abs(results.reference[f"params|{L1}"]
                        - np.asarray(init["l1"]["kernel"]))) > 1e-3
 
@@ -127,8 +127,8 @@ def test_pmap_matches_single_device(results: Results, mode: str):
   # pmap_symmetric: symmetry_aware=True, factors all-reduced as upper triangles.
   got = results.mode(mode)
   for key, stacked in got.items():
-    assert stacked.shape[0] == worker.NUM_DEVICES, key
-    for d in range(1, worker.NUM_DEVICES):  # every replica holds the same state
+    assert stacked.shape[0] == setup.NUM_DEVICES, key
+    for d in range(1, setup.NUM_DEVICES):  # every replica holds the same state
       np.testing.assert_array_equal(stacked[d], stacked[0], err_msg=f"{key} device {d}")
   _assert_matches_reference({k: v[0] for k, v in got.items()}, results.reference)
 
@@ -147,7 +147,7 @@ def test_shard_map_matches_single_device(results: Results, mode: str):
 
 def _rows(d: int) -> int:
   """Rows of a ``d``-row inverse each device keeps when sharded."""
-  return math.ceil(d / worker.NUM_DEVICES)
+  return math.ceil(d / setup.NUM_DEVICES)
 
 
 def _assert_sharded_inverses(got: dict[str, np.ndarray], whole: dict[str, np.ndarray],
@@ -160,7 +160,7 @@ def _assert_sharded_inverses(got: dict[str, np.ndarray], whole: dict[str, np.nda
     stacked: ``got`` has a leading device axis (``pmap``; the replicas of
       everything but the inverse slices must be equal).
   """
-  n = worker.NUM_DEVICES
+  n = setup.NUM_DEVICES
   assert sorted(got) == sorted(whole)
   for key, ref in whole.items():
     value = got[key]
@@ -224,10 +224,10 @@ def test_sharded_keeps_diagonal_inverses_whole(results: Results):
   whole = {k[len("replicated|"):]: v[0] for k, v in got.items()
            if k.startswith("replicated|")}
   sharded = {k[len("sharded|"):]: v for k, v in got.items() if k.startswith("sharded|")}
-  assert sharded["inverses|['table']|A"].shape == (worker.NUM_DEVICES, worker.VOCAB)
+  assert sharded["inverses|['table']|A"].shape == (setup.NUM_DEVICES, setup.VOCAB)
   assert sharded["inverses|['gamma']|F"].shape[1:] == whole["inverses|['gamma']|F"].shape
   assert sharded["inverses|['table']|G"].shape == (
-      worker.NUM_DEVICES, _rows(worker.EMBED), worker.EMBED)
+      setup.NUM_DEVICES, _rows(setup.EMBED), setup.EMBED)
   assert {k.split("|")[-1] for k in sharded if k.startswith("inverses|['w']")} == {
       "K", "Psi", "G", "B"}
   _assert_sharded_inverses(sharded, whole, stacked=True)
@@ -236,12 +236,12 @@ def test_sharded_keeps_diagonal_inverses_whole(results: Results):
 def test_shard_map_gradient_patterns(results: Results):
   """What jax 0.10.2 returns for the gradient of a replicated parameter."""
   got = results.mode("shard_map_grads")
-  params = worker.init_params()
-  batch = worker.make_batches()[0]
+  params = setup.init_params()
+  batch = setup.make_batches()[0]
   with jax.default_device(CPU):
-    full = jax.grad(worker.loss_fn)(params, batch)  # the global-mean gradient
-    shard0 = jax.grad(worker.loss_fn)(params, worker.local_batch(batch))
-  n = worker.NUM_DEVICES
+    full = jax.grad(setup.loss_fn)(params, batch)  # the global-mean gradient
+    shard0 = jax.grad(setup.loss_fn)(params, setup.local_batch(batch))
+  n = setup.NUM_DEVICES
   expected = {
       # check_vma=True: the local gradient is already psum-ed over the axis
       # (n times the global-mean gradient), and pmean of it changes nothing.
@@ -295,29 +295,29 @@ def test_pmap_mc_devices_draw_different_samples(results: Results):
   ``estimate_curvature`` and the documented keys.
   """
   got = results.mode("pmap_mc")
-  params = worker.init_params()
-  batch = worker.local_batch(worker.make_batches()[0])
+  params = setup.init_params()
+  batch = setup.local_batch(setup.make_batches()[0])
   # scale_by_kfac's state key is key(seed); an update splits it into
   # (next key, subkey) and samples with subkey (folded with the axis index).
-  _, subkey = jax.random.split(jax.random.key(worker.MC_SEED))
+  _, subkey = jax.random.split(jax.random.key(setup.MC_SEED))
 
   def estimate(key: jax.Array) -> dict[str, dict[str, jax.Array]]:
-    return kfl.estimate_curvature(worker.regression_loss_fn, params, batch,
+    return kfl.estimate_curvature(setup.regression_loss_fn, params, batch,
                                   key=key, estimator="mc")
 
   with jax.default_device(CPU):
     keys = jax.vmap(lambda i: jax.random.fold_in(subkey, i))(
-        jnp.arange(worker.NUM_DEVICES))
+        jnp.arange(setup.NUM_DEVICES))
     per_device = jax.jit(jax.vmap(estimate))(keys)
     unfolded = jax.jit(estimate)(subkey)  # what every device would draw without fold_in
   for name in (L0, L1):
     g_dev = np.asarray(per_device[name]["G"])
     # The oracle itself: every device's samples differ from every other's.
-    for d in range(worker.NUM_DEVICES):
+    for d in range(setup.NUM_DEVICES):
       for e in range(d):
         assert np.max(np.abs(g_dev[d] - g_dev[e])) > 1e-3, (name, d, e)
     g = got[f"factors|{name}|G"]
-    for d in range(worker.NUM_DEVICES):
+    for d in range(setup.NUM_DEVICES):
       np.testing.assert_allclose(g[d], g_dev.mean(0), rtol=1e-4, atol=1e-6,
                                  err_msg=f"{name} device {d}")
     assert np.max(np.abs(g[0] - np.asarray(unfolded[name]["G"]))) > 1e-4

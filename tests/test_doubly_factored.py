@@ -159,7 +159,7 @@ def test_under_threshold_stays_plain_kronecker():
   assert spec_for(layer).factor_shapes == {"A": (T * C + 1, T * C + 1), "G": (K_OUT, K_OUT)}
 
 
-def test_no_visible_flatten_gives_diagonal_input_and_large_output_diagonal_g():
+def test_no_visible_flatten_gives_vector_a_and_large_output_vector_g():
   model = nn.Dense(K_OUT)
   x = jnp.ones((B, T * C))
   params = model.init(jax.random.key(0), x)["params"]
@@ -170,9 +170,9 @@ def test_no_visible_flatten_gives_diagonal_input_and_large_output_diagonal_g():
   batch = (x, jnp.zeros((B,), jnp.int32))
   (layer,) = kfl.find_layers(loss_fn, params, batch,
                              layers=kfl.LayerOptions(max_factor_dim=K_OUT - 1))
-  assert (layer.input_form, layer.output_form) == ("diagonal", "diagonal")
+  assert (layer.input_form, layer.output_form) == ("vector", "vector")
   assert spec_for(layer).factor_shapes == {"A": (T * C + 1,), "G": (K_OUT,)}
-  assert "diagonal A" in layer.note and "diagonal G" in layer.note
+  assert "vector A" in layer.note and "vector G" in layer.note
 
 
 def _softmax_fisher(logits: np.ndarray) -> np.ndarray:

@@ -74,9 +74,9 @@ def test_resnet_layers_convs_kron_norms_diagonal_blocks() -> None:
       assert kind == "dense", name
     else:
       # Train-mode BatchNorm multiplies its scale by the batch's rsqrt(var)
-      # (no per-example axis): diagonal fallback; its offset is a shift.
+      # (no per-example axis): rms fallback; its offset is a shift.
       assert parent.startswith("BatchNorm") and leaf in ("scale", "bias"), name
-      assert kind == ("diagonal" if leaf == "scale" else "shift"), name
+      assert kind == ("rms" if leaf == "scale" else "shift"), name
 
 
 def test_transformer_layers_attention_projections_dense() -> None:

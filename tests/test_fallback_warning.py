@@ -1,10 +1,10 @@
-"""A weight that should be K-FAC but fell back to the diagonal is said loudly.
+"""A weight that should be K-FAC but got the rms fallback is said loudly.
 
 ``scale_by_kfac(...).init`` emits one ``UserWarning`` naming every parameter
 of two or more axes that a matrix product or convolution reads but that got
-the diagonal fallback (a tied embedding / unembedding, a weight read inside
+the rms fallback (a tied embedding / unembedding, a weight read inside
 ``lax.cond``), with the reason and the fix; an explicit ``blocks`` choice of
-``"diag"`` or ``"none"`` for a path silences it for that path. Ordinary
+``"rms"`` or ``"none"`` for a path silences it for that path. Ordinary
 models (and models whose loss carries weight decay) warn about nothing.
 """
 
@@ -23,8 +23,9 @@ import kfac_jax_lite as kfl
 from kfac_jax_lite.tagging import report
 from kfac_jax_lite.tagging.layers import tag
 from kfac_jax_lite.tagging.trace import trace_loss
-import test_frameworks as fw
-import test_tagging as tt
+import _framework_cases as fw
+import _tagging_cases as tt
+import _model_forms as forms
 import test_weight_sharing as ws
 
 VOCAB, D = 6, 4
@@ -73,7 +74,7 @@ def test_fallback_of_a_weight_matrix_warns_at_init(case, path: str, why: str):
     _init(loss_fn, params, batch)
   assert len(record) == 1
   msg = str(record[0].message)
-  assert f"  {path}: {why}" in msg and "diagonal fallback" in msg
+  assert f"  {path}: {why}" in msg and "rms fallback" in msg
   assert "kfl.register_dense" in msg and "blocks=" in msg
   others = [n for n in ("['wh']", "['bh']", "['w2']") if n in msg]
   assert not others, msg  # the weights that are layers are not named
@@ -103,7 +104,7 @@ def test_fused_kernels_warn_only_when_not_one_layer():
   assert "['wb']: joined (concatenate / stack) into a fused weight" in str(record[0].message)
 
 
-@pytest.mark.parametrize("choice", ["diag", "none"])
+@pytest.mark.parametrize("choice", ["rms", "none"])
 def test_explicit_choice_silences_only_its_paths(choice: str):
   loss_fn, params, batch = _tied_case()
   _init_silently(loss_fn, params, batch, blocks={"embed": choice})
@@ -129,7 +130,7 @@ def _l2(loss_fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
 
 
 ORDINARY: dict[str, Callable[[], tuple[Callable[..., jax.Array], Any, Any]]] = {
-    "linen_mlp": tt.linen_case,
+    "linen_mlp": forms.linen_case,
     "plain_mlp_with_weight_decay": lambda: (
         _l2(tt.dict_mlp_loss), tt.dict_mlp_params(), tt.class_batch()),
     "rnn": lambda: (ws.rnn_loss, ws.rnn_params(), ws.rnn_batch()),
@@ -156,6 +157,6 @@ def test_vectors_and_unread_matrices_are_not_reported():
 
   batch = tt.class_batch()
   kinds = {l.name: l.kind for l in kfl.find_layers(loss_fn, params, batch)}
-  assert kinds["['t']"] == kinds["['v']"] == "diagonal"
+  assert kinds["['t']"] == kinds["['v']"] == "rms"
   assert report.fallback_warning(tag(trace_loss(loss_fn, params, batch)), None) is None
   _init_silently(loss_fn, params, batch)

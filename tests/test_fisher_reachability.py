@@ -22,26 +22,28 @@ import pytest
 
 import kfac_jax_lite as kfl
 from kfac_jax_lite.tagging import relevance
-import test_frameworks as fw
-import test_tagging as tt
+import _framework_cases as fw
+import _eqx_haiku_cases as eh
+import _tagging_cases as tt
+import _model_forms as forms
 import test_weight_sharing as ws
 
 Case = tuple[Callable[[Any, Any], jax.Array], Any, Any]
 
 
 def _eqx_mlp(vmapped: bool) -> Case:
-  loss = tt.eqx_vmapped_loss if vmapped else tt.eqx_batched_loss
-  return loss, tt.eqx_mlp(), tt.class_batch()
+  loss = forms.eqx_vmapped_loss if vmapped else forms.eqx_batched_loss
+  return loss, forms.eqx_mlp(), tt.class_batch()
 
 
 def _nested_wrappers() -> Case:
   """Layers in ``checkpoint`` inside a ``jit``, a ``custom_vjp`` activation,
   the loss marker inside the same ``jit``."""
-  layer = jax.checkpoint(tt._dense_layer)
+  layer = jax.checkpoint(forms.dense_layer)
 
   @jax.jit
   def loss_fn(p, b):
-    h = tt.my_tanh(layer(p["w1"], p["b1"], b["x"]))
+    h = forms.my_tanh(layer(p["w1"], p["b1"], b["x"]))
     return tt.xent(layer(p["w2"], p["b2"], h), b)
 
   return loss_fn, tt.dict_mlp_params(), tt.class_batch()
@@ -50,7 +52,7 @@ def _nested_wrappers() -> Case:
 def _framework(name: str, family: str, bias: bool = True) -> Case:
   if name in ("equinox", "haiku"):
     module = pytest.importorskip(name)
-    case = (fw.eqx_case if name == "equinox" else fw.haiku_case)(module, family, bias)
+    case = (eh.eqx_case if name == "equinox" else eh.haiku_case)(module, family, bias)
   else:
     case = {"linen": fw.linen_case, "nnx": fw.nnx_case, "plain": fw.plain_case}[name](family)
   return case[:3]
@@ -60,14 +62,14 @@ def _framework(name: str, family: str, bias: bool = True) -> Case:
 # family (dense, conv, embedding, scale-and-shift, RNN, scanned stack,
 # attention), taken from the tagging and framework tests.
 CASES: dict[str, Callable[[], Case]] = {
-    "linen_mlp": tt.linen_case,
-    "nnx_mlp": tt.nnx_case,
+    "linen_mlp": forms.linen_case,
+    "nnx_mlp": forms.nnx_case,
     "plain_mlp": lambda: (tt.dict_mlp_loss, tt.dict_mlp_params(), tt.class_batch()),
     "eqx_style_vmapped": functools.partial(_eqx_mlp, True),
     "nested_wrappers": _nested_wrappers,
     "plain_rnn": lambda: (ws.rnn_loss, ws.rnn_params(), ws.rnn_batch()),
     "plain_scanned_stack": lambda: (ws.stack_loss, ws.stack_params(), ws.stack_batch()),
-    # Every model of the framework tests (tests/test_frameworks.py).
+    # Every model of the framework tests (tests/_framework_cases.py, tests/_eqx_haiku_cases.py).
     **{f"{name}_{family}": functools.partial(_framework, name, family)
        for name, families in (
            ("linen", ("batchnorm", "attention")),
@@ -113,7 +115,7 @@ def _estimates(loss_fn: Callable[[Any, Any], jax.Array], params: Any, batch: Any
 def test_penalties_leave_layers_and_factors_unchanged(case: str):
   loss_fn, params, batch = CASES[case]()
   table = str(kfl.find_layers(loss_fn, params, batch))
-  assert " kron" in table or "diag fisher" in table, table
+  assert " kron" in table or "diagonal_fisher" in table, table
   factors = _estimates(loss_fn, params, batch)
   grad = jax.grad(loss_fn)(params, batch)
   for penalized in (with_l2(loss_fn), with_norm(loss_fn, params)):

@@ -81,10 +81,10 @@ def test_one_layer_over_the_joined_weight() -> None:
 
 def test_an_override_on_one_leaf_drops_the_whole_join() -> None:
   fp, _, batch = _setup()
-  layers = kfl.find_layers(_fused_loss, fp, batch, layers=kfl.LayerOptions(blocks={"wb": "diag"}))
+  layers = kfl.find_layers(_fused_loss, fp, batch, layers=kfl.LayerOptions(blocks={"wb": "rms"}))
   notes = {l.name: (l.kind, l.note) for l in layers}
-  assert notes["['wb']"] == ("diagonal", "blocks override: diagonal")
-  assert notes["['wa']"][0] == "diagonal" and "fused weight" in notes["['wa']"][1]
+  assert notes["['wb']"] == ("rms", "blocks override: rms")
+  assert notes["['wa']"][0] == "rms" and "fused weight" in notes["['wa']"][1]
 
 
 def test_factors_equal_the_pre_joined_model() -> None:
@@ -203,7 +203,7 @@ def test_optimized_lstm_cell_gets_kronecker_blocks() -> None:
   assert sorted(len(l.bias_indices) for l in gates) == [0, 4]  # hidden-to-hidden has biases
   tx = kfl.kfac(loss_fn, batch, learning_rate=0.1, damping=1e-2)
   with warnings.catch_warnings():
-    warnings.simplefilter("error")  # no diagonal-fallback warning
+    warnings.simplefilter("error")  # no rms-fallback warning
     tx.init(params)
   before, after = loss_before_and_after(loss_fn, params, batch, tx, 15)
   assert after < 0.7 * before

@@ -118,7 +118,7 @@ def test_costs_identities_and_what_is_a_symmetric_matrix():
   np.testing.assert_array_equal(specs.identity("A", (4,)), np.ones(4))
   assert [s.label for s in (kron, specs.Kronecker((("A", (2,)), ("G", (2,)))),
                             specs.DiagonalFisher((1, 2)), specs.Full(4))] == [
-                                "kron3(diag G)", "kron(diag A, diag G)", "diag fisher", "full"]
+                                "kron3(vector G)", "kron(vector A, vector G)", "diagonal_fisher", "full"]
 
 
 def _model_loss(p, b):

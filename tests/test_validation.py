@@ -96,7 +96,12 @@ def test_negative_learning_rate_has_the_same_sign_with_and_without_kl_clip(probl
 
 def test_invalid_blocks_regex_names_blocks():
   with pytest.raises(ValueError, match="blocks.*regular expression"):
-    kfl.LayerOptions(blocks={"w[": "diag"})
+    kfl.LayerOptions(blocks={"w[": "rms"})
+
+
+def test_old_diag_block_choice_says_it_is_now_rms():
+  with pytest.raises(ValueError, match=r"LayerOptions\.blocks\['w1'\] = 'diag'.*now called 'rms'"):
+    kfl.LayerOptions(blocks={"w1": "diag"})
 
 
 def test_sample_batch_of_the_wrong_structure_is_named(problem):
@@ -131,7 +136,7 @@ def test_inject_hyperparams_needs_no_static_args_for_options(problem):
   params, batch, grads = problem
   make = optax.inject_hyperparams(kfl.kfac, static_args="loss_fn")
   tx = make(loss_fn, batch, 0.1, damping=1e-2,
-            layers=kfl.LayerOptions(blocks={"w1": "diag"}),
+            layers=kfl.LayerOptions(blocks={"w1": "rms"}),
             estimator=kfl.EstimatorOptions("mc", num_samples=2),
             inverses=kfl.InverseOptions("cholesky"))
   state = tx.init(params)

@@ -7,7 +7,7 @@
   forward pass written independently of the library.
 - A stack of layers scanned with ``lax.scan`` / ``nn.scan`` gets one layer per
   slice: same factors and updates as the same network with separate leaves.
-- ``lax.cond`` hides its layers: their parameters get the diagonal fallback,
+- ``lax.cond`` hides its layers: their parameters get the rms fallback,
   with a note; a scan longer than the unroll limit likewise.
 """
 
@@ -221,7 +221,7 @@ def test_linen_nn_scan_stack_is_detected_per_slice():
 # ----------------------------------------------------------------------------
 
 
-def test_layer_inside_cond_gets_the_diagonal_fallback(monkeypatch: Any):
+def test_layer_inside_cond_gets_the_rms_fallback(monkeypatch: Any):
   params = {"w1": _normal(20, D_IN, D_H), "w2": _normal(21, D_H, K)}
 
   def loss(p, b):
@@ -230,15 +230,15 @@ def test_layer_inside_cond_gets_the_diagonal_fallback(monkeypatch: Any):
 
   batch = {**stack_batch(), "flag": jnp.asarray(True)}
   layers = {l.name: l for l in kfl.find_layers(loss, params, batch)}
-  assert layers["['w1']"].kind == "diagonal" and "cond" in layers["['w1']"].note
+  assert layers["['w1']"].kind == "rms" and "cond" in layers["['w1']"].note
   assert layers["['w2']"].kind == "dense"
 
 
-def test_scan_over_the_unroll_limit_gets_the_diagonal_fallback(monkeypatch: Any):
+def test_scan_over_the_unroll_limit_gets_the_rms_fallback(monkeypatch: Any):
   monkeypatch.setattr(unroll, "MAX_UNROLL", L - 1)
   layers = {l.name: l for l in kfl.find_layers(stack_loss, stack_params(), stack_batch())}
-  assert layers["['w']"].kind == "diagonal" and "scan" in layers["['w']"].note
-  assert layers["['b']"].kind == "diagonal"
+  assert layers["['w']"].kind == "rms" and "scan" in layers["['w']"].note
+  assert layers["['b']"].kind == "rms"
   assert layers["['w_in']"].kind == "dense" and layers["['w_out']"].kind == "dense"
 
 

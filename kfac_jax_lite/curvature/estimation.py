@@ -40,8 +40,8 @@ from kfac_jax_lite.tagging.match import Match
 
 
 def _second_moment(rows: jax.Array, form: str, count: int) -> jax.Array:
-  """``rows^T rows / count``, or only its diagonal for a ``"diagonal"`` form."""
-  if form == "diagonal":
+  """``rows^T rows / count``, or only its diagonal for a ``"vector"`` form."""
+  if form == "vector":
     return jnp.sum(jnp.square(rows), axis=0) / count
   return gram(rows) / count
 
@@ -64,7 +64,7 @@ def input_factors(layer: Layer, xs: Sequence[jax.Array]) -> tuple[jax.Array, ...
     Float32 arrays, in Kronecker order.
   """
   m = layer.match
-  if m.diagonal_input:
+  if m.vector_input:
     counts = [m.input_rows(x).size for x in xs]
     return (sum(_token_frequencies(m, x) * c for x, c in zip(xs, counts)) / sum(counts),)
   split = layer.input_form == "doubly"

@@ -146,10 +146,10 @@ class Kronecker(Block):
 
   @property
   def label(self) -> str:
-    """``kron`` or ``kron3``, with ``(diag A)`` etc. for diagonal factors."""
-    diag = [f"diag {k}" for k, s in self.kron if len(s) == 1]
+    """``kron`` or ``kron3``, with ``(vector A)`` etc. for factors kept as vectors."""
+    vectors = [f"vector {k}" for k, s in self.kron if len(s) == 1]
     kron = "kron3" if len(self.kron) == 3 else "kron"
-    return f"{kron}({', '.join(diag)})" if diag else kron
+    return f"{kron}({', '.join(vectors)})" if vectors else kron
 
   def shifts(self, factors: Arrays, damping: jax.Array | float) -> Arrays:
     names = [k for k, _ in self.kron]
@@ -175,7 +175,7 @@ class Kronecker(Block):
 class DiagonalFisher(Block):
   """The exact diagonal Fisher ``F`` of ``[W; b]``, ``shape = [d_in(+1), d_out]``."""
   shape: Shape
-  label = "diag fisher"
+  label = "diagonal_fisher"
 
   @property
   def factor_shapes(self) -> dict[str, Shape]:
@@ -223,13 +223,13 @@ def spec_for(layer: Layer) -> Block:
   """
   if layer.block == "full":
     return Full(layer.d_in * layer.d_out)
-  if layer.block == "diag":
+  if layer.block == "diagonal_fisher":
     return DiagonalFisher((layer.d_in, layer.d_out))
   d = layer.d_out
-  g = (d,) if layer.output_form == "diagonal" else (d, d)
+  g = (d,) if layer.output_form == "vector" else (d, d)
   if layer.input_form == "doubly":
     t, c = layer.match.input_split
     return Kronecker((("K", (t, t)), ("Psi", (c, c)), ("G", g)),
                      g if layer.bias_index is not None else None)
-  a = (layer.d_in,) if layer.input_form == "diagonal" else (layer.d_in, layer.d_in)
+  a = (layer.d_in,) if layer.input_form == "vector" else (layer.d_in, layer.d_in)
   return Kronecker((("A", a), ("G", g)))

@@ -78,7 +78,7 @@ def _fallback_update(grad: jax.Array, v: jax.Array, first: jax.Array,
 
 
 def precondition(tagged: TaggedLoss, updates: Any, params: Any, inverses: Inverses,
-                 diag: Any, first: jax.Array, damping: jax.Array | float,
+                 rms: Any, first: jax.Array, damping: jax.Array | float,
                  ema_decay: jax.Array | float,
                  parallel: ParallelOptions) -> tuple[Any, Any]:
   """Preconditions a gradient tree.
@@ -88,7 +88,7 @@ def precondition(tagged: TaggedLoss, updates: Any, params: Any, inverses: Invers
     updates: the gradients (``optax.MaskedNode`` for masked-out leaves).
     params: the full parameters.
     inverses: layer name -> factor name -> damped inverse (or row slice).
-    diag: the fallback's squared-gradient averages (``None`` elsewhere).
+    rms: the fallback's squared-gradient averages (``None`` elsewhere).
     first: whether this is the first step (the averages start from ``g²``).
     damping: Tikhonov damping ``λ``.
     ema_decay: the fallback averages' decay.
@@ -101,17 +101,17 @@ def precondition(tagged: TaggedLoss, updates: Any, params: Any, inverses: Invers
   grads, treedef = jax.tree_util.tree_flatten(updates, is_leaf=masking.is_masked)
   param_leaves = jax.tree_util.tree_leaves(params)
   out = list(grads)
-  new_diag = list(treedef.flatten_up_to(diag))
+  new_rms = list(treedef.flatten_up_to(rms))
   for i, value in _kronecker_updates(tagged, grads, param_leaves, inverses,
                                      parallel).items():
     out[i] = value
   for layer in tagged.frozen:
     if not masking.is_masked(grads[layer.weight_index]):
       out[layer.weight_index] = jnp.zeros_like(grads[layer.weight_index])
-  for layer in tagged.diagonal:
+  for layer in tagged.rms:
     i = layer.weight_index
     if not masking.is_masked(grads[i]):
-      out[i], new_diag[i] = _fallback_update(grads[i], new_diag[i], first, damping,
+      out[i], new_rms[i] = _fallback_update(grads[i], new_rms[i], first, damping,
                                              ema_decay)
   return (jax.tree_util.tree_unflatten(treedef, out),
-          jax.tree_util.tree_unflatten(treedef, new_diag))
+          jax.tree_util.tree_unflatten(treedef, new_rms))

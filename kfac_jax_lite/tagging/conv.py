@@ -100,7 +100,7 @@ def match(eqn: Any, path: Path, in_views: Sequence[ParamView | None],
 
   Returns:
     The match; a reason string for a kernel this family cannot precondition
-    (grouped / depthwise convolutions get the diagonal block); or ``None``.
+    (grouped / depthwise convolutions get the rms fallback); or ``None``.
   """
   pv = in_views[1]
   if pv is None or pv.broadcast or in_views[0] is not None or not in_data[0]:

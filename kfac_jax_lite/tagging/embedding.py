@@ -2,7 +2,7 @@
 
 Covers ``jnp.take(table, ids, axis=0)``, ``table[ids]``, Flax ``nn.Embed`` and
 ``nnx.Embed``. The layer is ``onehot(ids) @ table``, so its input factor
-``A = E[onehot onehot^T]`` is diagonal: the token frequencies (``diagonal_input``;
+``A = E[onehot onehot^T]`` is diagonal: a vector of token frequencies (``vector_input``;
 estimated by :mod:`kfac_jax_lite.curvature.estimation` from the ids that
 ``input_rows`` returns), never a dense ``vocab × vocab`` matrix.
 """
@@ -22,7 +22,7 @@ class EmbeddingMatch(Match):
   """An embedding lookup in a ``[vocab, d]`` table."""
 
   kind = "embedding"
-  diagonal_input = True
+  vector_input = True
   takes_bias = False
 
   @property

@@ -64,7 +64,7 @@ def weight_groups(found: patterns.WalkResult, paths: Sequence[tuple[Any, ...]],
       key: ms for key, ms in uses_of.items()
       if len({_weight_signature(m) for m in ms}) == 1 and all(
           sorted(found.uses.get(k, [])) == sorted(f"{m.kind}@{m.path}" for m in ms)
-          and match_override(jax.tree_util.keystr(paths[k[0]]), blocks) not in ("diag", "none")
+          and match_override(jax.tree_util.keystr(paths[k[0]]), blocks) not in ("rms", "none")
           and k[0] not in frozen for k in _member_keys(key, ms[0].weight_fused))}
   whole = _tiled_leaves(list(groups), found.uses, shapes)
   return {key: ms for key, ms in groups.items() if key[0] in whole}
@@ -103,7 +103,7 @@ def check_full(name: str, m: Match, has_bias: bool, max_factor_dim: int) -> None
   size = (m.d_in + has_bias) * m.d_out
   if size > max_factor_dim:
     raise ValueError(f"blocks asks for a full block for {name}: {size} parameters, more "
-                     f"than max_factor_dim = {max_factor_dim}; use 'kron' or 'diag', or "
+                     f"than max_factor_dim = {max_factor_dim}; use 'kron' or 'rms', or "
                      "raise max_factor_dim.")
 
 
@@ -114,7 +114,7 @@ def check_registrations(found: patterns.WalkResult, groups: Mapping[UseKey, Any]
   for key in sorted(found.registered, key=lambda k: (found.registered[k], str(k)), reverse=True):
     name = jax.tree_util.keystr(paths[key[0]]) + part_suffix(key[1], shapes[key[0]])
     if key in groups or key in biases.values() or match_override(name, blocks) in (
-        "diag", "none"):
+        "rms", "none"):
       continue
     raise ValueError(
         f"{name} is registered with kfl.register_dense but also used elsewhere in the "

@@ -1,7 +1,7 @@
 """Matrix products hidden inside equations the tagger does not open.
 
 ``lax.cond`` / ``switch`` branches, ``while`` loops and scans over the unroll
-limit stay opaque to layer detection: their parameters get the diagonal
+limit stay opaque to layer detection: their parameters get the rms
 fallback. Whether such a parameter is a weight a user expects in a Kronecker
 block (one read by a ``dot_general`` or a convolution) is only visible
 inside; this module looks, so that the fallback can be reported loudly

@@ -31,18 +31,18 @@ class Layer:
       used by :func:`kfac_jax_lite.estimate_curvature` and the optimizer state);
       for a fused weight, its leaves' joined by ``+``.
     kind: the layer family, Kronecker-factored (``"dense"``, ``"conv"``,
-      ``"embedding"``: its input factor is diagonal), ``"diagonal"`` (the
-      fallback), ``"none"`` (not preconditioned, by a ``blocks`` override) or
+      ``"embedding"``: its input factor is a vector), ``"rms"`` (the
+      squared-gradient fallback), ``"none"`` (not preconditioned, by a ``blocks`` override) or
       ``"frozen"`` (a non-trainable collection of a Flax variables dict, e.g.
       BatchNorm's ``batch_stats``: its update is zero).
-    weight_path: key path of the weight leaf (for ``"diagonal"``: the leaf;
+    weight_path: key path of the weight leaf (for ``"rms"``: the leaf;
       for a fused weight: its first leaf, all are ``weight_indices``).
     bias_path: key path of the (first) bias leaf, or ``None``.
     note: why a parameter got the fallback, or how a large layer's factors
       were reduced (see ``max_factor_dim``); empty otherwise.
     weight_index: flat index of the weight leaf in ``params``.
     bias_index: flat index of the bias leaf, or ``None``.
-    match: how the layer appears in the jaxpr (``None`` for ``"diagonal"``);
+    match: how the layer appears in the jaxpr (``None`` for ``"rms"``);
       for a weight shared by several uses, the first of ``matches``.
     matches: every use of the weight (one for an ordinary layer; the uses of
       a shared weight, e.g. an RNN cell unrolled over time, whose statistics
@@ -50,12 +50,12 @@ class Layer:
     approximation: ``"expand"`` or ``"reduce"`` for weights shared over extra
       axes (sequence positions, spatial locations), see
       :mod:`kfac_jax_lite.curvature.estimation`.
-    input_form: the Kronecker input factor: ``"full"`` (``A``), ``"diagonal"``
-      (a vector ``A``: embeddings, or an input too large for ``max_factor_dim``)
-      or ``"doubly"`` (``K ⊗ Ψ`` of a flattened feature map, Ba et al. 2017,
+    input_form: the Kronecker input factor: ``"full"`` (``A``), ``"vector"``
+      (``A`` kept as its diagonal: embeddings, or an input too large for
+      ``max_factor_dim``) or ``"doubly"`` (``K ⊗ Ψ`` of a flattened feature map, Ba et al. 2017,
       §4; the bias then gets its own full block ``B``).
-    output_form: ``"full"`` or ``"diagonal"`` (an output too large for
-      ``max_factor_dim``) output factor ``G``.
+    output_form: ``"full"`` or ``"vector"`` (its diagonal: an output too
+      large for ``max_factor_dim``) output factor ``G``.
   """
 
   name: str
@@ -89,7 +89,8 @@ class Layer:
 
   @property
   def block(self) -> str:
-    """``"kron"`` (Kronecker factors), ``"diag"`` (exact diagonal Fisher ``F``)
+    """``"kron"`` (Kronecker factors), ``"diagonal_fisher"`` (the exact diagonal
+    of the Fisher, ``F``)
     or ``"full"`` (the exact Fisher block of ``[W; b]``, a ``blocks`` choice)."""
     assert self.match is not None
     return "full" if self.full_block else self.match.block
@@ -122,8 +123,9 @@ class TaggedLoss:
     return tuple(l for l in self.layers if l.match is not None)
 
   @property
-  def diagonal(self) -> tuple[Layer, ...]:
-    return tuple(l for l in self.layers if l.kind == "diagonal")
+  def rms(self) -> tuple[Layer, ...]:
+    """The leaves of the squared-gradient (RMSProp-like) fallback."""
+    return tuple(l for l in self.layers if l.kind == "rms")
 
   @property
   def frozen(self) -> tuple[Layer, ...]:
@@ -134,21 +136,21 @@ class TaggedLoss:
 def _describe(uses: list[str], referenced: bool = False, joined: bool = False) -> str:
   if joined:
     return ("joined (concatenate / stack) into a fused weight whose leaves are not all "
-            "used only by its products, or one is overridden: diagonal fallback")
+            "used only by its products, or one is overridden: rms fallback")
   if not uses and referenced:
     return ("used only off the path to the registered distribution's predictions "
-            "(e.g. a weight-decay term): no Fisher: diagonal fallback")
+            "(e.g. a weight-decay term): no Fisher: rms fallback")
   if not uses:
-    return "not used by the loss: diagonal fallback"
+    return "not used by the loss: rms fallback"
   kinds = sorted({u.split("@")[0] for u in uses})
   if len(uses) > 1 and set(kinds) & {"dense", "conv", "embedding"}:
     return (f"used {len(uses)} times ({', '.join(kinds)}): a weight shared by uses "
             "that read it differently (e.g. tied embedding and unembedding) or also "
-            "used elsewhere is not one Kronecker layer: diagonal fallback")
-  return f"used by {', '.join(kinds)}: no Kronecker pattern: diagonal fallback"
+            "used elsewhere is not one Kronecker layer: rms fallback")
+  return f"used by {', '.join(kinds)}: no Kronecker pattern: rms fallback"
 
 
-BLOCK_CHOICES = ("kron", "diag", "full", "none")
+BLOCK_CHOICES = ("kron", "rms", "full", "none")
 DEFAULT_MAX_FACTOR_DIM = 4096
 
 
@@ -158,36 +160,40 @@ def check_options(approximation: Mapping[str, str], blocks: Mapping[str, str]) -
     if choice not in ("expand", "reduce"):
       raise ValueError(f"{kind}_approximation must be 'expand' or 'reduce', got {choice!r}.")
   for pattern, choice in blocks.items():
+    if choice == "diag":
+      raise ValueError(f"blocks[{pattern!r}] = 'diag': the squared-gradient fallback is "
+                       "now called 'rms'; pass 'rms'.")
     if choice not in BLOCK_CHOICES:
       raise ValueError(f"blocks[{pattern!r}] = {choice!r}: use one of "
                        f"{', '.join(BLOCK_CHOICES)}.")
     re.compile(pattern)
 
 
-def _fallback(path: tuple[Any, ...], index: int, note: str, kind: str = "diagonal") -> Layer:
+def _fallback(path: tuple[Any, ...], index: int, note: str, kind: str = "rms") -> Layer:
   return Layer(name=jax.tree_util.keystr(path), kind=kind, weight_path=path,
                bias_path=None, note=note, weight_index=index)
 
 
 def _factor_forms(m: Match, has_bias: bool, max_factor_dim: int) -> tuple[str, str, str]:
   """``(input_form, output_form, note)`` of a Kronecker layer (see :class:`Layer`)."""
-  if m.block == "diag":
+  if m.block == "diagonal_fisher":
     return "full", "full", ""
   notes, input_form, output_form = [], "full", "full"
   d_in = m.d_in + has_bias
   split = getattr(m, "input_split", None)
-  if m.diagonal_input:
-    input_form = "diagonal"
+  if m.vector_input:
+    input_form = "vector"
   elif d_in > max_factor_dim and split is not None and max(split) <= max_factor_dim:
     input_form = "doubly"
     notes.append(f"input {d_in} > max_factor_dim: doubly factored, "
                  f"{split[0]} locations x {split[1]} channels")
   elif d_in > max_factor_dim:
-    input_form = "diagonal"
-    notes.append(f"input {d_in} > max_factor_dim and no flattened feature map: diagonal A")
+    input_form = "vector"
+    notes.append(f"input {d_in} > max_factor_dim and no flattened feature map: "
+                 "vector A (its diagonal)")
   if m.d_out > max_factor_dim:
-    output_form = "diagonal"
-    notes.append(f"output {m.d_out} > max_factor_dim: diagonal G")
+    output_form = "vector"
+    notes.append(f"output {m.d_out} > max_factor_dim: vector G (its diagonal)")
   return input_form, output_form, "; ".join(notes)
 
 
@@ -202,14 +208,14 @@ def tag(traced: TracedLoss, approximation: Mapping[str, str] | None = None,
     blocks: user overrides, regex (searched in the ``keystr`` of a leaf's
       path) -> ``"kron"`` (must be a detected layer), ``"full"`` (the exact
       Fisher block of a detected dense / conv / scale layer's ``[W; b]``, at
-      most ``max_factor_dim`` parameters), ``"diag"`` (diagonal fallback) or
-      ``"none"`` (gradient passed through unpreconditioned). The
+      most ``max_factor_dim`` parameters), ``"rms"`` (the squared-gradient
+      fallback) or ``"none"`` (gradient passed through unpreconditioned). The
       first matching pattern wins; a bias follows its own pattern, else its
       weight's.
     max_factor_dim: largest Kronecker factor kept as a dense matrix. A larger
       input factor becomes doubly factored (Ba et al. 2017, §4) when the
-      input is a visibly flattened feature map, else diagonal; a larger
-      output factor becomes diagonal.
+      input is a visibly flattened feature map, else a vector (its diagonal);
+      a larger output factor becomes a vector.
 
   Returns:
     The :class:`TaggedLoss`.
@@ -219,6 +225,20 @@ def tag(traced: TracedLoss, approximation: Mapping[str, str] | None = None,
       or an override asks for a Kronecker block where no layer was detected.
   """
   found = patterns.walk(traced.jaxpr, traced.num_params)
+  marker = _the_marker(found)
+  blocks = dict(blocks or {})
+  approximation = dict(approximation or {})
+  check_options(approximation, blocks)
+  owned = _layers(traced, found, approximation, blocks, max_factor_dim)
+  _add_fallbacks(owned, traced, found, blocks)
+  unique = {id(l): l for ls in owned.values() for l in ls}.values()
+  order = lambda l: (l.weight_index, l.match.weight_part or () if l.match else ())
+  return TaggedLoss(traced=traced, marker=marker, products=frozenset(found.products),
+                    layers=tuple(sorted(unique, key=order)))
+
+
+def _the_marker(found: patterns.WalkResult) -> patterns.LossMarker:
+  """The one registered predictive distribution; raises unless there is exactly one."""
   if not found.markers:
     raise ValueError(
         "loss_fn registers no predictive distribution: compute the loss with "
@@ -233,31 +253,27 @@ def tag(traced: TracedLoss, approximation: Mapping[str, str] | None = None,
   marker = found.markers[0]
   if marker.distribution not in DISTRIBUTIONS:
     raise ValueError(f"Unknown registered loss {marker.distribution!r}.")
-  blocks = dict(blocks or {})
-  approximation = dict(approximation or {})
-  check_options(approximation, blocks)
-  paths = traced.param_paths
-  keystr = jax.tree_util.keystr
+  return marker
+
+
+def _layers(traced: TracedLoss, found: patterns.WalkResult, approximation: Mapping[str, str],
+            blocks: Mapping[str, str], max_factor_dim: int) -> dict[int, list[Layer]]:
+  """Leaf index -> the layers that own it, one layer per group of matches."""
+  paths, frozen = traced.param_paths, traced.frozen
   shapes = [tuple(v.aval.shape) for v in traced.jaxpr.jaxpr.invars[:traced.num_params]]
-  frozen = traced.frozen
   groups = grouping.weight_groups(found, paths, shapes, blocks, frozen)
   bias_of = grouping.biases(groups, found, paths, shapes, blocks, frozen)
   grouping.check_registrations(found, groups, bias_of, paths, shapes, blocks)
   owned: dict[int, list[Layer]] = {}
-  joined = {i for m in found.layers if m.weight_fused is not None for i in m.weight_fused.indices}
   for (index, part), ms in groups.items():
     bias_index, bias_part = bias_of[index, part]
     ms = tuple(dataclasses.replace(m, bias_index=bias_index, bias_part=bias_part, bias_fused=(
         None if bias_index is None else m.bias_fused)) for m in ms)
     leaves = ms[0].weight_fused.indices if ms[0].weight_fused is not None else (index,)
-    name = "+".join(keystr(paths[i]) for i in leaves) + grouping.part_suffix(part, shapes[index])
-    full = grouping.match_override(name, blocks) == "full"
-    if full:
-      grouping.check_full(name, ms[0], bias_index is not None, max_factor_dim)
-      input_form, output_form, note = "full", "full", "blocks override: full Fisher block"
-    else:
-      input_form, output_form, note = _factor_forms(ms[0], bias_index is not None,
-                                                    max_factor_dim)
+    name = ("+".join(jax.tree_util.keystr(paths[i]) for i in leaves)
+            + grouping.part_suffix(part, shapes[index]))
+    full, input_form, output_form, note = _forms(name, ms[0], bias_index is not None, blocks,
+                                                 max_factor_dim)
     if len(ms) > 1:
       note = "; ".join(filter(None, [f"shared by {len(ms)} uses: statistics summed", note]))
     layer = Layer(
@@ -268,22 +284,36 @@ def tag(traced: TracedLoss, approximation: Mapping[str, str] | None = None,
         input_form=input_form, output_form=output_form, note=note)
     for i in set(layer.weight_indices + layer.bias_indices):
       owned.setdefault(i, []).append(layer)
-  for i, path in enumerate(paths):
-    if i in frozen:
-      owned[i] = [_fallback(path, i, f"non-trainable collection {frozen[i]!r}: update 0",
+  return owned
+
+
+def _forms(name: str, m: Match, has_bias: bool, blocks: Mapping[str, str],
+           max_factor_dim: int) -> tuple[bool, str, str, str]:
+  """``(full, input_form, output_form, note)``: a ``"full"`` override, else
+  the Kronecker factor forms (:func:`_factor_forms`)."""
+  if grouping.match_override(name, blocks) == "full":
+    grouping.check_full(name, m, has_bias, max_factor_dim)
+    return True, "full", "full", "blocks override: full Fisher block"
+  return (False, *_factor_forms(m, has_bias, max_factor_dim))
+
+
+def _add_fallbacks(owned: dict[int, list[Layer]], traced: TracedLoss,
+                   found: patterns.WalkResult, blocks: Mapping[str, str]) -> None:
+  """Gives every leaf no layer owns its record: frozen, ``"none"`` or ``"rms"``."""
+  joined = {i for m in found.layers if m.weight_fused is not None for i in m.weight_fused.indices}
+  for i, path in enumerate(traced.param_paths):
+    if i in traced.frozen:
+      owned[i] = [_fallback(path, i, f"non-trainable collection {traced.frozen[i]!r}: update 0",
                             "frozen")]
     if i in owned:
       continue
-    choice = grouping.match_override(keystr(path), blocks)
+    name = jax.tree_util.keystr(path)
+    choice = grouping.match_override(name, blocks)
     why = _describe(grouping.leaf_uses(found.uses, i), i in found.referenced, i in joined)
     if choice in ("kron", "full"):
       raise ValueError(
           f"blocks asks for a {'Kronecker' if choice == 'kron' else 'full'} block for "
-          f"{keystr(path)}, but no layer was detected there ({why}).")
+          f"{name}, but no layer was detected there ({why}).")
     owned[i] = [_fallback(path, i, "blocks override: not preconditioned", "none")
                 if choice == "none" else _fallback(
-                    path, i, "blocks override: diagonal" if choice == "diag" else why)]
-  unique = {id(l): l for ls in owned.values() for l in ls}.values()
-  order = lambda l: (l.weight_index, l.match.weight_part or () if l.match else ())
-  return TaggedLoss(traced=traced, marker=marker, products=frozenset(found.products),
-                    layers=tuple(sorted(unique, key=order)))
+                    path, i, "blocks override: rms" if choice == "rms" else why)]

@@ -58,11 +58,11 @@ class Match:
   """A layer's product equation with a parameter weight (abstract)."""
 
   kind: ClassVar[str] = ""
-  # "kron": a Kronecker-factored block; "diag": the exact diagonal of the
+  # "kron": a Kronecker-factored block; "diagonal_fisher": the exact diagonal of the
   # Fisher from per-example gradients (scale-and-shift parameters).
   block: ClassVar[str] = "kron"
-  # A row lookup whose input_rows are ids (embeddings): a diagonal input factor.
-  diagonal_input: ClassVar[bool] = False
+  # A row lookup whose input_rows are ids (embeddings): a vector input factor.
+  vector_input: ClassVar[bool] = False
   # Whether an added broadcast parameter may be taken as this layer's bias.
   takes_bias: ClassVar[bool] = True
   path: Path
@@ -134,7 +134,7 @@ class Match:
 
   def per_example_grads(self, x: jax.Array, ds: jax.Array, *, bias: bool) -> jax.Array:
     """``[S, N, d_in(+1), d_out]`` per-example gradients ``Σ_t a_t ds_t^T``
-    (``"diag"`` and ``"full"`` blocks), ``ds`` in the product's layout."""
+    (``"diagonal_fisher"`` and ``"full"`` blocks), ``ds`` in the product's layout."""
     rows = self.input_rows(x.astype(jnp.float32))
     if bias:
       rows = jnp.concatenate([rows, jnp.ones_like(rows[..., :1])], -1)

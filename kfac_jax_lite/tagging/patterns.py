@@ -1,12 +1,12 @@
 """Walk a traced loss and match layer patterns in its equations.
 
-The walk tracks, for every jaxpr variable, whether it is a *view* of a single
-parameter leaf (reached only through reshape / transpose / dtype casts, or
-broadcasts for biases) and whether it depends on the batch. A product of a
-parameter view and a batch-dependent activation is a layer (Ba et al. 2017,
-Appendix B: a parameter whose gradient's immediate parent is a matrix product
-or a convolution gets a Kronecker factorization); each family's matcher lives
-in its own module (:mod:`.dense`, :mod:`.conv`, :mod:`.embedding`,
+The walk tracks, for every jaxpr variable (:mod:`.values`), whether it is a
+*view* of a single parameter leaf (reached only through reshape / transpose /
+dtype casts, or broadcasts for biases) and whether it depends on the batch. A
+product of a parameter view and a batch-dependent activation is a layer (Ba et
+al. 2017, Appendix B: a parameter whose gradient's immediate parent is a
+matrix product or a convolution gets a Kronecker factorization); each family's
+matcher lives in its own module (:mod:`.dense`, :mod:`.conv`, :mod:`.embedding`,
 :mod:`.scale` for scale-and-shift parameters). An ``add`` of a broadcast
 parameter to such a product's (otherwise unused) output is its bias. Every
 other use of a parameter is recorded, so a weight used twice (tied) or also
@@ -24,13 +24,11 @@ import math
 from typing import Any
 
 from jax.extend import core as jex_core
-import numpy as np
 
 from kfac_jax_lite.losses import MARKER_PREFIX
 from kfac_jax_lite.registration import REGISTRATION_PREFIX
-from kfac_jax_lite.tagging import conv, dense, embedding, fused, hidden, relevance, scale
-from kfac_jax_lite.tagging.jaxpr import (
-    BROADCASTS, PRODUCTS, TYPE_ONLY, VIEWS, body_operands, call_name, inlined_body, is_var)
+from kfac_jax_lite.tagging import conv, dense, embedding, fused, hidden, relevance, scale, values
+from kfac_jax_lite.tagging.jaxpr import PRODUCTS, body_operands, call_name, inlined_body, is_var
 from kfac_jax_lite.tagging.match import Match, ParamView, Path
 
 # One matcher per layer family: primitive name -> matcher.
@@ -85,134 +83,91 @@ class _Walker:
 
   def walk(self, jaxpr: jex_core.Jaxpr, views: list[ParamView | None],
            data: list[bool], prefix: Path) -> tuple[list[ParamView | None], list[bool]]:
-    view_env: dict[Any, ParamView] = {}
-    data_env: set[Any] = set()
-    # Batch-dependent 2-D values made by flattening a feature map: the shape
-    # before the flatten (for doubly-factored dense layers).
-    flat_env: dict[Any, tuple[int, ...]] = {}
-    # Values known to be all zeros (an RNN's initial state): a product with
-    # one is zero, so it is no use of the parameter at all.
-    zero_env: set[Any] = set()
-    for v, pv, d in zip(jaxpr.invars, views, data):
-      if pv is not None:
-        view_env[v] = pv
-      if d:
-        data_env.add(v)
-    counts = relevance.use_counts(jaxpr, prefix, self._relevant)
-    live = self._relevant.get(prefix, set())
+    """Walks one jaxpr (inlined call bodies recursively), equation by equation.
 
-    def view_of(atom):
-      return view_env.get(atom) if is_var(atom) else None
+    Args:
+      jaxpr: the loss's jaxpr, or an inlined call's body.
+      views: the parameter view of each input (``None``: not a parameter).
+      data: whether each input depends on the batch.
+      prefix: the path of the call equation (``()`` for the loss).
 
-    def is_data(atom):
-      return is_var(atom) and atom in data_env
-
-    for i, eqn in enumerate(jaxpr.eqns):
-      path = prefix + (i,)
-      name = eqn.primitive.name
-      in_views = [view_of(a) for a in eqn.invars]
-      in_data = [is_data(a) for a in eqn.invars]
-      any_data = any(in_data)
-
-      if relevance.is_marker(eqn):
-        self.result.markers.append(LossMarker(
-            path, call_name(eqn)[len(MARKER_PREFIX):],
-            tuple(eqn.invars[0].aval.shape)))
-        if in_views[0] is not None:  # the predictions are a parameter
-          self._use(in_views[0], "loss")
-        self._mark_data(eqn, data_env, any_data)
-        continue
-
-      needed = any(v in live for v in eqn.outvars)
-      if call_name(eqn).startswith(REGISTRATION_PREFIX):
-        if needed:
-          self._add_registered(eqn, path, in_views)
-          self._mark_data(eqn, data_env, True)
-        continue
-
-      body = inlined_body(eqn)
-      if not needed and body is None:  # off the path to the predictions
-        continue
-
-      if _is_zero(eqn, zero_env):
-        zero_env.add(eqn.outvars[0])
-        self._zero_product(eqn, path, in_views, zero_env, counts)
-        continue
-
-      if body is not None:
-        n_body = len(body.jaxpr.invars)
-        out_views, out_data = self.walk(body.jaxpr, body_operands(in_views, n_body),
-                                        body_operands(in_data, n_body), path)
-        for v, pv, d in zip(eqn.outvars, out_views, out_data):
-          if pv is not None:
-            view_env[v] = pv
-          if d:
-            data_env.add(v)
-        continue
-
-      if name == "slice" and _is_root(in_views[0]) and all(
-          st == 1 for st in (eqn.params["strides"] or ())):
-        pv = in_views[0]
-        view_env[eqn.outvars[0]] = dataclasses.replace(pv, chain=(eqn,), part=tuple(
-            zip(eqn.params["start_indices"], eqn.params["limit_indices"])))
-        continue
-
-      joined = fused.view(eqn, in_views)
-      if joined is not None:  # a fused kernel: a view of several leaves
-        view_env[eqn.outvars[0]] = ParamView(in_views[0].index, tuple(
-            eqn.outvars[0].aval.shape), fused=joined)
-        continue
-
-      if name in VIEWS | BROADCASTS and in_views[0] is not None:
-        pv = in_views[0]
-        view_env[eqn.outvars[0]] = dataclasses.replace(
-            pv, chain=pv.chain + (eqn,), broadcast=pv.broadcast or name in BROADCASTS)
-        continue
-
-      if (eqn.invars and id(eqn.invars[0]) in self._pending
-          and counts.get(eqn.outvars[0], 0) == 1 and self._follow_pending(eqn)):
-        self._mark_data(eqn, data_env, True)
-        continue
-
-      if name == "reshape" and in_data[0] and len(eqn.outvars[0].aval.shape) == 2:
-        flat_env[eqn.outvars[0]] = tuple(eqn.invars[0].aval.shape)
-      elif name in TYPE_ONLY and in_data[0] and eqn.invars[0] in flat_env:
-        flat_env[eqn.outvars[0]] = flat_env[eqn.invars[0]]
-
-      if name == "add" and self._match_bias(eqn, path, in_views):
-        self._mark_data(eqn, data_env, True)
-        continue
-
-      matcher = MATCHERS.get(name)
-      found = matcher(eqn, path, in_views, in_data) if matcher else None
-      if isinstance(found, Match):
-        found = fused.admit(found, in_views[found.weight_operand])
-      if isinstance(found, dense.DenseMatch):
-        act = eqn.invars[1 - found.weight_operand]
-        found = dense.with_flatten_origin(found, tuple(act.aval.shape), flat_env.get(act))
-      if isinstance(found, Match):
-        self._add_layer(found, in_views[found.weight_operand], eqn, counts)
-        self._mark_data(eqn, data_env, True)
-        continue
-      if isinstance(found, str):
-        name = f"{name} ({found})"
-
-      self._use_all(eqn, in_views, name,
-                    name == "concatenate" and hidden.concatenated_into_product(jaxpr, i))
-      self._mark_data(eqn, data_env, any_data)
-
-    out_views = [view_of(v) for v in jaxpr.outvars]
-    out_data = [is_data(v) for v in jaxpr.outvars]
+    Returns:
+      The parameter views and batch dependence of the jaxpr's outputs.
+    """
+    env = values.Values(counts=relevance.use_counts(jaxpr, prefix, self._relevant),
+                        live=self._relevant.get(prefix, set()))
+    env.bind(jaxpr.invars, views, data)
+    for i in range(len(jaxpr.eqns)):
+      self._visit(jaxpr, prefix + (i,), env)
+    out_views = [env.view(v) for v in jaxpr.outvars]
     for v, pv in zip(jaxpr.outvars, out_views):  # a parameter returned from a call
-      if pv is not None and not prefix and v in live:  # is used outside
+      if pv is not None and not prefix and v in env.live:  # is used outside
         self._use(pv, "output")
     self._flush(prefix)
-    return out_views, out_data
+    return out_views, [env.is_data(v) for v in jaxpr.outvars]
 
-  @staticmethod
-  def _mark_data(eqn, data_env: set[Any], flag: bool) -> None:
-    if flag:
-      data_env.update(eqn.outvars)
+  def _visit(self, jaxpr: jex_core.Jaxpr, path: Path, env: values.Values) -> None:
+    """Equation ``path[-1]`` of ``jaxpr``: a loss marker, a registration, an
+    inlined call, a view, a bias, a layer, or a use of each parameter it reads."""
+    eqn = jaxpr.eqns[path[-1]]
+    in_views = [env.view(a) for a in eqn.invars]
+    in_data = [env.is_data(a) for a in eqn.invars]
+    if relevance.is_marker(eqn):
+      self._add_marker(eqn, path, in_views)
+      env.mark_data(eqn, any(in_data))
+    elif call_name(eqn).startswith(REGISTRATION_PREFIX):
+      if env.needed(eqn):
+        self._add_registered(eqn, path, in_views)
+        env.mark_data(eqn, True)
+    elif (body := inlined_body(eqn)) is not None:
+      n_body = len(body.jaxpr.invars)
+      env.bind(eqn.outvars, *self.walk(body.jaxpr, body_operands(in_views, n_body),
+                                       body_operands(in_data, n_body), path))
+    elif not env.needed(eqn):  # off the path to the predictions
+      pass
+    elif env.is_zero(eqn):
+      env.zeros.add(eqn.outvars[0])
+      self._zero_product(eqn, path, in_views, env)
+    elif (view := values.derived_view(eqn, in_views)) is not None:
+      env.views[eqn.outvars[0]] = view
+    elif (eqn.invars and id(eqn.invars[0]) in self._pending
+          and env.counts.get(eqn.outvars[0], 0) == 1 and self._follow_pending(eqn)):
+      env.mark_data(eqn, True)
+    else:
+      self._visit_product(jaxpr, path, env, in_views, in_data)
+
+  def _visit_product(self, jaxpr: jex_core.Jaxpr, path: Path, env: values.Values,
+                     in_views: list[ParamView | None], in_data: list[bool]) -> None:
+    """A bias add, a layer's product, or an unmatched use of its parameters."""
+    eqn = jaxpr.eqns[path[-1]]
+    env.track_flatten(eqn, in_data)
+    name = eqn.primitive.name
+    if name == "add" and self._match_bias(eqn, path, in_views):
+      env.mark_data(eqn, True)
+      return
+    matcher = MATCHERS.get(name)
+    found = matcher(eqn, path, in_views, in_data) if matcher else None
+    if isinstance(found, Match):
+      found = fused.admit(found, in_views[found.weight_operand])
+    if isinstance(found, dense.DenseMatch):
+      act = eqn.invars[1 - found.weight_operand]
+      found = dense.with_flatten_origin(found, tuple(act.aval.shape), env.flat.get(act))
+    if isinstance(found, Match):
+      self._add_layer(found, in_views[found.weight_operand], eqn, env.counts)
+      env.mark_data(eqn, True)
+      return
+    if isinstance(found, str):
+      name = f"{name} ({found})"
+    self._use_all(eqn, in_views, name, name == "concatenate"
+                  and hidden.concatenated_into_product(jaxpr, path[-1]))
+    env.mark_data(eqn, any(in_data))
+
+  def _add_marker(self, eqn, path: Path, in_views: list[ParamView | None]) -> None:
+    """A registered loss: its distribution and the predictions' shape."""
+    self.result.markers.append(LossMarker(
+        path, call_name(eqn)[len(MARKER_PREFIX):], tuple(eqn.invars[0].aval.shape)))
+    if in_views[0] is not None:  # the predictions are a parameter
+      self._use(in_views[0], "loss")
 
   def _use_all(self, eqn, in_views: list[ParamView | None], what: str,
                into_product: bool = False) -> None:
@@ -253,15 +208,15 @@ class _Walker:
       self.result.layers.append(match)
 
   def _zero_product(self, eqn, path: Path, in_views: list[ParamView | None],
-                    zero_env: set[Any], counts: dict[Any, int]) -> None:
+                    env: values.Values) -> None:
     """A product of a weight and an all-zero activation (``h_0 @ W_h`` with a
     zero initial carry) waits for a bias: ``0 @ W_h + b_h`` reads ``b_h`` as
     that use's bias, with input ``[0; 1]`` (so the bias joins ``W_h``'s
     block); without a bias add it is no use of ``W_h`` at all."""
     matcher = MATCHERS.get(eqn.primitive.name)
-    if eqn.primitive.name not in PRODUCTS or counts.get(eqn.outvars[0], 0) != 1:
+    if eqn.primitive.name not in PRODUCTS or env.counts.get(eqn.outvars[0], 0) != 1:
       return
-    zeros = [is_var(a) and a in zero_env for a in eqn.invars]
+    zeros = [is_var(a) and a in env.zeros for a in eqn.invars]
     found = matcher(eqn, path, in_views, zeros)
     pv = in_views[found.weight_operand] if isinstance(found, Match) else None
     if isinstance(found, Match) and found.takes_bias and fused.admit(found, pv) is found:
@@ -322,31 +277,8 @@ class _Walker:
         del self._pending[key]
 
 
-# Equations whose output is zero when any operand is / when the first one is.
-_ZERO_IF_ANY = PRODUCTS | {"mul"}
-_ZERO_IF_FIRST = VIEWS | BROADCASTS
-
-
-def _is_zero(eqn, zero_env: set[Any]) -> bool:
-  """Whether ``eqn``'s output is all zeros (``jnp.zeros`` and what it feeds)."""
-  name = eqn.primitive.name
-  first = eqn.invars[0] if eqn.invars else None
-  if name == "broadcast_in_dim" and isinstance(first, jex_core.Literal):
-    return not np.any(first.val)
-  if name in _ZERO_IF_FIRST:
-    return is_var(first) and first in zero_env
-  if name in _ZERO_IF_ANY:
-    return any(is_var(a) and a in zero_env for a in eqn.invars)
-  return False
-
-
 def _drop_ones(shape: tuple[int, ...]) -> tuple[int, ...]:
   return tuple(d for d in shape if d != 1)
-
-
-def _is_root(pv: ParamView | None) -> bool:
-  """A whole parameter leaf, before any view equation."""
-  return pv is not None and not pv.chain and pv.part is None and pv.fused is None
 
 
 def _varying_axes(pv: ParamView, operand: Any) -> tuple[int, ...]:

@@ -25,10 +25,10 @@ from kfac_jax_lite.tagging.match import Match, ParamView, Path
 
 @dataclasses.dataclass(frozen=True)
 class ScaleMatch(Match):
-  """A scale (``multiplicative``) or shift parameter; ``block == "diag"``."""
+  """A scale (``multiplicative``) or shift parameter; ``block == "diagonal_fisher"``."""
 
   kind = "scale"
-  block = "diag"
+  block = "diagonal_fisher"
   feature_axes: tuple[int, ...] = ()
   multiplicative: bool = True
 
@@ -97,7 +97,7 @@ def _match(eqn: Any, path: Path, in_views: Sequence[ParamView | None],
     features = _feature_axes(pv, op_shape)
     # out_shape[0] > 1: the product must carry a batch axis. (BatchNorm's
     # scale * rsqrt(batch variance) does not: per-example gradients cannot be
-    # read there, and the scale keeps the diagonal fallback.)
+    # read there, and the scale keeps the rms fallback.)
     if (features is None or len(op_shape) != len(out_shape) or not out_shape
         or out_shape[0] == 1 or any(o not in (1, n) for o, n in zip(op_shape, out_shape))
         or any(e.primitive.name == "transpose" for e in pv.chain)):

@@ -11,7 +11,7 @@ user's own gradient computation keeps the rolled scan.
 
 Only scans that take a parameter (or a view of one) as a constant or as a
 scanned-over operand are unrolled, and only up to :data:`MAX_UNROLL` steps;
-a longer scan stays rolled and its parameters get the diagonal fallback.
+a longer scan stays rolled and its parameters get the rms fallback.
 """
 
 from __future__ import annotations
