@@ -71,7 +71,7 @@ def make_optimizer(name: str, problem: str, loss_fn: digits_data.LossFn,
     loss_fn: the problem's loss.
     sample_batch: a training batch (for K-FAC's tracing).
     **overrides: replace tuned settings (``learning_rate``, ``damping``,
-      ``kl_clip``, ``stats_every``, ``inverse_every``, ``inverse_method`` ...).
+      ``kl_clip``, ``stats_every``, ``inverse_every``, ``inverses`` ...).
 
   Returns:
     The optimizer.
