@@ -61,6 +61,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import batch_scaling_report as report  # pylint: disable=wrong-import-position
 from batch_scaling_fit import fit_critical_batch, halving_limit  # pylint: disable=wrong-import-position
 import batch_scaling_tasks as tasks  # pylint: disable=wrong-import-position
+import suite_optim  # pylint: disable=wrong-import-position
 
 # Per optimizer: the keyword tuned and its grid. K-FAC's ``learning_rate`` is
 # only a ceiling under its KL clip (README): with the default kl_clip=1e-3 the
@@ -230,10 +231,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--replot", metavar="JSON",
                       help="only redraw --png from a saved JSON of this script")
   args = parser.parse_args(argv)
-  args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-  unknown = [m for m in args.models if m not in CONFIGS]
-  if unknown:
-    parser.error(f"--models: unknown {unknown}; choose from {list(CONFIGS)}")
+  args.models = suite_optim.parse_models(parser, args.models, list(CONFIGS))
   return args
 
 

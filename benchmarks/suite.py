@@ -188,7 +188,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       "narrower models, fast compilation")
   parser.add_argument("--json", default=os.path.join(REPO, "benchmarks", "results",
                                                      "suite.json"))
-  parser.add_argument("--png", default="suite.png")
+  parser.add_argument("--png", default=os.path.join(REPO, "docs", "suite.png"))
   parser.add_argument("--no-layers", action="store_true",
                       help="do not print kfl.find_layers of each model")
   parser.add_argument("--eval", choices=("train", "heldout"), default="train",
@@ -197,10 +197,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--baselines", default="adamw,muon",
                       help="tuned baselines to run (AdamW is the reference: always run)")
   args = parser.parse_args(argv)
-  args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-  unknown = [m for m in args.models if m not in TASKS]
-  if unknown:
-    parser.error(f"--models: unknown {unknown}; choose from {list(TASKS)}")
+  args.models = suite_optim.parse_models(parser, args.models, list(TASKS))
   return args
 
 

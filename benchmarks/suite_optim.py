@@ -15,6 +15,7 @@ defaults, what a new user gets).
 
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 from typing import Any, Callable, Mapping, Sequence
@@ -78,6 +79,15 @@ def parse_kwargs(items: Sequence[str], option: str) -> dict[str, Any]:
                        "(e.g. learning_rate=0.3).")
     out[key.strip()] = parse_value(value)
   return out
+
+
+def parse_models(parser: argparse.ArgumentParser, text: str, known: Sequence[str]) -> list[str]:
+  """``"a,b"`` -> ``["a", "b"]``; a name not in ``known`` is a command-line error."""
+  models = [m.strip() for m in text.split(",") if m.strip()]
+  unknown = [m for m in models if m not in known]
+  if unknown:
+    parser.error(f"--models: unknown {unknown}; choose from {list(known)}")
+  return models
 
 
 def parse_variant(text: str) -> OptSpec:

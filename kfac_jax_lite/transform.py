@@ -19,6 +19,8 @@ Non-finite statistics or inverses are never committed to the state.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import warnings
 from typing import Any, Callable, NamedTuple
 
@@ -244,84 +246,140 @@ def scale_by_kfac(
     check_type("adaptive", adaptive, AdaptiveOptions)
   _check_numbers(damping, ema_decay, stats_every, inverse_every, kl_clip, learning_rate,
                  inverses, adaptive)
-  layer_cache = LayerCache(loss_fn, sample_batch, layers)
+  config = _Config(loss_fn, LayerCache(loss_fn, sample_batch, layers), damping, ema_decay,
+                   stats_every, inverse_every, kl_clip, learning_rate, layers, estimator,
+                   inverses, parallel, adaptive, sample_params, seed)
+  return optax.GradientTransformationExtraArgs(functools.partial(_init, config),
+                                               functools.partial(_update, config))
 
-  def init_fn(params: Any) -> KfacState:
-    if not jax.tree_util.tree_leaves(params):
-      zero = jnp.zeros([], jnp.int32)
-      return KfacState(zero, jax.random.key_data(jax.random.key(seed)), zero,
-                       _NotParams(), _NotParams(), params)
-    if masking.has_masked(params):
-      if adaptive is not None:
-        raise ValueError("adaptive=kfl.AdaptiveOptions() needs all the parameters: it "
-                         "does not work inside optax.masked / optax.partition.")
-      if sample_params is None:
-        raise masking.masked_error("pass scale_by_kfac(..., sample_params=params)")
-      full = abstractify(sample_params)
-    else:
-      full = params
-    tagged = layer_cache(full)
-    if (message := report.fallback_warning(tagged, layers.blocks)) is not None:
-      warnings.warn(message, UserWarning, stacklevel=2)
-    stats_batch = estimate.leading_fraction(layer_cache.sample_batch, estimator.batch_fraction)
-    return _init_state(tagged, params, seed, estimator, parallel, _zero_diagnostics(
-        layer_cache(full, stats_batch), full, stats_batch, estimator),
-        None if adaptive is None else quadratic.init(params, damping))
 
-  def update_fn(updates: Any, state: KfacState, params: Any = None, *positional: Any,
-                batch: Any = None, kfac_accumulate_only: bool = False,
-                kfac_params: Any = None, **extra_args: Any) -> tuple[Any, KfacState]:
-    del extra_args
-    _check_update_args(params, batch, positional, kfac_accumulate_only, estimator, parallel)
-    if masking.has_masked(params):
-      if kfac_params is None:
-        raise masking.masked_error("pass the full parameters as update(..., kfac_params=params)")
-      params = kfac_params
-    tagged = layer_cache(params, batch)
-    if adaptive is not None:
-      damping_now = state.adaptive.damping
-    else:
-      damping_now = damping(state.count) if callable(damping) else damping
-    decay_now = ema_decay(state.count) if callable(ema_decay) else ema_decay
-    key, subkey = jax.random.split(jax.random.wrap_key_data(state.key))
-    if parallel.axis_name is not None:
-      subkey = jax.random.fold_in(subkey, jax.lax.axis_index(parallel.axis_name))
-    new_estimate = lambda: estimate.estimate_factors(layer_cache, params, batch, subkey,
-                                                     estimator, parallel)
-    if kfac_accumulate_only:
-      pending = schedule.every(stats_every, state.count,
-                               lambda: estimate.add_pending(state.pending, new_estimate()[0]),
-                               lambda: state.pending)
-      return updates, state._replace(key=jax.random.key_data(key), pending=pending)
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  """Everything static of one :func:`scale_by_kfac` (its arguments, validated)."""
+  loss_fn: Callable[[Any, Any], jax.Array]
+  layer_cache: LayerCache
+  damping: Any
+  ema_decay: Any
+  stats_every: Any
+  inverse_every: Any
+  kl_clip: Any
+  learning_rate: Any
+  layers: LayerOptions
+  estimator: EstimatorOptions
+  inverses: InverseOptions
+  parallel: ParallelOptions
+  adaptive: AdaptiveOptions | None
+  sample_params: Any
+  seed: int
 
-    def statistics() -> tuple[Any, jax.Array, Any]:
-      est, diagnostics = new_estimate()
-      factors, stats_count = estimate.moving_average(state.factors, state.stats_count, est,
-                                                     state.pending, decay_now)
-      return factors, stats_count, diagnostics
 
-    factors, stats_count, diagnostics = schedule.every(
-        stats_every, state.count, statistics,
-        lambda: (state.factors, state.stats_count, state.diagnostics))
-    inverse_values = refresh.refresh_inverses(tagged, factors, state.inverses, state.count,
-                                              damping_now, inverse_every, inverses, parallel)
-    out, rms = precondition.precondition(tagged, updates, params, inverse_values,
-                                         state.rms, state.count == 0, damping_now,
-                                         decay_now, parallel)
-    adaptive_state = state.adaptive
-    if adaptive is not None:
-      model_batch = estimate.leading_fraction(batch, adaptive.batch_fraction)
-      delta, adaptive_state = quadratic.update(
-          layer_cache(params, model_batch), loss_fn, updates, out, state.adaptive, params,
-          model_batch, state.count, adaptive, parallel.axis_name)
-      out = jax.tree.map(jnp.negative, delta)
-    elif kl_clip is not None:
-      lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-      out = step_size.clip(out, updates, lr, kl_clip)
-    return out, KfacState(
-        count=optax.safe_increment(state.count), key=jax.random.key_data(key),
-        stats_count=stats_count, factors=factors, inverses=inverse_values, rms=rms,
-        pending=None if state.pending is None else jax.tree.map(jnp.zeros_like, state.pending),
-        diagnostics=diagnostics, adaptive=adaptive_state)
+def _now(value: Any, count: jax.Array) -> Any:
+  """A number, or a schedule's value at ``count``."""
+  return value(count) if callable(value) else value
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+def _full_params(config: _Config, params: Any) -> Any:
+  """The parameters ``init`` traces: ``sample_params`` inside ``optax.masked``."""
+  if not masking.has_masked(params):
+    return params
+  if config.adaptive is not None:
+    raise ValueError("adaptive=kfl.AdaptiveOptions() needs all the parameters: it "
+                     "does not work inside optax.masked / optax.partition.")
+  if config.sample_params is None:
+    raise masking.masked_error("pass scale_by_kfac(..., sample_params=params)")
+  return abstractify(config.sample_params)
+
+
+def _init(config: _Config, params: Any) -> KfacState:
+  """``init``: zero statistics, identity inverses; warns about fallbacks."""
+  if not jax.tree_util.tree_leaves(params):
+    zero = jnp.zeros([], jnp.int32)
+    return KfacState(zero, jax.random.key_data(jax.random.key(config.seed)), zero,
+                     _NotParams(), _NotParams(), params)
+  full = _full_params(config, params)
+  tagged = config.layer_cache(full)
+  if (message := report.fallback_warning(tagged, config.layers.blocks)) is not None:
+    warnings.warn(message, UserWarning, stacklevel=2)
+  stats_batch = estimate.leading_fraction(config.layer_cache.sample_batch,
+                                          config.estimator.batch_fraction)
+  diagnostics = _zero_diagnostics(config.layer_cache(full, stats_batch), full, stats_batch,
+                                  config.estimator)
+  adaptive = None if config.adaptive is None else quadratic.init(params, config.damping)
+  return _init_state(tagged, params, config.seed, config.estimator, config.parallel,
+                     diagnostics, adaptive)
+
+
+def _statistics(config: _Config, state: KfacState, params: Any, batch: Any,
+                key: jax.Array) -> tuple[Any, jax.Array, Any]:
+  """Phase 1 when due: the factors' moving averages, their count, diagnostics."""
+  def due() -> tuple[Any, jax.Array, Any]:
+    est, diagnostics = estimate.estimate_factors(config.layer_cache, params, batch, key,
+                                                 config.estimator, config.parallel)
+    factors, stats_count = estimate.moving_average(
+        state.factors, state.stats_count, est, state.pending,
+        _now(config.ema_decay, state.count))
+    return factors, stats_count, diagnostics
+
+  return schedule.every(config.stats_every, state.count, due,
+                        lambda: (state.factors, state.stats_count, state.diagnostics))
+
+
+def _accumulate_only(config: _Config, state: KfacState, params: Any, batch: Any,
+                     key: jax.Array) -> Any:
+  """A micro-batch's estimate added to the pending sums (when due)."""
+  def due() -> Any:
+    est, _ = estimate.estimate_factors(config.layer_cache, params, batch, key,
+                                       config.estimator, config.parallel)
+    return estimate.add_pending(state.pending, est)
+
+  return schedule.every(config.stats_every, state.count, due, lambda: state.pending)
+
+
+def _step_size(config: _Config, updates: Any, out: Any, state: KfacState, params: Any,
+               batch: Any) -> tuple[Any, Any]:
+  """Phase 4: the KL-clipped direction, or the quadratic model's step."""
+  if config.adaptive is not None:
+    model_batch = estimate.leading_fraction(batch, config.adaptive.batch_fraction)
+    delta, adaptive = quadratic.update(
+        config.layer_cache(params, model_batch), config.loss_fn, updates, out,
+        state.adaptive, params, model_batch, state.count, config.adaptive,
+        config.parallel.axis_name)
+    return jax.tree.map(jnp.negative, delta), adaptive
+  if config.kl_clip is not None:
+    out = step_size.clip(out, updates, _now(config.learning_rate, state.count),
+                         config.kl_clip)
+  return out, state.adaptive
+
+
+def _update(config: _Config, updates: Any, state: KfacState, params: Any = None,
+            *positional: Any, batch: Any = None, kfac_accumulate_only: bool = False,
+            kfac_params: Any = None, **extra_args: Any) -> tuple[Any, KfacState]:
+  """``update``: the phases of one step (see the module docstring)."""
+  del extra_args
+  _check_update_args(params, batch, positional, kfac_accumulate_only, config.estimator,
+                     config.parallel)
+  if masking.has_masked(params):
+    if kfac_params is None:
+      raise masking.masked_error("pass the full parameters as update(..., kfac_params=params)")
+    params = kfac_params
+  key, subkey = jax.random.split(jax.random.wrap_key_data(state.key))
+  if config.parallel.axis_name is not None:
+    subkey = jax.random.fold_in(subkey, jax.lax.axis_index(config.parallel.axis_name))
+  if kfac_accumulate_only:
+    return updates, state._replace(key=jax.random.key_data(key), pending=_accumulate_only(
+        config, state, params, batch, subkey))
+  tagged = config.layer_cache(params, batch)
+  damping = (state.adaptive.damping if config.adaptive is not None
+             else _now(config.damping, state.count))
+  factors, stats_count, diagnostics = _statistics(config, state, params, batch, subkey)
+  inverses = refresh.refresh_inverses(tagged, factors, state.inverses, state.count, damping,
+                                      config.inverse_every, config.inverses, config.parallel)
+  out, rms = precondition.precondition(tagged, updates, params, inverses, state.rms,
+                                       state.count == 0, damping,
+                                       _now(config.ema_decay, state.count), config.parallel)
+  out, adaptive = _step_size(config, updates, out, state, params, batch)
+  return out, KfacState(
+      count=optax.safe_increment(state.count), key=jax.random.key_data(key),
+      stats_count=stats_count, factors=factors, inverses=inverses, rms=rms,
+      pending=None if state.pending is None else jax.tree.map(jnp.zeros_like, state.pending),
+      diagnostics=diagnostics, adaptive=adaptive)
