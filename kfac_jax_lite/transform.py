@@ -309,12 +309,17 @@ def _init(config: _Config, params: Any) -> KfacState:
                      diagnostics, adaptive)
 
 
+def _estimate(config: _Config, params: Any, batch: Any, key: jax.Array) -> tuple[Any, Any]:
+  """One factor estimate (and diagnostics) of ``batch``, averaged over the devices."""
+  return estimate.estimate_factors(config.layer_cache, params, batch, key, config.estimator,
+                                   config.parallel)
+
+
 def _statistics(config: _Config, state: KfacState, params: Any, batch: Any,
                 key: jax.Array) -> tuple[Any, jax.Array, Any]:
   """Phase 1 when due: the factors' moving averages, their count, diagnostics."""
   def due() -> tuple[Any, jax.Array, Any]:
-    est, diagnostics = estimate.estimate_factors(config.layer_cache, params, batch, key,
-                                                 config.estimator, config.parallel)
+    est, diagnostics = _estimate(config, params, batch, key)
     factors, stats_count = estimate.moving_average(
         state.factors, state.stats_count, est, state.pending,
         _now(config.ema_decay, state.count))
@@ -328,9 +333,7 @@ def _accumulate_only(config: _Config, state: KfacState, params: Any, batch: Any,
                      key: jax.Array) -> Any:
   """A micro-batch's estimate added to the pending sums (when due)."""
   def due() -> Any:
-    est, _ = estimate.estimate_factors(config.layer_cache, params, batch, key,
-                                       config.estimator, config.parallel)
-    return estimate.add_pending(state.pending, est)
+    return estimate.add_pending(state.pending, _estimate(config, params, batch, key)[0])
 
   return schedule.every(config.stats_every, state.count, due, lambda: state.pending)
 

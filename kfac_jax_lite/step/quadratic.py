@@ -26,7 +26,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kfac_jax_lite import schedule
+from kfac_jax_lite import guard, schedule
 from kfac_jax_lite.losses import DISTRIBUTIONS
 from kfac_jax_lite.options import AdaptiveOptions
 from kfac_jax_lite.tagging.interpret import tapped_loss
@@ -187,7 +187,7 @@ def update(tagged: TaggedLoss, loss_fn: Callable[[Any, Any], jax.Array], grads: 
                                   axis_name)
   x, change = solve(damped_gram(gram, direction, state.previous, state.damping),
                     linear_terms(grads, direction, state.previous))
-  finite = jnp.all(jnp.isfinite(x)) & jnp.isfinite(change)
+  finite = guard.all_finite((x, change))
   x, change = jnp.where(finite, x, 0.0), jnp.where(finite, change, 0.0)
   delta = combine(direction, state.previous, x)
   if not options.adapt_damping:
