@@ -39,6 +39,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from kfac_jax_lite.curvature import estimation
 from kfac_jax_lite.curvature.estimators import check_estimator, output_cotangents
 from kfac_jax_lite.losses import DISTRIBUTIONS, Distribution
 from kfac_jax_lite.options import LayerOptions
@@ -96,19 +97,39 @@ def use_gram(positions: int, d_in: int, d_out: int) -> bool:
   return positions * (d_in + d_out) <= d_in * d_out
 
 
-def _rows(layer: Layer, xs: Sequence[jax.Array],
-          dss: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
-  """``[N, T, ·]`` input rows (ids for an embedding) and output-derivative
-  rows ``[N, T, d_out]``, the uses of a shared weight concatenated along ``T``."""
-  bias = layer.bias_index is not None
-  a, d = [], []
-  for u, x, ds in zip(layer.matches, xs, dss):
-    rows = u.input_rows(x if u.vector_input else x.astype(jnp.float32))
-    if bias:
-      rows = jnp.concatenate([rows, jnp.ones_like(rows[..., :1])], -1)
-    a.append(rows)
-    d.append(u.output_rows(u.unpermute(ds.astype(jnp.float32))))
-  return jnp.concatenate(a, axis=1), jnp.concatenate(d, axis=1)
+def _output_rows(m: Any, ds: jax.Array) -> jax.Array:
+  """``[S, N, T, d_out]``: the expression the factor ``G`` is built from, so
+  that XLA computes it once for both."""
+  return m.output_rows(m.unpermute(ds.astype(jnp.float32)))
+
+
+def _kron_terms(cols: jax.Array, d: jax.Array, bias: bool) -> tuple[jax.Array, jax.Array]:
+  """``||g_n||²`` and ``||Σ_n g_n||²`` of ``g_n = Σ_t [a_t; 1] ds_tᵀ``.
+
+  Args:
+    cols: ``[N, d_in, T]`` activations (without the bias's 1).
+    d: ``[N, T, d_out]`` output derivatives.
+    bias: whether the layer has a bias (the constant 1 in ``a``).
+
+  Returns:
+    ``([N], [])``; the bias row's part ``||Σ_t ds_t||²`` is added
+    without concatenating a column of ones.
+  """
+  positions, d_in, _ = d.shape[1], cols.shape[1], d.shape[2]
+  d_sum = jnp.sum(d, axis=1)  # [N, d_out]: the bias row of g_n
+  bias_sq = jnp.sum(jnp.square(d_sum), axis=1) if bias else 0.0
+  bias_total = jnp.sum(jnp.square(jnp.sum(d_sum, axis=0))) if bias else 0.0
+  if positions == 1:  # ||[a; 1]||² ||ds||², elementwise (no batched product)
+    sq = (jnp.sum(jnp.square(cols), axis=(1, 2)) + bias) * jnp.sum(jnp.square(d), axis=(1, 2))
+  elif use_gram(positions, d_in + bias, d.shape[2]):
+    ka = jnp.einsum("nis,nit->nst", cols, cols) + bias
+    sq = jnp.sum(ka * jnp.einsum("nsk,ntk->nst", d, d), axis=(1, 2))
+  else:
+    g = jnp.einsum("nit,ntk->nik", cols, d)
+    total = jnp.sum(jnp.square(jnp.sum(g, axis=0))) + bias_total
+    return jnp.sum(jnp.square(g), axis=(1, 2)) + bias_sq, total
+  total = jnp.sum(jnp.square(jnp.einsum("nit,ntk->ik", cols, d))) + bias_total
+  return sq, total
 
 
 def _embedding_terms(ids: jax.Array, d: jax.Array, vocab: int) -> tuple[jax.Array, jax.Array]:
@@ -119,42 +140,38 @@ def _embedding_terms(ids: jax.Array, d: jax.Array, vocab: int) -> tuple[jax.Arra
   return sq, jnp.sum(jnp.square(total))
 
 
-def _kron_terms(a: jax.Array, d: jax.Array) -> tuple[jax.Array, jax.Array]:
-  if a.shape[1] == 1:  # ||a||² ||ds||², elementwise (no batched product)
-    sq = jnp.sum(jnp.square(a), axis=(1, 2)) * jnp.sum(jnp.square(d), axis=(1, 2))
-    return sq, jnp.sum(jnp.square(jnp.einsum("nti,ntk->ik", a, d)))
-  if use_gram(a.shape[1], a.shape[2], d.shape[2]):
-    sq = jnp.einsum("nst,nst->n", jnp.einsum("nsi,nti->nst", a, a),
-                    jnp.einsum("nsk,ntk->nst", d, d))
-    return sq, jnp.sum(jnp.square(jnp.einsum("nti,ntk->ik", a, d)))
-  g = jnp.einsum("nti,ntk->nik", a, d)
-  return jnp.sum(jnp.square(g), axis=(1, 2)), jnp.sum(jnp.square(jnp.sum(g, axis=0)))
-
-
 def layer_terms(layer: Layer, xs: Sequence[jax.Array], dss: Sequence[jax.Array],
                 scale: float) -> tuple[jax.Array, jax.Array]:
   """One layer's per-example squared gradient norms and squared batch-gradient norm.
 
+  The values are read through the very expressions the factor estimates
+  use (:mod:`kfac_jax_lite.curvature.estimation`), so that under ``jit``
+  XLA computes the activation rows, output-derivative rows and a
+  scale-and-shift layer's per-example gradients once for both.
+
   Args:
     layer: a layer with a match (``TaggedLoss.factored``).
     xs: the activation operand of each use of its weight.
-    dss: the true-label output derivative of each use (no sample axis).
+    dss: the true-label output derivatives ``[1, *out_shape]`` of each use.
     scale: ``c = B / M``, from per-case derivatives to per-example gradients.
 
   Returns:
     ``([N] ||g_n||², ||Σ_n g_n||²)`` in float32.
   """
-  m = layer.match
+  m, c2 = layer.match, scale**2
   if m.block == "diagonal_fisher":
-    g = sum(u.per_example_grads(x, u.unpermute(ds.astype(jnp.float32))[None],
-                                bias=layer.bias_index is not None)[0]
-            for u, x, ds in zip(layer.matches, xs, dss)) * scale
-    return jnp.sum(jnp.square(g), axis=(1, 2)), jnp.sum(jnp.square(jnp.sum(g, axis=0)))
-  a, d = _rows(layer, xs, dss)
-  d = d * scale
+    g = estimation.per_example_grads(layer, xs, dss)[0]
+    return (jnp.sum(jnp.square(g), axis=(1, 2)) * c2,
+            jnp.sum(jnp.square(jnp.sum(g, axis=0))) * c2)
+  d = jnp.concatenate([_output_rows(u, ds)[0] for u, ds in zip(layer.matches, dss)], axis=1)
   if m.vector_input:
-    return _embedding_terms(a, d, m.d_in)
-  return _kron_terms(a, d)
+    ids = jnp.concatenate([u.input_rows(x) for u, x in zip(layer.matches, xs)], axis=1)
+    sq, total = _embedding_terms(ids, d, m.d_in)
+  else:
+    cols = jnp.concatenate([u.input_columns(x.astype(jnp.float32))
+                            for u, x in zip(layer.matches, xs)], axis=2)
+    sq, total = _kron_terms(cols, d, layer.bias_index is not None)
+  return sq * c2, total * c2
 
 
 def _rows_per_example(m: Any) -> int:
@@ -173,8 +190,8 @@ def from_values(tagged: TaggedLoss, inputs: dict[str, Sequence[jax.Array]],
     tagged: the tagged loss.
     inputs: layer name -> the activation operand of each use (the pass's
       ``inputs``, :func:`kfac_jax_lite.statistics.tapped_derivatives`).
-    true_ds: layer name -> each use's output derivative for the true-label
-      (empirical-Fisher) cotangent, without the sample axis.
+    true_ds: layer name -> each use's output derivatives ``[1, *out_shape]``
+      for the true-label (empirical-Fisher) cotangent.
     logits_shape: shape of the registered loss's logits; its leading axis is
       the batch axis ``B`` (at least 2).
     num_cases: number of cases the registered loss averages over.
@@ -236,7 +253,7 @@ def _true_labels(dist: Distribution, logits: jax.Array, targets: jax.Array) -> j
   return output_cotangents(dist, logits, targets, jax.random.key(0), "empirical")
 
 
-def _column(ds: dict[str, Sequence[jax.Array]], index: int | slice) -> dict[str, tuple[jax.Array, ...]]:
+def _column(ds: dict[str, Sequence[jax.Array]], index: slice) -> dict[str, tuple[jax.Array, ...]]:
   return {name: tuple(d[index] for d in by_use) for name, by_use in ds.items()}
 
 
@@ -274,9 +291,12 @@ def factors_and_diagnostics(tagged: TaggedLoss, params: Any, batch: Any, key: ja
 
   inputs, ds, logits_shape = tapped_derivatives(tagged, params, batch, cotangents)
   num_cases = DISTRIBUTIONS[tagged.marker.distribution].num_cases(logits_shape)
-  fisher_ds = ds if estimator == "empirical" else _column(ds, slice(0, -1))
+  if estimator == "empirical":  # the factors' own derivatives
+    fisher_ds = true_ds = ds
+  else:
+    fisher_ds, true_ds = _column(ds, slice(0, -1)), _column(ds, slice(-1, None))
   return (factors_from_values(tagged, inputs, fisher_ds, num_cases),
-          from_values(tagged, inputs, _column(ds, -1), logits_shape, num_cases,
+          from_values(tagged, inputs, true_ds, logits_shape, num_cases,
                       batch_grads=batch_grads))
 
 
@@ -307,4 +327,4 @@ def diagnostics(loss_fn: Callable[[Any, Any], jax.Array], params: Any, batch: An
                dict(layers.blocks), layers.max_factor_dim)
   inputs, ds, logits_shape = tapped_derivatives(tagged, params, batch, _true_labels)
   num_cases = DISTRIBUTIONS[tagged.marker.distribution].num_cases(logits_shape)
-  return from_values(tagged, inputs, _column(ds, 0), logits_shape, num_cases)
+  return from_values(tagged, inputs, ds, logits_shape, num_cases)
