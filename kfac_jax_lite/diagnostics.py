@@ -103,8 +103,9 @@ def _output_rows(m: Any, ds: jax.Array) -> jax.Array:
   return m.output_rows(m.unpermute(ds.astype(jnp.float32)))
 
 
-def _kron_terms(cols: jax.Array, d: jax.Array, bias: bool) -> tuple[jax.Array, jax.Array]:
-  """``||g_n||²`` and ``||Σ_n g_n||²`` of ``g_n = Σ_t [a_t; 1] ds_tᵀ``.
+def _kron_terms(cols: jax.Array, d: jax.Array, bias: bool) -> tuple[jax.Array, jax.Array | None]:
+  """``||g_n||²`` of ``g_n = Σ_t [a_t; 1] ds_tᵀ``, and ``||Σ_n g_n||²`` where
+  ``g_n`` is formed anyway.
 
   Args:
     cols: ``[N, d_in, T]`` activations (without the bias's 1).
@@ -112,24 +113,33 @@ def _kron_terms(cols: jax.Array, d: jax.Array, bias: bool) -> tuple[jax.Array, j
     bias: whether the layer has a bias (the constant 1 in ``a``).
 
   Returns:
-    ``([N], [])``; the bias row's part ``||Σ_t ds_t||²`` is added
-    without concatenating a column of ones.
+    ``[N]``, and ``[]`` or ``None``. The bias's 1 enters as ``+1`` in
+    ``||a||²`` or ``a·a'``, or as ``||Σ_t ds_t||²``: no column of ones.
   """
-  positions, d_in, _ = d.shape[1], cols.shape[1], d.shape[2]
-  d_sum = jnp.sum(d, axis=1)  # [N, d_out]: the bias row of g_n
-  bias_sq = jnp.sum(jnp.square(d_sum), axis=1) if bias else 0.0
-  bias_total = jnp.sum(jnp.square(jnp.sum(d_sum, axis=0))) if bias else 0.0
+  positions, d_in, d_out = d.shape[1], cols.shape[1], d.shape[2]
   if positions == 1:  # ||[a; 1]||² ||ds||², elementwise (no batched product)
-    sq = (jnp.sum(jnp.square(cols), axis=(1, 2)) + bias) * jnp.sum(jnp.square(d), axis=(1, 2))
-  elif use_gram(positions, d_in + bias, d.shape[2]):
-    ka = jnp.einsum("nis,nit->nst", cols, cols) + bias
-    sq = jnp.sum(ka * jnp.einsum("nsk,ntk->nst", d, d), axis=(1, 2))
-  else:
-    g = jnp.einsum("nit,ntk->nik", cols, d)
-    total = jnp.sum(jnp.square(jnp.sum(g, axis=0))) + bias_total
-    return jnp.sum(jnp.square(g), axis=(1, 2)) + bias_sq, total
-  total = jnp.sum(jnp.square(jnp.einsum("nit,ntk->ik", cols, d))) + bias_total
+    return (jnp.sum(jnp.square(cols), axis=(1, 2)) + float(bias)) * jnp.sum(
+        jnp.square(d), axis=(1, 2)), None
+  if use_gram(positions, d_in + bias, d_out):
+    ka = jnp.einsum("nis,nit->nst", cols, cols) + float(bias)
+    return jnp.sum(ka * jnp.einsum("nsk,ntk->nst", d, d), axis=(1, 2)), None
+  g = jnp.einsum("nit,ntk->nik", cols, d)
+  sq, total = jnp.sum(jnp.square(g), axis=(1, 2)), jnp.sum(jnp.square(jnp.sum(g, axis=0)))
+  if bias:
+    d_sum = jnp.sum(d, axis=1)  # [N, d_out]: the bias row of g_n
+    sq += jnp.sum(jnp.square(d_sum), axis=1)
+    total += jnp.sum(jnp.square(jnp.sum(d_sum, axis=0)))
   return sq, total
+
+
+def _summed_sq(layer: Layer, xs: Sequence[jax.Array], dss: Sequence[jax.Array]) -> jax.Array:
+  """``||Σ_n g_n||²`` from one product ``Σ_{n,t} [a; 1] dsᵀ`` of the very
+  ``[N T, ·]`` rows the factors ``A`` and ``G`` are built from."""
+  bias = layer.bias_index is not None
+  total = sum(u.input_matrix_rows(x, bias=bias, reduce=False).T
+              @ _output_rows(u, ds).reshape(-1, layer.d_out)
+              for u, x, ds in zip(layer.matches, xs, dss))
+  return jnp.sum(jnp.square(total))
 
 
 def _embedding_terms(ids: jax.Array, d: jax.Array, vocab: int) -> tuple[jax.Array, jax.Array]:
@@ -171,6 +181,8 @@ def layer_terms(layer: Layer, xs: Sequence[jax.Array], dss: Sequence[jax.Array],
     cols = jnp.concatenate([u.input_columns(x.astype(jnp.float32))
                             for u, x in zip(layer.matches, xs)], axis=2)
     sq, total = _kron_terms(cols, d, layer.bias_index is not None)
+    if total is None:
+      total = _summed_sq(layer, xs, dss)
   return sq * c2, total * c2
 
 
