@@ -103,7 +103,8 @@ def _output_rows(m: Any, ds: jax.Array) -> jax.Array:
   return m.output_rows(m.unpermute(ds.astype(jnp.float32)))
 
 
-def _kron_terms(cols: jax.Array, d: jax.Array, bias: bool) -> tuple[jax.Array, jax.Array | None]:
+def _kron_terms(cols: jax.Array, d: jax.Array, bias: bool,
+                c2: float) -> tuple[jax.Array, jax.Array | None]:
   """``||g_n||²`` of ``g_n = Σ_t [a_t; 1] ds_tᵀ``, and ``||Σ_n g_n||²`` where
   ``g_n`` is formed anyway.
 
@@ -111,6 +112,7 @@ def _kron_terms(cols: jax.Array, d: jax.Array, bias: bool) -> tuple[jax.Array, j
     cols: ``[N, d_in, T]`` activations (without the bias's 1).
     d: ``[N, T, d_out]`` output derivatives.
     bias: whether the layer has a bias (the constant 1 in ``a``).
+    c2: ``c²``, applied inside the reductions (no extra pass over ``[N]``).
 
   Returns:
     ``[N]``, and ``[]`` or ``None``. The bias's 1 enters as ``+1`` in
@@ -119,17 +121,17 @@ def _kron_terms(cols: jax.Array, d: jax.Array, bias: bool) -> tuple[jax.Array, j
   positions, d_in, d_out = d.shape[1], cols.shape[1], d.shape[2]
   if positions == 1:  # ||[a; 1]||² ||ds||², elementwise (no batched product)
     return (jnp.sum(jnp.square(cols), axis=(1, 2)) + float(bias)) * jnp.sum(
-        jnp.square(d), axis=(1, 2)), None
+        jnp.square(d) * c2, axis=(1, 2)), None
   if use_gram(positions, d_in + bias, d_out):
     ka = jnp.einsum("nis,nit->nst", cols, cols) + float(bias)
-    return jnp.sum(ka * jnp.einsum("nsk,ntk->nst", d, d), axis=(1, 2)), None
+    return jnp.sum(ka * jnp.einsum("nsk,ntk->nst", d, d) * c2, axis=(1, 2)), None
   g = jnp.einsum("nit,ntk->nik", cols, d)
-  sq, total = jnp.sum(jnp.square(g), axis=(1, 2)), jnp.sum(jnp.square(jnp.sum(g, axis=0)))
+  sq, total = jnp.sum(jnp.square(g) * c2, axis=(1, 2)), jnp.sum(jnp.square(jnp.sum(g, axis=0)))
   if bias:
     d_sum = jnp.sum(d, axis=1)  # [N, d_out]: the bias row of g_n
-    sq += jnp.sum(jnp.square(d_sum), axis=1)
+    sq += jnp.sum(jnp.square(d_sum) * c2, axis=1)
     total += jnp.sum(jnp.square(jnp.sum(d_sum, axis=0)))
-  return sq, total
+  return sq, total * c2
 
 
 def _summed_sq(layer: Layer, xs: Sequence[jax.Array], dss: Sequence[jax.Array]) -> jax.Array:
@@ -171,19 +173,17 @@ def layer_terms(layer: Layer, xs: Sequence[jax.Array], dss: Sequence[jax.Array],
   m, c2 = layer.match, scale**2
   if m.block == "diagonal_fisher":
     g = estimation.per_example_grads(layer, xs, dss)[0]
-    return (jnp.sum(jnp.square(g), axis=(1, 2)) * c2,
+    return (jnp.sum(jnp.square(g) * c2, axis=(1, 2)),
             jnp.sum(jnp.square(jnp.sum(g, axis=0))) * c2)
   d = jnp.concatenate([_output_rows(u, ds)[0] for u, ds in zip(layer.matches, dss)], axis=1)
   if m.vector_input:
     ids = jnp.concatenate([u.input_rows(x) for u, x in zip(layer.matches, xs)], axis=1)
     sq, total = _embedding_terms(ids, d, m.d_in)
-  else:
-    cols = jnp.concatenate([u.input_columns(x.astype(jnp.float32))
-                            for u, x in zip(layer.matches, xs)], axis=2)
-    sq, total = _kron_terms(cols, d, layer.bias_index is not None)
-    if total is None:
-      total = _summed_sq(layer, xs, dss)
-  return sq * c2, total * c2
+    return sq * c2, total * c2
+  cols = jnp.concatenate([u.input_columns(x.astype(jnp.float32))
+                          for u, x in zip(layer.matches, xs)], axis=2)
+  sq, total = _kron_terms(cols, d, layer.bias_index is not None, c2)
+  return sq, (_summed_sq(layer, xs, dss) * c2 if total is None else total)
 
 
 def _rows_per_example(m: Any) -> int:
