@@ -17,7 +17,16 @@ loss averages over: the pass's cotangents are per-case derivatives, and
 example against ``T d_in d_out`` for forming ``g_n``; the cheaper is used.
 An embedding's ``a_t`` are one-hot, so ``a_t · a_t'`` is ``[id_t = id_t']``.
 Scale-and-shift layers have their per-example gradients already. The batch
-gradient ``Σ_n g_n = c Σ_{n,t} a ds^T`` is one more product per layer.
+gradient ``Σ_n g_n = c Σ_{n,t} a ds^T`` is one more product per layer (none
+where ``g_n`` is formed, or where the caller passes the gradient).
+
+Everything is read through the very expressions the factor estimates use
+(the input rows and output-derivative rows of
+:mod:`kfac_jax_lite.curvature.estimation`, a scale-and-shift layer's
+per-example gradients), so that under ``jit`` XLA computes them once for
+both; a convolution's patches are read as ``[N, d_in, T]`` columns, the
+layout they are built in, and the bias's 1 is added to ``||a||²`` or
+``a · a'`` rather than concatenated.
 
 From these, with ``s = Σ_n ||g_n||²`` and ``G_B = (1/B) Σ_n g_n``, the
 unbiased estimates of McCandlish et al. (2018, "An Empirical Model of
