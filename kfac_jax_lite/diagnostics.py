@@ -55,6 +55,7 @@ from kfac_jax_lite.options import LayerOptions
 from kfac_jax_lite.statistics import Factors, factors_from_values, tapped_derivatives
 from kfac_jax_lite.tagging import geometry
 from kfac_jax_lite.tagging.layers import Layer, TaggedLoss, tag
+from kfac_jax_lite.tagging.match import Match
 from kfac_jax_lite.tagging.trace import trace_loss
 
 
@@ -112,29 +113,33 @@ def _output_rows(m: Any, ds: jax.Array) -> jax.Array:
   return m.output_rows(m.unpermute(ds.astype(jnp.float32)))
 
 
-def _kron_terms(cols: jax.Array, d: jax.Array, bias: bool,
-                c2: float) -> tuple[jax.Array, jax.Array | None]:
+def _kron_terms(a: jax.Array, d: jax.Array, bias: bool, c2: float,
+                columns: bool) -> tuple[jax.Array, jax.Array | None]:
   """``||g_n||²`` of ``g_n = Σ_t [a_t; 1] ds_tᵀ``, and ``||Σ_n g_n||²`` where
   ``g_n`` is formed anyway.
 
   Args:
-    cols: ``[N, d_in, T]`` activations (without the bias's 1).
+    a: ``[N, d_in, T]`` (``columns``) or ``[N, T, d_in]`` activations,
+      without the bias's 1.
     d: ``[N, T, d_out]`` output derivatives.
     bias: whether the layer has a bias (the constant 1 in ``a``).
     c2: ``c²``, applied inside the reductions (no extra pass over ``[N]``).
+    columns: the layout of ``a`` (whichever its family builds, so that no
+      transposed copy is made).
 
   Returns:
     ``[N]``, and ``[]`` or ``None``. The bias's 1 enters as ``+1`` in
     ``||a||²`` or ``a·a'``, or as ``||Σ_t ds_t||²``: no column of ones.
   """
-  positions, d_in, d_out = d.shape[1], cols.shape[1], d.shape[2]
+  positions, d_out = d.shape[1], d.shape[2]
+  d_in, spec = (a.shape[1], "ni{}") if columns else (a.shape[2], "n{}i")
   if positions == 1:  # ||[a; 1]||² ||ds||², elementwise (no batched product)
-    return (jnp.sum(jnp.square(cols), axis=(1, 2)) + float(bias)) * jnp.sum(
+    return (jnp.sum(jnp.square(a), axis=(1, 2)) + float(bias)) * jnp.sum(
         jnp.square(d) * c2, axis=(1, 2)), None
   if use_gram(positions, d_in + bias, d_out):
-    ka = jnp.einsum("nis,nit->nst", cols, cols) + float(bias)
+    ka = jnp.einsum(f"{spec.format('s')},{spec.format('t')}->nst", a, a) + float(bias)
     return jnp.sum(ka * jnp.einsum("nsk,ntk->nst", d, d) * c2, axis=(1, 2)), None
-  g = jnp.einsum("nit,ntk->nik", cols, d)
+  g = jnp.einsum(f"{spec.format('t')},ntk->nik", a, d)
   sq, total = jnp.sum(jnp.square(g) * c2, axis=(1, 2)), jnp.sum(jnp.square(jnp.sum(g, axis=0)))
   if bias:
     d_sum = jnp.sum(d, axis=1)  # [N, d_out]: the bias row of g_n
@@ -189,9 +194,12 @@ def layer_terms(layer: Layer, xs: Sequence[jax.Array], dss: Sequence[jax.Array],
     ids = jnp.concatenate([u.input_rows(x) for u, x in zip(layer.matches, xs)], axis=1)
     sq, total = _embedding_terms(ids, d, m.d_in)
     return sq * c2, total * c2
-  cols = jnp.concatenate([u.input_columns(x.astype(jnp.float32))
-                          for u, x in zip(layer.matches, xs)], axis=2)
-  sq, total = _kron_terms(cols, d, layer.bias_index is not None, c2)
+  # Columns where a family builds them (conv patches), else rows.
+  columns = type(m).input_columns is not Match.input_columns
+  a = jnp.concatenate([u.input_columns(x.astype(jnp.float32)) if columns
+                       else u.input_rows(x.astype(jnp.float32))
+                       for u, x in zip(layer.matches, xs)], axis=2 if columns else 1)
+  sq, total = _kron_terms(a, d, layer.bias_index is not None, c2, columns)
   return sq, (_summed_sq(layer, xs, dss) * c2 if total is None else total)
 
 
