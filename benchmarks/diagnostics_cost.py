@@ -95,18 +95,26 @@ def flops(fn: Callable[..., Any], args: Sequence[Any]) -> float:
 
 
 def median_times(fns: dict[str, Callable[..., Any]], args: Sequence[Any],
-                 calls: int) -> dict[str, float]:
-  """Median seconds per call of each function, interleaved, after a warm-up."""
+                 calls: int) -> tuple[dict[str, float], dict[str, float]]:
+  """Median seconds per call of each function, interleaved, after a warm-up.
+
+  Returns:
+    Wall-clock medians, and medians of the process's CPU time (all threads),
+    which other processes on a loaded machine disturb less.
+  """
   for fn in fns.values():
     jax.block_until_ready(fn(*args))
   names = list(fns)
-  times: dict[str, list[float]] = {n: [] for n in names}
+  wall: dict[str, list[float]] = {n: [] for n in names}
+  cpu: dict[str, list[float]] = {n: [] for n in names}
   for i in range(calls):
     for name in names[i % len(names):] + names[:i % len(names)]:
-      start = time.perf_counter()
+      start, start_cpu = time.perf_counter(), time.process_time()
       jax.block_until_ready(fns[name](*args))
-      times[name].append(time.perf_counter() - start)
-  return {n: float(np.median(t)) for n, t in times.items()}
+      wall[name].append(time.perf_counter() - start)
+      cpu[name].append(time.process_time() - start_cpu)
+  return ({n: float(np.median(t)) for n, t in wall.items()},
+          {n: float(np.median(t)) for n, t in cpu.items()})
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -119,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   args = parser.parse_args(argv)
   print(machine_info())
   print(f"\nmedian of {args.calls} interleaved calls, ms; in brackets the extra over the "
-        "pass, in time and in XLA's flop count\n")
+        "pass, in wall time, in process CPU time and in XLA's flop count\n")
   print("| model | estimator | statistics pass | + diagnostics | + diagnostics, G given |")
   print("| --- | --- | --- | --- | --- |")
   for name in args.models:
@@ -129,10 +137,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     call = (params, batch, jax.random.key(0), grads)
     for estimator in args.estimators:
       fns = functions(loss_fn, params, batch, estimator)
-      t = median_times(fns, call, args.calls)
+      t, c = median_times(fns, call, args.calls)
       f = {k: flops(fn, call) for k, fn in fns.items()}
       base, f_base = t["estimate"], f["estimate"]
       cells = [f"{t[k] * 1e3:.2f} ({(t[k] / base - 1) * 100:+.0f}% time, "
+               f"{(c[k] / c['estimate'] - 1) * 100:+.0f}% cpu, "
                f"{(f[k] / f_base - 1) * 100:+.1f}% flops)"
                for k in ("estimate + diag", "estimate + diag, G given")]
       print(f"| {title} | {estimator} | {base * 1e3:.2f} ({f_base / 1e6:.1f} MFLOP) | "

@@ -17,7 +17,16 @@ loss averages over: the pass's cotangents are per-case derivatives, and
 example against ``T d_in d_out`` for forming ``g_n``; the cheaper is used.
 An embedding's ``a_t`` are one-hot, so ``a_t · a_t'`` is ``[id_t = id_t']``.
 Scale-and-shift layers have their per-example gradients already. The batch
-gradient ``Σ_n g_n = c Σ_{n,t} a ds^T`` is one more product per layer.
+gradient ``Σ_n g_n = c Σ_{n,t} a ds^T`` is one more product per layer (none
+where ``g_n`` is formed, or where the caller passes the gradient).
+
+Everything is read through the very expressions the factor estimates use
+(the input rows and output-derivative rows of
+:mod:`kfac_jax_lite.curvature.estimation`, a scale-and-shift layer's
+per-example gradients), so that under ``jit`` XLA computes them once for
+both; a convolution's patches are read as ``[N, d_in, T]`` columns, the
+layout they are built in, and the bias's 1 is added to ``||a||²`` or
+``a · a'`` rather than concatenated.
 
 From these, with ``s = Σ_n ||g_n||²`` and ``G_B = (1/B) Σ_n g_n``, the
 unbiased estimates of McCandlish et al. (2018, "An Empirical Model of
@@ -39,12 +48,14 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from kfac_jax_lite.curvature import estimation
 from kfac_jax_lite.curvature.estimators import check_estimator, output_cotangents
 from kfac_jax_lite.losses import DISTRIBUTIONS, Distribution
 from kfac_jax_lite.options import LayerOptions
 from kfac_jax_lite.statistics import Factors, factors_from_values, tapped_derivatives
 from kfac_jax_lite.tagging import geometry
 from kfac_jax_lite.tagging.layers import Layer, TaggedLoss, tag
+from kfac_jax_lite.tagging.match import Match
 from kfac_jax_lite.tagging.trace import trace_loss
 
 
@@ -96,19 +107,55 @@ def use_gram(positions: int, d_in: int, d_out: int) -> bool:
   return positions * (d_in + d_out) <= d_in * d_out
 
 
-def _rows(layer: Layer, xs: Sequence[jax.Array],
-          dss: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
-  """``[N, T, ·]`` input rows (ids for an embedding) and output-derivative
-  rows ``[N, T, d_out]``, the uses of a shared weight concatenated along ``T``."""
+def _output_rows(m: Any, ds: jax.Array) -> jax.Array:
+  """``[S, N, T, d_out]``: the expression the factor ``G`` is built from, so
+  that XLA computes it once for both."""
+  return m.output_rows(m.unpermute(ds.astype(jnp.float32)))
+
+
+def _kron_terms(a: jax.Array, d: jax.Array, bias: bool, c2: float,
+                columns: bool) -> tuple[jax.Array, jax.Array | None]:
+  """``||g_n||²`` of ``g_n = Σ_t [a_t; 1] ds_tᵀ``, and ``||Σ_n g_n||²`` where
+  ``g_n`` is formed anyway.
+
+  Args:
+    a: ``[N, d_in, T]`` (``columns``) or ``[N, T, d_in]`` activations,
+      without the bias's 1.
+    d: ``[N, T, d_out]`` output derivatives.
+    bias: whether the layer has a bias (the constant 1 in ``a``).
+    c2: ``c²``, applied inside the reductions (no extra pass over ``[N]``).
+    columns: the layout of ``a`` (whichever its family builds, so that no
+      transposed copy is made).
+
+  Returns:
+    ``[N]``, and ``[]`` or ``None``. The bias's 1 enters as ``+1`` in
+    ``||a||²`` or ``a·a'``, or as ``||Σ_t ds_t||²``: no column of ones.
+  """
+  positions, d_out = d.shape[1], d.shape[2]
+  d_in, spec = (a.shape[1], "ni{}") if columns else (a.shape[2], "n{}i")
+  if positions == 1:  # ||[a; 1]||² ||ds||², elementwise (no batched product)
+    return (jnp.sum(jnp.square(a), axis=(1, 2)) + float(bias)) * jnp.sum(
+        jnp.square(d) * c2, axis=(1, 2)), None
+  if use_gram(positions, d_in + bias, d_out):
+    ka = jnp.einsum(f"{spec.format('s')},{spec.format('t')}->nst", a, a) + float(bias)
+    return jnp.sum(ka * jnp.einsum("nsk,ntk->nst", d, d) * c2, axis=(1, 2)), None
+  g = jnp.einsum(f"{spec.format('t')},ntk->nik", a, d)
+  sq, total = jnp.sum(jnp.square(g) * c2, axis=(1, 2)), jnp.sum(jnp.square(jnp.sum(g, axis=0)))
+  if bias:
+    d_sum = jnp.sum(d, axis=1)  # [N, d_out]: the bias row of g_n
+    sq += jnp.sum(jnp.square(d_sum) * c2, axis=1)
+    total += jnp.sum(jnp.square(jnp.sum(d_sum, axis=0)))
+  return sq, total * c2
+
+
+def _summed_sq(layer: Layer, xs: Sequence[jax.Array], dss: Sequence[jax.Array]) -> jax.Array:
+  """``||Σ_n g_n||²`` from one product ``Σ_{n,t} [a; 1] dsᵀ`` of the very
+  ``[N T, ·]`` rows the factors ``A`` and ``G`` are built from."""
   bias = layer.bias_index is not None
-  a, d = [], []
-  for u, x, ds in zip(layer.matches, xs, dss):
-    rows = u.input_rows(x if u.vector_input else x.astype(jnp.float32))
-    if bias:
-      rows = jnp.concatenate([rows, jnp.ones_like(rows[..., :1])], -1)
-    a.append(rows)
-    d.append(u.output_rows(u.unpermute(ds.astype(jnp.float32))))
-  return jnp.concatenate(a, axis=1), jnp.concatenate(d, axis=1)
+  total = sum(u.input_matrix_rows(x, bias=bias, reduce=False).T
+              @ _output_rows(u, ds).reshape(-1, layer.d_out)
+              for u, x, ds in zip(layer.matches, xs, dss))
+  return jnp.sum(jnp.square(total))
 
 
 def _embedding_terms(ids: jax.Array, d: jax.Array, vocab: int) -> tuple[jax.Array, jax.Array]:
@@ -119,42 +166,41 @@ def _embedding_terms(ids: jax.Array, d: jax.Array, vocab: int) -> tuple[jax.Arra
   return sq, jnp.sum(jnp.square(total))
 
 
-def _kron_terms(a: jax.Array, d: jax.Array) -> tuple[jax.Array, jax.Array]:
-  if a.shape[1] == 1:  # ||a||² ||ds||², elementwise (no batched product)
-    sq = jnp.sum(jnp.square(a), axis=(1, 2)) * jnp.sum(jnp.square(d), axis=(1, 2))
-    return sq, jnp.sum(jnp.square(jnp.einsum("nti,ntk->ik", a, d)))
-  if use_gram(a.shape[1], a.shape[2], d.shape[2]):
-    sq = jnp.einsum("nst,nst->n", jnp.einsum("nsi,nti->nst", a, a),
-                    jnp.einsum("nsk,ntk->nst", d, d))
-    return sq, jnp.sum(jnp.square(jnp.einsum("nti,ntk->ik", a, d)))
-  g = jnp.einsum("nti,ntk->nik", a, d)
-  return jnp.sum(jnp.square(g), axis=(1, 2)), jnp.sum(jnp.square(jnp.sum(g, axis=0)))
-
-
 def layer_terms(layer: Layer, xs: Sequence[jax.Array], dss: Sequence[jax.Array],
                 scale: float) -> tuple[jax.Array, jax.Array]:
   """One layer's per-example squared gradient norms and squared batch-gradient norm.
 
+  The values are read through the very expressions the factor estimates
+  use (:mod:`kfac_jax_lite.curvature.estimation`), so that under ``jit``
+  XLA computes the activation rows, output-derivative rows and a
+  scale-and-shift layer's per-example gradients once for both.
+
   Args:
     layer: a layer with a match (``TaggedLoss.factored``).
     xs: the activation operand of each use of its weight.
-    dss: the true-label output derivative of each use (no sample axis).
+    dss: the true-label output derivatives ``[1, *out_shape]`` of each use.
     scale: ``c = B / M``, from per-case derivatives to per-example gradients.
 
   Returns:
     ``([N] ||g_n||², ||Σ_n g_n||²)`` in float32.
   """
-  m = layer.match
+  m, c2 = layer.match, scale**2
   if m.block == "diagonal_fisher":
-    g = sum(u.per_example_grads(x, u.unpermute(ds.astype(jnp.float32))[None],
-                                bias=layer.bias_index is not None)[0]
-            for u, x, ds in zip(layer.matches, xs, dss)) * scale
-    return jnp.sum(jnp.square(g), axis=(1, 2)), jnp.sum(jnp.square(jnp.sum(g, axis=0)))
-  a, d = _rows(layer, xs, dss)
-  d = d * scale
+    g = estimation.per_example_grads(layer, xs, dss)[0]
+    return (jnp.sum(jnp.square(g) * c2, axis=(1, 2)),
+            jnp.sum(jnp.square(jnp.sum(g, axis=0))) * c2)
+  d = jnp.concatenate([_output_rows(u, ds)[0] for u, ds in zip(layer.matches, dss)], axis=1)
   if m.vector_input:
-    return _embedding_terms(a, d, m.d_in)
-  return _kron_terms(a, d)
+    ids = jnp.concatenate([u.input_rows(x) for u, x in zip(layer.matches, xs)], axis=1)
+    sq, total = _embedding_terms(ids, d, m.d_in)
+    return sq * c2, total * c2
+  # Columns where a family builds them (conv patches), else rows.
+  columns = type(m).input_columns is not Match.input_columns
+  a = jnp.concatenate([u.input_columns(x.astype(jnp.float32)) if columns
+                       else u.input_rows(x.astype(jnp.float32))
+                       for u, x in zip(layer.matches, xs)], axis=2 if columns else 1)
+  sq, total = _kron_terms(a, d, layer.bias_index is not None, c2, columns)
+  return sq, (_summed_sq(layer, xs, dss) * c2 if total is None else total)
 
 
 def _rows_per_example(m: Any) -> int:
@@ -173,8 +219,8 @@ def from_values(tagged: TaggedLoss, inputs: dict[str, Sequence[jax.Array]],
     tagged: the tagged loss.
     inputs: layer name -> the activation operand of each use (the pass's
       ``inputs``, :func:`kfac_jax_lite.statistics.tapped_derivatives`).
-    true_ds: layer name -> each use's output derivative for the true-label
-      (empirical-Fisher) cotangent, without the sample axis.
+    true_ds: layer name -> each use's output derivatives ``[1, *out_shape]``
+      for the true-label (empirical-Fisher) cotangent.
     logits_shape: shape of the registered loss's logits; its leading axis is
       the batch axis ``B`` (at least 2).
     num_cases: number of cases the registered loss averages over.
@@ -236,7 +282,7 @@ def _true_labels(dist: Distribution, logits: jax.Array, targets: jax.Array) -> j
   return output_cotangents(dist, logits, targets, jax.random.key(0), "empirical")
 
 
-def _column(ds: dict[str, Sequence[jax.Array]], index: int | slice) -> dict[str, tuple[jax.Array, ...]]:
+def _column(ds: dict[str, Sequence[jax.Array]], index: slice) -> dict[str, tuple[jax.Array, ...]]:
   return {name: tuple(d[index] for d in by_use) for name, by_use in ds.items()}
 
 
@@ -274,9 +320,12 @@ def factors_and_diagnostics(tagged: TaggedLoss, params: Any, batch: Any, key: ja
 
   inputs, ds, logits_shape = tapped_derivatives(tagged, params, batch, cotangents)
   num_cases = DISTRIBUTIONS[tagged.marker.distribution].num_cases(logits_shape)
-  fisher_ds = ds if estimator == "empirical" else _column(ds, slice(0, -1))
+  if estimator == "empirical":  # the factors' own derivatives
+    fisher_ds = true_ds = ds
+  else:
+    fisher_ds, true_ds = _column(ds, slice(0, -1)), _column(ds, slice(-1, None))
   return (factors_from_values(tagged, inputs, fisher_ds, num_cases),
-          from_values(tagged, inputs, _column(ds, -1), logits_shape, num_cases,
+          from_values(tagged, inputs, true_ds, logits_shape, num_cases,
                       batch_grads=batch_grads))
 
 
@@ -307,4 +356,4 @@ def diagnostics(loss_fn: Callable[[Any, Any], jax.Array], params: Any, batch: An
                dict(layers.blocks), layers.max_factor_dim)
   inputs, ds, logits_shape = tapped_derivatives(tagged, params, batch, _true_labels)
   num_cases = DISTRIBUTIONS[tagged.marker.distribution].num_cases(logits_shape)
-  return from_values(tagged, inputs, _column(ds, 0), logits_shape, num_cases)
+  return from_values(tagged, inputs, ds, logits_shape, num_cases)

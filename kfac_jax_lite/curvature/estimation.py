@@ -104,9 +104,10 @@ def output_factors(layer: Layer, dss: Sequence[jax.Array], num_cases: int,
   return _second_moment(rows, layer.output_form, num_cases), b
 
 
-def _per_example_grads(layer: Layer, xs: Sequence[jax.Array],
-                       dss: Sequence[jax.Array]) -> jax.Array:
-  """``[S, N, d_in(+1), d_out]`` per-example gradients, summed over uses."""
+def per_example_grads(layer: Layer, xs: Sequence[jax.Array],
+                      dss: Sequence[jax.Array]) -> jax.Array:
+  """``[S, N, d_in(+1), d_out]`` per-example gradients, summed over uses
+  (arguments as :func:`diagonal_fisher`)."""
   return sum(u.per_example_grads(x, u.unpermute(ds.astype(jnp.float32)),
                                  bias=layer.bias_index is not None)
              for u, x, ds in zip(layer.matches, xs, dss))
@@ -125,7 +126,7 @@ def diagonal_fisher(layer: Layer, xs: Sequence[jax.Array], dss: Sequence[jax.Arr
   Returns:
     ``[d_in(+1), d_out]`` float32: ``Σ_{s,n} g ⊙ g / num_cases``.
   """
-  return jnp.sum(jnp.square(_per_example_grads(layer, xs, dss)), axis=(0, 1)) / num_cases
+  return jnp.sum(jnp.square(per_example_grads(layer, xs, dss)), axis=(0, 1)) / num_cases
 
 
 def full_fisher(layer: Layer, xs: Sequence[jax.Array], dss: Sequence[jax.Array],
@@ -133,5 +134,5 @@ def full_fisher(layer: Layer, xs: Sequence[jax.Array], dss: Sequence[jax.Array],
   """The whole Fisher block ``Σ_{s,n} vec(g) vec(g)^T / num_cases`` of ``[W; b]``
   (row-major ``vec``), from per-example gradients (arguments as
   :func:`diagonal_fisher`)."""
-  g = _per_example_grads(layer, xs, dss)
+  g = per_example_grads(layer, xs, dss)
   return gram(g.reshape(-1, layer.d_in * layer.d_out)) / num_cases

@@ -51,10 +51,11 @@ class ConvMatch(Match):
     return (self.out_spec[1],)
 
   def input_rows(self, x: jax.Array) -> jax.Array:
+    return jnp.swapaxes(self.input_columns(x), 1, 2)
+
+  def input_columns(self, x: jax.Array) -> jax.Array:
     patches = self.patches(jnp.transpose(x, self.lhs_spec))  # [N, C, F, out spatial...]
-    patches = jnp.moveaxis(patches.reshape(patches.shape[0], self.d_in, *patches.shape[3:]),
-                           1, -1)
-    return patches.reshape(patches.shape[0], -1, self.d_in)
+    return patches.reshape(patches.shape[0], self.d_in, -1)
 
   def patches(self, x: jax.Array) -> jax.Array:
     """The input patches, by padding and strided slicing.

@@ -124,6 +124,11 @@ class Match:
     """Activation operand -> ``[N, T, d_in]``."""
     raise NotImplementedError
 
+  def input_columns(self, x: jax.Array) -> jax.Array:
+    """Activation operand -> ``[N, d_in, T]``, :meth:`input_rows` transposed
+    (a family whose rows are built as columns returns them without the copy)."""
+    return jnp.swapaxes(self.input_rows(x), 1, 2)
+
   def output_rows(self, ds: jax.Array) -> jax.Array:
     """Output derivative ``[..., *out_shape]`` -> ``[..., N, T, d_out]``."""
     raise NotImplementedError
