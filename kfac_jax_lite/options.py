@@ -31,6 +31,7 @@ APPROXIMATIONS = ("expand", "reduce")
 BLOCK_CHOICES = ("kron", "rms", "full", "none")
 PLACEMENTS = ("replicated", "sharded")
 DEFAULT_MAX_FACTOR_DIM = 4096
+METHODS = (*INVERSE_METHODS, "ekfac")
 
 
 def _one_of(field: str, value: object, choices: tuple[str, ...]) -> None:
@@ -144,8 +145,16 @@ class InverseOptions:
   """How the damped factor inverses are computed (Ba et al. 2017, eq. 3, §3).
 
   Attributes:
-    method: ``"eigh"`` (robust to slightly indefinite estimates) or
-      ``"cholesky"`` (faster).
+    method: ``"eigh"`` (robust to slightly indefinite estimates),
+      ``"cholesky"`` (faster) or ``"ekfac"``: eigenvalue-corrected K-FAC
+      (George et al. 2018) for every two-factor ``A ⊗ G`` layer: the
+      eigenbases of ``A`` and ``G`` (refreshed every ``inverse_every``
+      steps) with the Fisher's own diagonal in that basis, re-estimated on
+      every statistics step, in place of the eigenvalue products
+      (:mod:`kfac_jax_lite.curvature.ekfac`); other blocks keep ``"eigh"``.
+      It is a value of ``method`` because it changes only what the refresh
+      computes from the same factors and how the gradient is multiplied,
+      not which layers get a block or how factors are estimated.
     staggered: instead of refreshing every inverse on one step in
       ``inverse_every`` (a latency spike), refresh a cost-balanced
       ``1/inverse_every`` share of the factors on every step (the functional
@@ -157,7 +166,7 @@ class InverseOptions:
   staggered: bool = False
 
   def __post_init__(self) -> None:
-    _one_of("InverseOptions.method", self.method, INVERSE_METHODS)
+    _one_of("InverseOptions.method", self.method, METHODS)
 
 
 @dataclasses.dataclass(frozen=True)

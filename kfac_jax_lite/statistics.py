@@ -10,7 +10,7 @@ activations and output derivatives; each layer's block spec
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -83,6 +83,32 @@ def tapped_derivatives(tagged: TaggedLoss, params: Any, batch: Any, cotangents: 
   return inputs, ds, tuple(logits.shape)
 
 
+class PassValues(NamedTuple):
+  """A statistics pass's values (see :func:`tapped_derivatives`).
+
+  Attributes:
+    tagged: the tagged loss of the batch the pass ran on.
+    inputs: layer name -> the activation operand of each use.
+    ds: layer name -> ``[S, *out_shape]`` Fisher output derivatives of each use.
+    num_cases: the number of cases the registered loss averages over.
+  """
+  tagged: TaggedLoss
+  inputs: dict[str, Any]
+  ds: dict[str, Any]
+  num_cases: int
+
+
+def fisher_values(tagged: TaggedLoss, params: Any, batch: Any, key: jax.Array,
+                  *, estimator: str, num_samples: int = 1) -> PassValues:
+  """The statistics pass with the estimator's Fisher cotangents (arguments as
+  :func:`factor_estimate`)."""
+  inputs, ds, logits_shape = tapped_derivatives(
+      tagged, params, batch,
+      lambda dist, z, y: output_cotangents(dist, z, y, key, estimator, num_samples))
+  dist = DISTRIBUTIONS[tagged.marker.distribution]
+  return PassValues(tagged, inputs, ds, dist.num_cases(logits_shape))
+
+
 def factor_estimate(tagged: TaggedLoss, params: Any, batch: Any, key: jax.Array,
                     *, estimator: str, num_samples: int = 1) -> Factors:
   """One estimate of every Kronecker layer's factors from one batch.
@@ -98,11 +124,9 @@ def factor_estimate(tagged: TaggedLoss, params: Any, batch: Any, key: jax.Array,
   Returns:
     ``{name: {"A": ..., "G": ...}}`` (float32).
   """
-  inputs, ds, logits_shape = tapped_derivatives(
-      tagged, params, batch,
-      lambda dist, z, y: output_cotangents(dist, z, y, key, estimator, num_samples))
-  dist = DISTRIBUTIONS[tagged.marker.distribution]
-  return factors_from_values(tagged, inputs, ds, dist.num_cases(logits_shape))
+  values = fisher_values(tagged, params, batch, key, estimator=estimator,
+                         num_samples=num_samples)
+  return factors_from_values(tagged, values.inputs, values.ds, values.num_cases)
 
 
 def pmean_factors(est: Factors, axis_name: str) -> Factors:

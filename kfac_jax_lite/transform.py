@@ -7,7 +7,9 @@ first call):
 1. every ``stats_every`` steps: one Fisher estimate of every Kronecker factor
    from ``batch`` (Martens & Grosse 2015, §5), folded into moving averages;
 2. every ``inverse_every`` steps: damped factor inverses with factored
-   Tikhonov damping (Ba et al. 2017, eq. 3);
+   Tikhonov damping (Ba et al. 2017, eq. 3), or with EK-FAC the factors'
+   eigenbases, whose scales phase 1 re-estimates (George et al. 2018;
+   :mod:`kfac_jax_lite.step.scales`);
 3. every step: the preconditioned gradient ``A^{-1} ∇W G^{-1}`` per layer, the
    rms fallback (squared-gradient averages) elsewhere;
 4. optionally, the KL-clipped step-size scale (Ba et al. 2017, eq. 14), or
@@ -29,16 +31,16 @@ import jax.numpy as jnp
 import optax
 
 from kfac_jax_lite import masking, placement, schedule
-from kfac_jax_lite._checks import check_number
 from kfac_jax_lite.curvature.specs import spec_for
 from kfac_jax_lite.diagnostics import factors_and_diagnostics
 from kfac_jax_lite.options import (AdaptiveOptions, EstimatorOptions, InverseOptions,
                                    LayerOptions, ParallelOptions, as_estimator, check_type)
-from kfac_jax_lite.step import estimate, precondition, quadratic, refresh, step_size
+from kfac_jax_lite.step import (checks, estimate, precondition, quadratic, refresh, scales,
+                                step_size)
 from kfac_jax_lite.step.layers import LayerCache
 from kfac_jax_lite.tagging import report
 from kfac_jax_lite.tagging.layers import TaggedLoss
-from kfac_jax_lite.tagging.trace import abstractify, varying_axes
+from kfac_jax_lite.tagging.trace import abstractify
 
 
 class KfacState(NamedTuple):
@@ -64,6 +66,10 @@ class KfacState(NamedTuple):
     adaptive: with ``adaptive=kfl.AdaptiveOptions(...)``, the quadratic
       model's :class:`kfac_jax_lite.step.quadratic.AdaptiveState` (damping,
       previous update, ``α``, ``μ``, ``ρ``); ``None`` otherwise.
+    ekfac: with ``InverseOptions(method="ekfac")``, layer name -> the
+      eigenbases ``"A"``, ``"G"`` and scales ``"S"`` of each EK-FAC layer
+      (:mod:`kfac_jax_lite.step.scales`; such layers have no ``inverses``
+      entry); ``None`` otherwise.
   """
   count: jax.Array
   key: jax.Array
@@ -74,6 +80,7 @@ class KfacState(NamedTuple):
   pending: Any = None
   diagnostics: Any = None
   adaptive: Any = None
+  ekfac: Any = None
 
 
 class _NotParams:
@@ -82,31 +89,6 @@ class _NotParams:
   ``optax.tree_utils.tree_map_params`` calls ``init`` on a leafless
   placeholder; a leaf here keeps the factor dicts out of the mapping.
   """
-
-
-def _check_numbers(damping: Any, ema_decay: Any, stats_every: Any, inverse_every: Any,
-                   kl_clip: Any, learning_rate: Any, inverses: InverseOptions,
-                   adaptive: AdaptiveOptions | None) -> None:
-  """Raises ``ValueError`` for concrete numbers out of range (NaN included)."""
-  check_number("damping", damping, low=0.0,
-               hint="It is the Tikhonov damping λ > 0 added to every block.")
-  check_number("ema_decay", ema_decay, low=0.0, low_open=False, high=1.0)
-  check_number("stats_every", stats_every, low=0.0)
-  check_number("inverse_every", inverse_every, low=0.0)
-  check_number("kl_clip", kl_clip, low=0.0, hint="Pass kl_clip=None for no clipping.")
-  check_number("learning_rate", learning_rate)
-  if kl_clip is not None and learning_rate is None:
-    raise ValueError("kl_clip needs the learning_rate: pass learning_rate= "
-                     "(the same value or schedule as the optimizer's).")
-  if inverses.staggered and not isinstance(inverse_every, int):
-    raise ValueError("InverseOptions(staggered=True) needs a Python-int inverse_every "
-                     "(under optax.inject_hyperparams, list it in static_args).")
-  if adaptive is not None and kl_clip is not None:
-    raise ValueError("adaptive=kfl.AdaptiveOptions() chooses the step size itself: "
-                     "pass kl_clip=None.")
-  if adaptive is not None and callable(damping):
-    raise ValueError("adaptive=kfl.AdaptiveOptions() adapts the damping from its "
-                     "initial value: pass a number as damping, not a schedule.")
 
 
 def _rms_tree(tagged: TaggedLoss, params: Any) -> Any:
@@ -129,40 +111,21 @@ def _zero_diagnostics(tagged: TaggedLoss, params: Any, batch: Any,
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-def _init_state(tagged: TaggedLoss, params: Any, seed: int, estimator: EstimatorOptions,
-                parallel: ParallelOptions, diagnostics: Any, adaptive: Any) -> KfacState:
-  """Zero factors, identity inverses, an empty accumulation buffer."""
+def _init_state(tagged: TaggedLoss, params: Any, config: _Config,
+                diagnostics: Any, adaptive: Any) -> KfacState:
+  """Zero factors, identity inverses (or EK-FAC bases), an empty accumulation buffer."""
+  estimator, parallel = config.estimator, config.parallel
   zero = jnp.zeros([], jnp.int32)
   factors = {l.name: {k: jnp.zeros(shape, jnp.float32)
                       for k, shape in spec_for(l).factor_shapes.items()}
              for l in tagged.factored}
-  inverses = placement.init_inverses(factors, parallel.axis_name if parallel.sharded else None)
+  eigen = scales.init(tagged) if config.inverses.method == "ekfac" else None
+  inverses = placement.init_inverses({n: f for n, f in factors.items() if n not in (eigen or {})},
+                                     parallel.axis_name if parallel.sharded else None)
   pending = ({"count": zero, "sums": jax.tree.map(jnp.zeros_like, factors)}
              if estimator.accumulate else None)
-  return KfacState(zero, jax.random.key_data(jax.random.key(seed)), zero, factors,
-                   inverses, _rms_tree(tagged, params), pending, diagnostics, adaptive)
-
-
-def _check_update_args(params: Any, batch: Any, positional: tuple[Any, ...],
-                       accumulate_only: bool, estimator: EstimatorOptions,
-                       parallel: ParallelOptions) -> None:
-  """Raises a ``ValueError`` / ``TypeError`` that says how to call ``update``."""
-  if positional:
-    raise TypeError("scale_by_kfac.update takes the batch as a keyword: "
-                    "tx.update(grads, state, params, batch=batch).")
-  if accumulate_only and not estimator.accumulate:
-    raise ValueError("kfac_accumulate_only needs scale_by_kfac(..., estimator="
-                     "kfl.EstimatorOptions(accumulate=True)) (kfl.accumulate sets it up).")
-  if params is None or batch is None:
-    raise ValueError("scale_by_kfac.update needs params and batch: call "
-                     "tx.update(grads, state, params, batch=batch).")
-  varying = frozenset().union(*map(varying_axes, jax.tree_util.tree_leaves(batch)))
-  if varying and parallel.axis_name is None:
-    raise ValueError(
-        f"batch varies over the shard_map axes {sorted(varying)}, but "
-        "scale_by_kfac has no axis_name: pass parallel=kfl.ParallelOptions("
-        "axis_name=...) (one of them) so the factor statistics are averaged over "
-        "the devices.")
+  return KfacState(zero, jax.random.key_data(jax.random.key(config.seed)), zero, factors,
+                   inverses, _rms_tree(tagged, params), pending, diagnostics, adaptive, eigen)
 
 
 def scale_by_kfac(
@@ -216,7 +179,8 @@ def scale_by_kfac(
       or a :class:`kfac_jax_lite.EstimatorOptions` (samples, batch fraction,
       accumulation).
     inverses: how the damped inverses are computed
-      (:class:`kfac_jax_lite.InverseOptions`: eigh/Cholesky, staggered).
+      (:class:`kfac_jax_lite.InverseOptions`: eigh/Cholesky, staggered), or
+      ``method="ekfac"``: eigenvalue-corrected K-FAC (George et al. 2018).
     parallel: the device axis and where inverse work happens
       (:class:`kfac_jax_lite.ParallelOptions`).
     adaptive: ``None``, or a :class:`kfac_jax_lite.AdaptiveOptions`: the
@@ -244,8 +208,9 @@ def scale_by_kfac(
     check_type(name, value, cls)
   if adaptive is not None:
     check_type("adaptive", adaptive, AdaptiveOptions)
-  _check_numbers(damping, ema_decay, stats_every, inverse_every, kl_clip, learning_rate,
-                 inverses, adaptive)
+  checks.check_numbers(damping, ema_decay, stats_every, inverse_every, kl_clip,
+                       learning_rate, inverses, adaptive)
+  scales.check_options(estimator, inverses, parallel)
   config = _Config(loss_fn, LayerCache(loss_fn, sample_batch, layers), damping, ema_decay,
                    stats_every, inverse_every, kl_clip, learning_rate, layers, estimator,
                    inverses, parallel, adaptive, sample_params, seed)
@@ -300,33 +265,45 @@ def _init(config: _Config, params: Any) -> KfacState:
   tagged = config.layer_cache(full)
   if (message := report.fallback_warning(tagged, config.layers.blocks)) is not None:
     warnings.warn(message, UserWarning, stacklevel=2)
+  if config.inverses.method == "ekfac" and (message := scales.warning(tagged)) is not None:
+    warnings.warn(message, UserWarning, stacklevel=2)
   stats_batch = estimate.leading_fraction(config.layer_cache.sample_batch,
                                           config.estimator.batch_fraction)
   diagnostics = _zero_diagnostics(config.layer_cache(full, stats_batch), full, stats_batch,
                                   config.estimator)
   adaptive = None if config.adaptive is None else quadratic.init(params, config.damping)
-  return _init_state(tagged, params, config.seed, config.estimator, config.parallel,
-                     diagnostics, adaptive)
+  return _init_state(tagged, params, config, diagnostics, adaptive)
 
 
-def _estimate(config: _Config, params: Any, batch: Any, key: jax.Array) -> tuple[Any, Any]:
-  """One factor estimate (and diagnostics) of ``batch``, averaged over the devices."""
-  return estimate.estimate_factors(config.layer_cache, params, batch, key, config.estimator,
-                                   config.parallel)
+def _estimate(config: _Config, params: Any, batch: Any,
+              key: jax.Array) -> tuple[Any, Any, Any]:
+  """One factor estimate of ``batch``, averaged over the devices, and its
+  diagnostics (if asked for) or, for EK-FAC, the pass's values."""
+  if config.inverses.method == "ekfac":
+    est, values = estimate.estimate_with_values(config.layer_cache, params, batch, key,
+                                                config.estimator, config.parallel)
+    return est, None, values
+  return (*estimate.estimate_factors(config.layer_cache, params, batch, key,
+                                     config.estimator, config.parallel), None)
 
 
 def _statistics(config: _Config, state: KfacState, params: Any, batch: Any,
-                key: jax.Array) -> tuple[Any, jax.Array, Any]:
-  """Phase 1 when due: the factors' moving averages, their count, diagnostics."""
-  def due() -> tuple[Any, jax.Array, Any]:
-    est, diagnostics = _estimate(config, params, batch, key)
+                key: jax.Array) -> tuple[Any, jax.Array, Any, Any]:
+  """Phase 1 when due: the factors' moving averages, their count, diagnostics;
+  and EK-FAC's bases (refreshed when due) and scales."""
+  def eigen(factors: Any, values: Any) -> Any:
+    return scales.update(state.ekfac, factors, values, state.count, config.inverse_every,
+                         _now(config.ema_decay, state.count), config.parallel.axis_name)
+
+  def due() -> tuple[Any, jax.Array, Any, Any]:
+    est, diagnostics, values = _estimate(config, params, batch, key)
     factors, stats_count = estimate.moving_average(
         state.factors, state.stats_count, est, state.pending,
         _now(config.ema_decay, state.count))
-    return factors, stats_count, diagnostics
+    return factors, stats_count, diagnostics, eigen(factors, values)
 
-  return schedule.every(config.stats_every, state.count, due,
-                        lambda: (state.factors, state.stats_count, state.diagnostics))
+  return schedule.every(config.stats_every, state.count, due, lambda: (
+      state.factors, state.stats_count, state.diagnostics, eigen(state.factors, None)))
 
 
 def _accumulate_only(config: _Config, state: KfacState, params: Any, batch: Any,
@@ -359,8 +336,8 @@ def _update(config: _Config, updates: Any, state: KfacState, params: Any = None,
             kfac_params: Any = None, **extra_args: Any) -> tuple[Any, KfacState]:
   """``update``: the phases of one step (see the module docstring)."""
   del extra_args
-  _check_update_args(params, batch, positional, kfac_accumulate_only, config.estimator,
-                     config.parallel)
+  checks.check_update_args(params, batch, positional, kfac_accumulate_only,
+                           config.estimator, config.parallel)
   if masking.has_masked(params):
     if kfac_params is None:
       raise masking.masked_error("pass the full parameters as update(..., kfac_params=params)")
@@ -374,15 +351,16 @@ def _update(config: _Config, updates: Any, state: KfacState, params: Any = None,
   tagged = config.layer_cache(params, batch)
   damping = (state.adaptive.damping if config.adaptive is not None
              else _now(config.damping, state.count))
-  factors, stats_count, diagnostics = _statistics(config, state, params, batch, subkey)
+  factors, stats_count, diagnostics, eigen = _statistics(config, state, params, batch, subkey)
   inverses = refresh.refresh_inverses(tagged, factors, state.inverses, state.count, damping,
                                       config.inverse_every, config.inverses, config.parallel)
   out, rms = precondition.precondition(tagged, updates, params, inverses, state.rms,
                                        state.count == 0, damping,
-                                       _now(config.ema_decay, state.count), config.parallel)
+                                       _now(config.ema_decay, state.count), config.parallel,
+                                       eigen)
   out, adaptive = _step_size(config, updates, out, state, params, batch)
   return out, KfacState(
       count=optax.safe_increment(state.count), key=jax.random.key_data(key),
       stats_count=stats_count, factors=factors, inverses=inverses, rms=rms,
       pending=None if state.pending is None else jax.tree.map(jnp.zeros_like, state.pending),
-      diagnostics=diagnostics, adaptive=adaptive)
+      diagnostics=diagnostics, adaptive=adaptive, ekfac=eigen)

@@ -20,7 +20,8 @@ from kfac_jax_lite import guard
 from kfac_jax_lite.curvature import kronecker
 from kfac_jax_lite.diagnostics import Diagnostics, factors_and_diagnostics
 from kfac_jax_lite.options import EstimatorOptions, ParallelOptions
-from kfac_jax_lite.statistics import Factors, factor_estimate, pmean_factors
+from kfac_jax_lite.statistics import (Factors, PassValues, factor_estimate,
+                                      factors_from_values, fisher_values, pmean_factors)
 from kfac_jax_lite.tagging.layers import TaggedLoss
 
 
@@ -59,11 +60,30 @@ def estimate_factors(tag_fn: Callable[[Any, Any], TaggedLoss], params: Any, batc
   else:
     est, diag = factor_estimate(tagged, params, stats_batch, key, estimator=estimator.kind,
                                 num_samples=estimator.num_samples), None
+  return average(est, parallel), diag
+
+
+def average(est: Factors, parallel: ParallelOptions) -> Factors:
+  """Factor estimates averaged over ``parallel.axis_name`` (if any; upper
+  triangles only with ``symmetry_aware``)."""
   if parallel.axis_name is None:
-    return est, diag
+    return est
   if parallel.symmetry_aware:
-    return pmean_factors(est, parallel.axis_name), diag
-  return jax.lax.pmean(est, parallel.axis_name), diag
+    return pmean_factors(est, parallel.axis_name)
+  return jax.lax.pmean(est, parallel.axis_name)
+
+
+def estimate_with_values(tag_fn: Callable[[Any, Any], TaggedLoss], params: Any, batch: Any,
+                         key: jax.Array, estimator: EstimatorOptions,
+                         parallel: ParallelOptions) -> tuple[Factors, PassValues]:
+  """:func:`estimate_factors` (without diagnostics) that also returns the
+  pass's values (this device's), for statistics beyond the factors (EK-FAC's
+  scales, :mod:`kfac_jax_lite.step.scales`)."""
+  stats_batch = leading_fraction(batch, estimator.batch_fraction)
+  values = fisher_values(tag_fn(params, stats_batch), params, stats_batch, key,
+                         estimator=estimator.kind, num_samples=estimator.num_samples)
+  est = factors_from_values(values.tagged, values.inputs, values.ds, values.num_cases)
+  return average(est, parallel), values
 
 
 def add_pending(pending: dict[str, Any], est: Factors) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 A Kronecker layer's gradient is viewed as the ``[d_in(+1), d_out]`` matrix
 ``[∇W; ∇b]`` and multiplied by its damped inverse factors
-(``A⁻¹ ∇ G⁻¹``, Martens & Grosse 2015, eq. 4; Ba et al. 2017, eq. 3, 9); a
+(``A⁻¹ ∇ G⁻¹``, Martens & Grosse 2015, eq. 4; Ba et al. 2017, eq. 3, 9), or
+with EK-FAC rotated into its eigenbasis and divided by its scales; a
 diagonal-Fisher or full block by its inverse (:mod:`kfac_jax_lite.curvature.specs`),
 distributed over devices when the inverses are sharded
 (:mod:`kfac_jax_lite.placement`). Parameters outside any layer get the
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from kfac_jax_lite import guard, masking, placement
-from kfac_jax_lite.curvature import diagonal
+from kfac_jax_lite.curvature import diagonal, ekfac
 from kfac_jax_lite.options import ParallelOptions
 from kfac_jax_lite.tagging import geometry
 from kfac_jax_lite.tagging.layers import Layer, TaggedLoss
@@ -47,14 +48,18 @@ def _gradient_matrices(tagged: TaggedLoss, grads: Sequence[Any],
 
 
 def _kronecker_updates(tagged: TaggedLoss, grads: Sequence[Any], params: Sequence[Any],
-                       inverses: Inverses, parallel: ParallelOptions) -> dict[int, jax.Array]:
+                       inverses: Inverses, parallel: ParallelOptions, eigen: Any,
+                       damping: jax.Array | float) -> dict[int, jax.Array]:
   """Leaf index -> update of the leaves owned by Kronecker (or full) blocks.
 
   The slice layers of a stacked leaf (a scanned stack) add up in one leaf.
   """
   mats = _gradient_matrices(tagged, grads, params)
-  pres = placement.precondition({l: m for l, (_, m) in mats.items()}, inverses,
-                                parallel.axis_name if parallel.sharded else None)
+  eigen = eigen or {}
+  pres = placement.precondition({l: m for l, (_, m) in mats.items() if l.name not in eigen},
+                                inverses, parallel.axis_name if parallel.sharded else None)
+  pres.update({l: ekfac.precondition(eigen[l.name], m, damping)
+               for l, (_, m) in mats.items() if l.name in eigen})
   parts: list[tuple[int, jax.Array]] = []
   for layer, (bs, _) in mats.items():
     w_out, b_out = geometry.matrix_to_params(
@@ -79,8 +84,8 @@ def _fallback_update(grad: jax.Array, v: jax.Array, first: jax.Array,
 
 def precondition(tagged: TaggedLoss, updates: Any, params: Any, inverses: Inverses,
                  rms: Any, first: jax.Array, damping: jax.Array | float,
-                 ema_decay: jax.Array | float,
-                 parallel: ParallelOptions) -> tuple[Any, Any]:
+                 ema_decay: jax.Array | float, parallel: ParallelOptions,
+                 eigen: Any = None) -> tuple[Any, Any]:
   """Preconditions a gradient tree.
 
   Args:
@@ -93,6 +98,9 @@ def precondition(tagged: TaggedLoss, updates: Any, params: Any, inverses: Invers
     damping: Tikhonov damping ``λ``.
     ema_decay: the fallback averages' decay.
     parallel: where the inverses live.
+    eigen: EK-FAC's bases and scales of its layers
+      (:mod:`kfac_jax_lite.curvature.ekfac`), which have no ``inverses``
+      entry, or ``None``.
 
   Returns:
     The preconditioned updates (each leaf in its gradient's dtype) and the
@@ -102,8 +110,8 @@ def precondition(tagged: TaggedLoss, updates: Any, params: Any, inverses: Invers
   param_leaves = jax.tree_util.tree_leaves(params)
   out = list(grads)
   new_rms = list(treedef.flatten_up_to(rms))
-  for i, value in _kronecker_updates(tagged, grads, param_leaves, inverses,
-                                     parallel).items():
+  for i, value in _kronecker_updates(tagged, grads, param_leaves, inverses, parallel,
+                                     eigen, damping).items():
     out[i] = value
   for layer in tagged.frozen:
     if not masking.is_masked(grads[layer.weight_index]):

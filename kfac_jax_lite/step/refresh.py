@@ -100,18 +100,22 @@ def refresh_inverses(tagged: TaggedLoss, factors: Inverses, old: Inverses,
   Args:
     tagged: the tagged loss (static).
     factors: the factors' moving averages.
-    old: the current inverses (row slices with a sharded placement).
+    old: the current inverses (row slices with a sharded placement); layers
+      without one (EK-FAC's) are skipped.
     count: the step number.
     damping: Tikhonov damping ``λ``.
     inverse_every: refresh period.
-    options: method and staggering.
+    options: method and staggering (``"ekfac"``: ``"eigh"`` for the blocks
+      EK-FAC does not replace).
     parallel: where the inversions run and where the inverses live.
 
   Returns:
     The inverses, shaped like ``old``.
   """
+  factors = {n: f for n, f in factors.items() if n in old}  # not EK-FAC's (step.scales)
+  method = "eigh" if options.method == "ekfac" else options.method
   refresh = functools.partial(_refresh, tagged, factors=factors, old=old, damping=damping,
-                              method=options.method, parallel=parallel)
+                              method=method, parallel=parallel)
   everything = _all_keys(factors)
   if not options.staggered:
     return schedule.every(inverse_every, count, lambda: refresh(everything), lambda: old)
