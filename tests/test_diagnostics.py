@@ -165,8 +165,10 @@ def test_one_pass_gives_factors_and_diagnostics(rng, estimator):
   want = jax.jit(lambda p, b: kfl.estimate_curvature(loss, p, b, key=key,
                                                      estimator=kfl.EstimatorOptions(kind=estimator, num_samples=2)))(params, batch)
   alone = jax.jit(lambda p, b: kfl.diagnostics(loss, p, b))(params, batch)
+  # Two programs (a 3-column and a 1-column backward pass): float32 rounding,
+  # amplified in the noise scale's difference of sums, stays under the 1e-5 target.
   for got, ref in ((factors, want), (diag, alone)):
-    jax.tree.map(lambda a, r: np.testing.assert_allclose(a, r, rtol=1e-6, atol=1e-7),
+    jax.tree.map(lambda a, r: np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-7),
                  got, ref)
 
 
