@@ -55,7 +55,6 @@ from kfac_jax_lite.options import LayerOptions
 from kfac_jax_lite.statistics import Factors, factors_from_values, tapped_derivatives
 from kfac_jax_lite.tagging import geometry
 from kfac_jax_lite.tagging.layers import Layer, TaggedLoss, tag
-from kfac_jax_lite.tagging.match import Match
 from kfac_jax_lite.tagging.trace import trace_loss
 
 
@@ -195,7 +194,7 @@ def layer_terms(layer: Layer, xs: Sequence[jax.Array], dss: Sequence[jax.Array],
     sq, total = _embedding_terms(ids, d, m.d_in)
     return sq * c2, total * c2
   # Columns where a family builds them (conv patches), else rows.
-  columns = type(m).input_columns is not Match.input_columns
+  columns = m.builds_columns
   a = jnp.concatenate([u.input_columns(x.astype(jnp.float32)) if columns
                        else u.input_rows(x.astype(jnp.float32))
                        for u, x in zip(layer.matches, xs)], axis=2 if columns else 1)

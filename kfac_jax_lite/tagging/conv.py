@@ -26,6 +26,7 @@ class ConvMatch(Match):
   """A convolution layer (``feature_group_count == 1``)."""
 
   kind = "conv"
+  builds_columns = True
   lhs_spec: tuple[int, ...] = ()
   rhs_spec: tuple[int, ...] = ()
   out_spec: tuple[int, ...] = ()

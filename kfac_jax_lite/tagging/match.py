@@ -65,6 +65,8 @@ class Match:
   vector_input: ClassVar[bool] = False
   # Whether an added broadcast parameter may be taken as this layer's bias.
   takes_bias: ClassVar[bool] = True
+  # Whether input_columns is built directly (input_rows is then its transpose).
+  builds_columns: ClassVar[bool] = False
   path: Path
   weight_index: int
   weight_operand: int  # operand position of the weight in the equation
