@@ -12,6 +12,7 @@ from kfac_jax_lite.alias import kfac
 from kfac_jax_lite.diagnostics import Diagnostics, diagnostics
 from kfac_jax_lite.graft import GraftState, graft
 from kfac_jax_lite.inspection import LayerList, estimate_curvature, find_layers
+from kfac_jax_lite.noise_scaling import NoiseScaledState, noise_scaled
 from kfac_jax_lite.options import (AdaptiveOptions, EstimatorOptions, InverseOptions,
                                    LayerOptions, ParallelOptions)
 from kfac_jax_lite.placement import sharded_state_specs
@@ -23,7 +24,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AccumulateState", "AdaptiveOptions", "Diagnostics", "EstimatorOptions", "GraftState", "InverseOptions",
-    "KfacState", "Layer", "LayerList", "LayerOptions", "ParallelOptions", "accumulate",
-    "diagnostics", "estimate_curvature", "find_layers", "graft", "kfac", "losses",
+    "KfacState", "Layer", "LayerList", "LayerOptions", "NoiseScaledState", "ParallelOptions",
+    "accumulate", "diagnostics", "estimate_curvature", "find_layers", "graft", "kfac", "losses",
+    "noise_scaled",
     "register_dense", "scale_by_kfac", "sharded_state_specs",
 ]

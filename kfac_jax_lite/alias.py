@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -10,9 +11,10 @@ import optax
 
 from kfac_jax_lite.tagging.trainable import non_trainable
 from kfac_jax_lite import graft as graft_lib
+from kfac_jax_lite.noise_scaling import noise_scaled
 from kfac_jax_lite._checks import check_number
 from kfac_jax_lite.options import (AdaptiveOptions, EstimatorOptions, InverseOptions,
-                                   LayerOptions, ParallelOptions)
+                                   LayerOptions, ParallelOptions, as_estimator)
 from kfac_jax_lite.transform import scale_by_kfac
 
 
@@ -48,6 +50,7 @@ def kfac(
     parallel: ParallelOptions = ParallelOptions(),
     graft: str | None = None,
     adaptive: AdaptiveOptions | None = None,
+    noise_scaling: float | None = None,
     sample_params: Any = None,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
@@ -90,6 +93,11 @@ def kfac(
       ``momentum=None``, and ``learning_rate`` multiplies the step (pass 1.0).
       Not the default: on the suite it took more steps than the default and
       cost 1.3-1.9x its step time (README, "Choosing settings").
+    noise_scaling: ``None``, or a floor in ``(0, 1]``: the whole update is
+      multiplied by the batch gradient's signal fraction
+      ``B / (B + B_noise)`` (McCandlish et al. 2018), at least ``floor``,
+      from the statistics pass's diagnostics (turned on for it), see
+      :func:`kfac_jax_lite.noise_scaled`.
     sample_params: as in :func:`kfac_jax_lite.scale_by_kfac`.
     seed: as in :func:`kfac_jax_lite.scale_by_kfac`.
 
@@ -100,6 +108,8 @@ def kfac(
   check_number("weight_decay", weight_decay, low=0.0, low_open=False)
   if graft not in (None, "adam"):
     raise ValueError(f"graft must be None or 'adam', got {graft!r}.")
+  if noise_scaling is not None:
+    estimator = dataclasses.replace(as_estimator(estimator), diagnostics=True)
   kfac_part = functools.partial(
       scale_by_kfac, loss_fn, sample_batch, damping=damping, ema_decay=ema_decay,
       stats_every=stats_every, inverse_every=inverse_every, layers=layers,
@@ -123,7 +133,9 @@ def kfac(
   if not _is_zero(weight_decay):
     parts.insert(1, optax.add_decayed_weights(weight_decay, mask=_trainable))
   parts.append(optax.scale_by_learning_rate(learning_rate))
-  return optax.chain(*parts)
+  if noise_scaling is None:
+    return optax.chain(*parts)
+  return noise_scaled(optax.chain(*parts), floor=noise_scaling)
 
 
 def _trainable(params: Any) -> Any:
