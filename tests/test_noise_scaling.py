@@ -1,0 +1,88 @@
+"""noise_scaled: updates times the batch gradient's signal fraction (McCandlish et al. 2018)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import kfac_jax_lite as kfl
+from kfac_jax_lite.noise_scaling import signal_fraction
+from tests.helpers import loss_before_and_after
+
+B, D, H, K = 16, 5, 6, 3
+
+
+def mlp_loss(p, b):
+  h = jnp.tanh(b["x"] @ p["w1"] + p["b1"])
+  return kfl.losses.softmax_cross_entropy(h @ p["w2"], b["y"])
+
+
+@pytest.fixture(scope="module")
+def problem():
+  rng = np.random.default_rng(0)
+  params = {"w1": jnp.asarray(rng.normal(size=(D, H)) * 0.5, jnp.float32),
+            "b1": jnp.zeros((H,), jnp.float32),
+            "w2": jnp.asarray(rng.normal(size=(H, K)) * 0.5, jnp.float32)}
+  batches = [{"x": jnp.asarray(rng.normal(size=(B, D)), jnp.float32),
+              "y": jnp.asarray(rng.integers(0, K, B))} for _ in range(3)]
+  return params, batches
+
+
+def test_signal_fraction_is_b_over_b_plus_noise_scale():
+  """``1 − trΣ/(B||G_B||²)`` equals ``B / (B + B_noise)`` with ``||G||² = ||G_B||² − trΣ/B``."""
+  tr, gb, b = 3.0, 0.5, 32
+  b_noise = tr / (gb - tr / b)
+  np.testing.assert_allclose(signal_fraction(tr, gb, b, 0.0), b / (b + b_noise), rtol=1e-6)
+  assert float(signal_fraction(100.0, gb, b, 0.2)) == pytest.approx(0.2)  # floored
+  assert float(signal_fraction(0.0, 0.0, b, 0.2)) == 1.0  # before any statistics
+
+
+def test_scale_follows_the_diagnostics_moving_averages(problem):
+  """Against ``kfl.diagnostics`` on the same parameters and batches (a separate pass),
+  the moving averages written out in numpy, and the unscaled inner optimizer."""
+  params, batches = problem
+  decay, floor = 0.7, 0.05
+
+  def inner():
+    return kfl.kfac(mlp_loss, batches[0], stats_every=1, momentum=None,
+                    estimator=kfl.EstimatorOptions(diagnostics=True))
+
+  wrapped, plain = kfl.noise_scaled(inner(), floor=floor, decay=decay), inner()
+  ws, ps = wrapped.init(params), plain.init(params)
+  tr = gb = 0.0
+  for t, batch in enumerate(batches):
+    p = jax.tree.map(lambda x: x * (1.0 + 0.1 * t), params)  # the same sequence for both
+    g = jax.grad(mlp_loss)(p, batch)
+    u, ws = jax.jit(wrapped.update)(g, ws, p, batch=batch)
+    v, ps = jax.jit(plain.update)(g, ps, p, batch=batch)
+    d = kfl.diagnostics(mlp_loss, p, batch)
+    tr = decay * tr + (1 - decay) * float(d.trace_sigma)
+    gb = decay * gb + (1 - decay) * float(d.batch_grad_sq_norm)
+    want = float(np.clip(1 - tr / (B * gb), floor, 1.0))
+    np.testing.assert_allclose(ws.scale, want, rtol=1e-4)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, want * b, rtol=1e-4, atol=1e-8),
+                 u, v)
+  assert floor < want < 1.0  # the factor did something on these noisy batches
+
+
+def test_kfac_noise_scaling_trains_and_turns_diagnostics_on(problem):
+  params, batches = problem
+  tx = kfl.kfac(mlp_loss, batches[0], noise_scaling=0.2)
+  before, after = loss_before_and_after(mlp_loss, params, batches[0], tx, 10)
+  assert np.isfinite(after) and after < before
+  state = tx.init(params)
+  assert isinstance(state, kfl.NoiseScaledState)
+  assert isinstance(optax.tree.get(state.inner, "diagnostics"), kfl.Diagnostics)
+
+
+def test_errors_name_the_fix(problem):
+  params, batches = problem
+  with pytest.raises(ValueError, match="diagnostics=True"):
+    kfl.noise_scaled(kfl.kfac(mlp_loss, batches[0])).init(params)
+  with pytest.raises(ValueError, match="floor"):
+    kfl.kfac(mlp_loss, batches[0], noise_scaling=0.0)
+  with pytest.raises(ValueError, match="decay"):
+    kfl.noise_scaled(kfl.kfac(mlp_loss, batches[0]), decay=1.0)
