@@ -96,11 +96,10 @@ def noise_scaled(inner: optax.GradientTransformation, *, floor: float = 0.2,
                 **extra: Any) -> tuple[Any, NoiseScaledState]:
     out, inner_state = inner.update(updates, state.inner, params, **extra)
     diag = optax.tree.get(inner_state, "diagnostics")
-    new = (decay * state.trace_sigma + (1 - decay) * diag.trace_sigma,
-           decay * state.batch_grad_sq_norm + (1 - decay) * diag.batch_grad_sq_norm)
-    ok = guard.all_finite(new)
-    trace_sigma, grad_sq = (jnp.where(ok, n, o) for n, o in
-                            zip(new, (state.trace_sigma, state.batch_grad_sq_norm)))
+    old = (state.trace_sigma, state.batch_grad_sq_norm)
+    new = (decay * old[0] + (1 - decay) * diag.trace_sigma,
+           decay * old[1] + (1 - decay) * diag.batch_grad_sq_norm)
+    trace_sigma, grad_sq = optax.tree.where(guard.all_finite(new), new, old)
     scale = signal_fraction(trace_sigma, grad_sq, diag.sq_norms.shape[0], floor)
     out = jax.tree.map(lambda u: (u * scale).astype(u.dtype), out)
     return out, NoiseScaledState(inner_state, trace_sigma, grad_sq, scale)
