@@ -52,7 +52,8 @@ from kfac_jax_lite.curvature import estimation
 from kfac_jax_lite.curvature.estimators import check_estimator, output_cotangents
 from kfac_jax_lite.losses import DISTRIBUTIONS, Distribution
 from kfac_jax_lite.options import LayerOptions
-from kfac_jax_lite.statistics import Factors, factors_from_values, tapped_derivatives
+from kfac_jax_lite.statistics import (Factors, PassValues, factors_from_values,
+                                      tapped_derivatives)
 from kfac_jax_lite.tagging import geometry
 from kfac_jax_lite.tagging.layers import Layer, TaggedLoss, tag
 from kfac_jax_lite.tagging.trace import trace_loss
@@ -285,10 +286,10 @@ def _column(ds: dict[str, Sequence[jax.Array]], index: slice) -> dict[str, tuple
   return {name: tuple(d[index] for d in by_use) for name, by_use in ds.items()}
 
 
-def factors_and_diagnostics(tagged: TaggedLoss, params: Any, batch: Any, key: jax.Array,
-                            *, estimator: str, num_samples: int = 1,
-                            batch_grads: Any = None) -> tuple[Factors, Diagnostics]:
-  """One statistics pass giving both the factor estimates and the diagnostics.
+def values_and_diagnostics(tagged: TaggedLoss, params: Any, batch: Any, key: jax.Array,
+                           *, estimator: str, num_samples: int = 1,
+                           batch_grads: Any = None) -> tuple[PassValues, Diagnostics]:
+  """One statistics pass giving both the Fisher pass's values and the diagnostics.
 
   With ``estimator="empirical"`` the diagnostics read the very output
   derivatives the factors are built from; otherwise the true-label cotangent
@@ -305,8 +306,8 @@ def factors_and_diagnostics(tagged: TaggedLoss, params: Any, batch: Any, key: ja
     batch_grads: optional gradient of the registered loss, see :func:`from_values`.
 
   Returns:
-    ``(factors, diagnostics)``: what
-    :func:`kfac_jax_lite.statistics.factor_estimate` returns, and the
+    ``(values, diagnostics)``: what
+    :func:`kfac_jax_lite.statistics.fisher_values` returns, and the
     :class:`Diagnostics` of the batch.
   """
   check_estimator(estimator, num_samples)
@@ -323,9 +324,25 @@ def factors_and_diagnostics(tagged: TaggedLoss, params: Any, batch: Any, key: ja
     fisher_ds = true_ds = ds
   else:
     fisher_ds, true_ds = _column(ds, slice(0, -1)), _column(ds, slice(-1, None))
-  return (factors_from_values(tagged, inputs, fisher_ds, num_cases),
+  return (PassValues(tagged, inputs, fisher_ds, num_cases),
           from_values(tagged, inputs, true_ds, logits_shape, num_cases,
                       batch_grads=batch_grads))
+
+
+def factors_and_diagnostics(tagged: TaggedLoss, params: Any, batch: Any, key: jax.Array,
+                            *, estimator: str, num_samples: int = 1,
+                            batch_grads: Any = None) -> tuple[Factors, Diagnostics]:
+  """The factor estimates and the diagnostics from one pass
+  (:func:`values_and_diagnostics`, same arguments).
+
+  Returns:
+    ``(factors, diagnostics)``: what
+    :func:`kfac_jax_lite.statistics.factor_estimate` returns, and the
+    :class:`Diagnostics` of the batch.
+  """
+  values, diag = values_and_diagnostics(tagged, params, batch, key, estimator=estimator,
+                                        num_samples=num_samples, batch_grads=batch_grads)
+  return factors_from_values(tagged, values.inputs, values.ds, values.num_cases), diag
 
 
 def diagnostics(loss_fn: Callable[[Any, Any], jax.Array], params: Any, batch: Any, *,

@@ -277,14 +277,11 @@ def _init(config: _Config, params: Any) -> KfacState:
 
 def _estimate(config: _Config, params: Any, batch: Any,
               key: jax.Array) -> tuple[Any, Any, Any]:
-  """One factor estimate of ``batch``, averaged over the devices, and its
-  diagnostics (if asked for) or, for EK-FAC, the pass's values."""
-  if config.inverses.method == "ekfac":
-    est, values = estimate.estimate_with_values(config.layer_cache, params, batch, key,
-                                                config.estimator, config.parallel)
-    return est, None, values
-  return (*estimate.estimate_factors(config.layer_cache, params, batch, key,
-                                     config.estimator, config.parallel), None)
+  """One factor estimate of ``batch``, averaged over the devices, its
+  diagnostics (if asked for) and, for EK-FAC, the pass's values."""
+  return estimate.estimate_factors(config.layer_cache, params, batch, key, config.estimator,
+                                   config.parallel,
+                                   keep_values=config.inverses.method == "ekfac")
 
 
 def _statistics(config: _Config, state: KfacState, params: Any, batch: Any,

@@ -71,12 +71,13 @@ def test_accumulation_buffer_averages_micro_batches():
 def test_estimate_factors_is_the_estimate_of_the_inspection_api(setup):
   params, batch, tagged = setup
   key = jax.random.key(3)
-  got, none = estimate.estimate_factors(lambda p, b: tagged, params, batch, key,
-                                        kfl.EstimatorOptions("exact"), kfl.ParallelOptions())
-  assert none is None
+  got, no_diag, no_values = estimate.estimate_factors(
+      lambda p, b: tagged, params, batch, key, kfl.EstimatorOptions("exact"),
+      kfl.ParallelOptions())
+  assert no_diag is None and no_values is None
   want = kfl.estimate_curvature(loss_fn, params, batch, key=key, estimator="exact")
   jax.tree.map(np.testing.assert_array_equal, got, want)
-  half, _ = estimate.estimate_factors(
+  half, _, _ = estimate.estimate_factors(
       lambda p, b: tag(trace_loss(loss_fn, p, b)), params, batch, key,
       kfl.EstimatorOptions("exact", batch_fraction=0.5), kfl.ParallelOptions())
   first_half = jax.tree.map(lambda x: x[:N // 2], batch)

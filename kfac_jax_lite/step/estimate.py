@@ -18,10 +18,10 @@ import optax
 
 from kfac_jax_lite import guard
 from kfac_jax_lite.curvature import kronecker
-from kfac_jax_lite.diagnostics import Diagnostics, factors_and_diagnostics
+from kfac_jax_lite.diagnostics import Diagnostics, values_and_diagnostics
 from kfac_jax_lite.options import EstimatorOptions, ParallelOptions
-from kfac_jax_lite.statistics import (Factors, PassValues, factor_estimate,
-                                      factors_from_values, fisher_values, pmean_factors)
+from kfac_jax_lite.statistics import (Factors, PassValues, factors_from_values, fisher_values,
+                                      pmean_factors)
 from kfac_jax_lite.tagging.layers import TaggedLoss
 
 
@@ -33,9 +33,15 @@ def leading_fraction(batch: Any, fraction: float | None) -> Any:
 
 
 def estimate_factors(tag_fn: Callable[[Any, Any], TaggedLoss], params: Any, batch: Any,
-                     key: jax.Array, estimator: EstimatorOptions,
-                     parallel: ParallelOptions) -> tuple[Factors, Diagnostics | None]:
+                     key: jax.Array, estimator: EstimatorOptions, parallel: ParallelOptions,
+                     *, keep_values: bool = False
+                     ) -> tuple[Factors, Diagnostics | None, PassValues | None]:
   """One estimate of every layer's factors, averaged over the device axis.
+
+  One statistics pass (:func:`kfac_jax_lite.statistics.fisher_values`, with
+  the true-label column for the diagnostics when asked for) gives the
+  factors, the diagnostics and the values statistics beyond the factors
+  need (EK-FAC's scales, :mod:`kfac_jax_lite.step.scales`).
 
   Args:
     tag_fn: ``(params, batch) -> TaggedLoss`` (the transform's layer cache).
@@ -45,22 +51,23 @@ def estimate_factors(tag_fn: Callable[[Any, Any], TaggedLoss], params: Any, batc
     estimator: the estimator options.
     parallel: with ``axis_name``, the estimates are averaged over that axis
       (upper triangles only with ``symmetry_aware``).
+    keep_values: whether to return the pass's values.
 
   Returns:
-    Layer name -> factor name -> estimate (float32), and with
-    ``estimator.diagnostics`` the batch's (this device's) diagnostics from
-    the same pass, else ``None``.
+    Layer name -> factor name -> estimate (float32); with
+    ``estimator.diagnostics`` the batch's (this device's) diagnostics, else
+    ``None``; with ``keep_values`` the pass's values (this device's), else
+    ``None``.
   """
   stats_batch = leading_fraction(batch, estimator.batch_fraction)
   tagged = tag_fn(params, stats_batch)
+  kind = {"estimator": estimator.kind, "num_samples": estimator.num_samples}
   if estimator.diagnostics:
-    est, diag = factors_and_diagnostics(tagged, params, stats_batch, key,
-                                        estimator=estimator.kind,
-                                        num_samples=estimator.num_samples)
+    values, diag = values_and_diagnostics(tagged, params, stats_batch, key, **kind)
   else:
-    est, diag = factor_estimate(tagged, params, stats_batch, key, estimator=estimator.kind,
-                                num_samples=estimator.num_samples), None
-  return average(est, parallel), diag
+    values, diag = fisher_values(tagged, params, stats_batch, key, **kind), None
+  est = factors_from_values(tagged, values.inputs, values.ds, values.num_cases)
+  return average(est, parallel), diag, values if keep_values else None
 
 
 def average(est: Factors, parallel: ParallelOptions) -> Factors:
@@ -71,19 +78,6 @@ def average(est: Factors, parallel: ParallelOptions) -> Factors:
   if parallel.symmetry_aware:
     return pmean_factors(est, parallel.axis_name)
   return jax.lax.pmean(est, parallel.axis_name)
-
-
-def estimate_with_values(tag_fn: Callable[[Any, Any], TaggedLoss], params: Any, batch: Any,
-                         key: jax.Array, estimator: EstimatorOptions,
-                         parallel: ParallelOptions) -> tuple[Factors, PassValues]:
-  """:func:`estimate_factors` (without diagnostics) that also returns the
-  pass's values (this device's), for statistics beyond the factors (EK-FAC's
-  scales, :mod:`kfac_jax_lite.step.scales`)."""
-  stats_batch = leading_fraction(batch, estimator.batch_fraction)
-  values = fisher_values(tag_fn(params, stats_batch), params, stats_batch, key,
-                         estimator=estimator.kind, num_samples=estimator.num_samples)
-  est = factors_from_values(values.tagged, values.inputs, values.ds, values.num_cases)
-  return average(est, parallel), values
 
 
 def add_pending(pending: dict[str, Any], est: Factors) -> dict[str, Any]:

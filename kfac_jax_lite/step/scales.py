@@ -58,11 +58,10 @@ def check_options(estimator: EstimatorOptions, inverses: InverseOptions,
                      "device: pass ParallelOptions(distribute_inverses=False, "
                      "inverse_placement='replicated') (axis_name still averages the "
                      "statistics).")
-  for field in ("accumulate", "diagnostics"):
-    if getattr(estimator, field):
-      raise ValueError(f"InverseOptions(method='ekfac') does not support "
-                       f"EstimatorOptions({field}=True): pass {field}=False, or use "
-                       "method='eigh' / 'cholesky'.")
+  if estimator.accumulate:
+    raise ValueError("InverseOptions(method='ekfac') does not support "
+                     "EstimatorOptions(accumulate=True): pass accumulate=False, or use "
+                     "method='eigh' / 'cholesky'.")
 
 
 def warning(tagged: TaggedLoss) -> str | None:
