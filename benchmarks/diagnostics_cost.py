@@ -13,7 +13,12 @@ interleaved calls (the order rotates every call), medians reported:
   backward pass;
 * ``G given``: the same, with the batch gradient passed in (``batch_grads``,
   as an optimizer has it from its incoming gradient), which saves the one
-  product per layer, ``Σ a dsᵀ``, that costs as much as a weight gradient.
+  product per layer, ``Σ a dsᵀ``, that costs as much as a weight gradient;
+* ``in the step``: the opt-in way, a statistics step of
+  ``kfl.scale_by_kfac(..., stats_every=1)`` (no inverse refresh) with
+  ``EstimatorOptions(diagnostics=True)`` against the same step without; here
+  XLA sees the factors, the diagnostics and the preconditioning in one
+  program.
 
 Models: the digits MLP 64-128-128-10 (batch 256), the ResNet of
 ``examples/resnet_digits.py`` (batch 128; BatchNorm in training mode) and the
@@ -87,6 +92,28 @@ def functions(loss_fn: common.LossFn, params: Any, batch: Any,
   }
 
 
+def step_functions(loss_fn: common.LossFn, params: Any, batch: Any, grads: Any,
+                   estimator: str) -> tuple[dict[str, Callable[..., Any]], tuple[Any, ...]]:
+  """The jitted statistics step of the optimizer without and with the
+  diagnostics, and their arguments ``(params, batch, grads, state, state)``.
+
+  Each state has taken one step already, so the timed call is a statistics
+  step with the inverses left alone (``inverse_every`` is never due again).
+  """
+  fns, states = {}, []
+  for label, diag in (("step", False), ("step + diag", True)):
+    tx = kfl.scale_by_kfac(
+        loss_fn, batch, damping=0.01, stats_every=1, inverse_every=1 << 30,
+        estimator=kfl.EstimatorOptions(kind=estimator, diagnostics=diag))
+    state = tx.init(params)
+    _, state = jax.jit(lambda g, s, p, b, tx=tx: tx.update(g, s, p, batch=b))(
+        grads, state, params, batch)
+    index = len(states)
+    fns[label] = jax.jit(lambda p, b, g, *s, tx=tx, i=index: tx.update(g, s[i], p, batch=b))
+    states.append(state)
+  return fns, (params, batch, grads, *states)
+
+
 def flops(fn: Callable[..., Any], args: Sequence[Any]) -> float:
   """XLA's count of the floating-point operations of the compiled ``fn``."""
   cost = fn.lower(*args).compile().cost_analysis()
@@ -117,6 +144,14 @@ def median_times(fns: dict[str, Callable[..., Any]], args: Sequence[Any],
           {n: float(np.median(t)) for n, t in cpu.items()})
 
 
+def extra(name: str, base: str, wall: dict[str, float], cpu: dict[str, float],
+          flop: dict[str, float]) -> str:
+  """``name``'s milliseconds and its extra over ``base`` in wall, CPU and flops."""
+  return (f"{wall[name] * 1e3:.2f} ({(wall[name] / wall[base] - 1) * 100:+.0f}% time, "
+          f"{(cpu[name] / cpu[base] - 1) * 100:+.0f}% cpu, "
+          f"{(flop[name] / flop[base] - 1) * 100:+.1f}% flops)")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
   """Prints one markdown row per model and estimator."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -128,8 +163,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   print(machine_info())
   print(f"\nmedian of {args.calls} interleaved calls, ms; in brackets the extra over the "
         "pass, in wall time, in process CPU time and in XLA's flop count\n")
-  print("| model | estimator | statistics pass | + diagnostics | + diagnostics, G given |")
-  print("| --- | --- | --- | --- | --- |")
+  print("| model | estimator | statistics pass | + diagnostics | + diagnostics, G given "
+        "| optimizer's statistics step | + diagnostics, in the step |")
+  print("| --- | --- | --- | --- | --- | --- | --- |")
   for name in args.models:
     title, loss_fn, params, batch = PROBLEMS[name]()
     batch = jax.device_put(batch)
@@ -140,12 +176,14 @@ def main(argv: Sequence[str] | None = None) -> None:
       t, c = median_times(fns, call, args.calls)
       f = {k: flops(fn, call) for k, fn in fns.items()}
       base, f_base = t["estimate"], f["estimate"]
-      cells = [f"{t[k] * 1e3:.2f} ({(t[k] / base - 1) * 100:+.0f}% time, "
-               f"{(c[k] / c['estimate'] - 1) * 100:+.0f}% cpu, "
-               f"{(f[k] / f_base - 1) * 100:+.1f}% flops)"
-               for k in ("estimate + diag", "estimate + diag, G given")]
+      cells = [extra(k, "estimate", t, c, f) for k in ("estimate + diag",
+                                                        "estimate + diag, G given")]
+      step_fns, step_call = step_functions(loss_fn, params, batch, grads, estimator)
+      ts, cs = median_times(step_fns, step_call, args.calls)
+      fs = {k: flops(fn, step_call) for k, fn in step_fns.items()}
       print(f"| {title} | {estimator} | {base * 1e3:.2f} ({f_base / 1e6:.1f} MFLOP) | "
-            f"{' | '.join(cells)} |", flush=True)
+            f"{' | '.join(cells)} | {ts['step'] * 1e3:.2f} | "
+            f"{extra('step + diag', 'step', ts, cs, fs)} |", flush=True)
   print(f"\nload average (1 min) at the end: {os.getloadavg()[0]:.2f}")
 
 
