@@ -96,8 +96,9 @@ def kfac(
     noise_scaling: ``None``, or a floor in ``(0, 1]``: the whole update is
       multiplied by the batch gradient's signal fraction
       ``B / (B + B_noise)`` (McCandlish et al. 2018), at least ``floor``,
-      from the statistics pass's diagnostics (turned on for it), see
-      :func:`kfac_jax_lite.noise_scaled`.
+      from the statistics pass's diagnostics (turned on for it), averaged
+      over ``parallel.axis_name`` so the factor is the global batch's and
+      the same on every device, see :func:`kfac_jax_lite.noise_scaled`.
     sample_params: as in :func:`kfac_jax_lite.scale_by_kfac`.
     seed: as in :func:`kfac_jax_lite.scale_by_kfac`.
 
@@ -135,7 +136,7 @@ def kfac(
   parts.append(optax.scale_by_learning_rate(learning_rate))
   if noise_scaling is None:
     return optax.chain(*parts)
-  return noise_scaled(optax.chain(*parts), floor=noise_scaling)
+  return noise_scaled(optax.chain(*parts), floor=noise_scaling, axis_name=parallel.axis_name)
 
 
 def _trainable(params: Any) -> Any:

@@ -32,11 +32,15 @@ def problem():
 
 
 def test_signal_fraction_is_b_over_b_plus_noise_scale():
-  """``1 − trΣ/(B||G_B||²)`` equals ``B / (B + B_noise)`` with ``||G||² = ||G_B||² − trΣ/B``."""
+  """``||G||² / (||G||² + trΣ/B)`` equals ``B / (B + B_noise)`` and, with
+  ``||G||² = ||G_B||² − trΣ/B``, the one-device form ``1 − trΣ/(B||G_B||²)``."""
   tr, gb, b = 3.0, 0.5, 32
-  b_noise = tr / (gb - tr / b)
-  np.testing.assert_allclose(signal_fraction(tr, gb, b, 0.0), b / (b + b_noise), rtol=1e-6)
-  assert float(signal_fraction(100.0, gb, b, 0.2)) == pytest.approx(0.2)  # floored
+  g = gb - tr / b
+  got = signal_fraction(tr, g, b, 0.0)
+  np.testing.assert_allclose(got, b / (b + tr / g), rtol=1e-6)
+  np.testing.assert_allclose(got, 1 - tr / (b * gb), rtol=1e-6)
+  assert float(signal_fraction(100.0, 0.5 - 100.0 / b, b, 0.2)) == pytest.approx(0.2)  # floored
+  assert float(signal_fraction(tr, -tr / b - 0.1, b, 0.2)) == pytest.approx(0.2)  # E||G_B||² < 0
   assert float(signal_fraction(0.0, 0.0, b, 0.2)) == 1.0  # before any statistics
 
 
@@ -86,3 +90,45 @@ def test_errors_name_the_fix(problem):
     kfl.kfac(mlp_loss, batches[0], noise_scaling=0.0)
   with pytest.raises(ValueError, match="decay"):
     kfl.noise_scaled(kfl.kfac(mlp_loss, batches[0]), decay=1.0)
+  unbound = kfl.noise_scaled(kfl.kfac(mlp_loss, batches[0], estimator=kfl.EstimatorOptions(
+      diagnostics=True)), axis_name="i")
+  with pytest.raises(ValueError, match="axis_name='i'.*pmap"):
+    jax.eval_shape(lambda p: unbound.update(p, unbound.init(p), p, batch=batches[0]), params)
+
+
+def test_data_parallel_factor_is_the_global_batchs_on_every_replica():
+  """Two replicas (``vmap`` with an axis name) with half the batch each: the
+  scale, the state and the updates agree across them, and the scale is the
+  global batch's, from ``kfl.diagnostics`` of each half averaged in numpy
+  (``||G||² / (||G||² + trΣ/(2B))`` of the moving averages over two steps).
+  Each device's own factor makes the replicas' parameters differ; the
+  device-averaged estimates with ``B`` for ``2B`` give 0.60 for 0.75."""
+  rng = np.random.default_rng(0)
+  params = {"w1": jnp.asarray(rng.normal(size=(D, H)) * 0.5, jnp.float32),
+            "b1": jnp.zeros((H,), jnp.float32),
+            "w2": jnp.asarray(rng.normal(size=(H, K)) * 0.5, jnp.float32)}
+  w_true = rng.normal(size=(D, K))  # learnable labels: a signal fraction well inside (0.2, 1)
+  xs = [rng.normal(size=(2, B, D)) for _ in range(2)]
+  batches = [{"x": jnp.asarray(x, jnp.float32), "y": jnp.asarray(np.argmax(x @ w_true, -1))}
+             for x in xs]
+  tx = kfl.kfac(mlp_loss, jax.tree.map(lambda a: a[0], batches[0]), noise_scaling=0.2,
+                stats_every=1, parallel=kfl.ParallelOptions(axis_name="i"))
+
+  def step(p, s, b):
+    u, s = tx.update(jax.lax.pmean(jax.grad(mlp_loss)(p, b), "i"), s, p, batch=b)
+    return optax.apply_updates(p, u), s
+
+  step = jax.jit(jax.vmap(step, axis_name="i"))
+  p = jax.tree.map(lambda a: jnp.stack([a, a]), params)
+  s = jax.vmap(tx.init, axis_name="i")(p)
+  tr = g = 0.0
+  for batch in batches:
+    halves = [kfl.diagnostics(mlp_loss, jax.tree.map(lambda a: a[0], p),
+                              jax.tree.map(lambda a, i=i: a[i], batch)) for i in range(2)]
+    tr = 0.95 * tr + 0.05 * np.mean([float(d.trace_sigma) for d in halves])
+    g = 0.95 * g + 0.05 * np.mean([float(d.grad_sq_norm) for d in halves])
+    p, s = step(p, s, batch)
+    for leaf in jax.tree.leaves((p, s.trace_sigma, s.grad_sq_norm, s.scale)):
+      np.testing.assert_array_equal(leaf[0], leaf[1])
+    np.testing.assert_allclose(s.scale[0], g / (g + tr / (2 * B)), rtol=1e-4)
+  assert 0.2 < float(s.scale[0]) < 1.0
