@@ -81,7 +81,7 @@ def signal_fraction(trace_sigma: jax.Array, grad_sq_norm: jax.Array,
   return jnp.where(expected > 0, jnp.clip(fraction, floor, 1.0), unmeasured)
 
 
-def device_mean(diag: Diagnostics, axis_name: str | None
+def device_mean(diag: Diagnostics, axis_name: str | None, batch_size: int | None = None
                 ) -> tuple[jax.Array, jax.Array, int]:
   """``tr Σ`` and ``||G||²`` averaged over ``axis_name`` (one all-reduce), and ``B·D``.
 
@@ -90,6 +90,9 @@ def device_mean(diag: Diagnostics, axis_name: str | None
     axis_name: the ``pmap`` / ``shard_map`` axis of ``D`` devices, or
       ``None`` (one device, or ``jit`` on a mesh, whose diagnostics are of
       the global batch already).
+    batch_size: ``B``, the examples the device's gradient averages over
+      (``None``: those of the diagnostics, which are fewer with
+      ``EstimatorOptions(batch_fraction=...)``).
 
   Returns:
     ``(tr Σ, ||G||², B·D)``.
@@ -98,7 +101,8 @@ def device_mean(diag: Diagnostics, axis_name: str | None
     ValueError: if ``axis_name`` is not bound (the step is not run under
       ``pmap`` / ``shard_map`` over it).
   """
-  pair, batch = jnp.stack([diag.trace_sigma, diag.grad_sq_norm]), diag.sq_norms.shape[0]
+  pair = jnp.stack([diag.trace_sigma, diag.grad_sq_norm])
+  batch = diag.sq_norms.shape[0] if batch_size is None else batch_size
   if axis_name is None:
     return pair[0], pair[1], batch
   try:
@@ -109,6 +113,12 @@ def device_mean(diag: Diagnostics, axis_name: str | None
                      "(one device, or jit on a mesh).") from e
   pair = jax.lax.pmean(pair, axis_name)
   return pair[0], pair[1], batch * devices
+
+
+def _batch_size(batch: Any) -> int | None:
+  """The leading dimension of the batch's leaves (``None`` without a batch)."""
+  leaves = jax.tree_util.tree_leaves(batch)
+  return leaves[0].shape[0] if leaves and jnp.ndim(leaves[0]) else None
 
 
 def noise_scaled(inner: optax.GradientTransformation, *, floor: float = 0.2,
@@ -123,7 +133,9 @@ def noise_scaled(inner: optax.GradientTransformation, *, floor: float = 0.2,
   diagnostics (renewed every ``stats_every`` steps), averaged over
   ``axis_name``, enter moving averages of ``tr Σ`` and ``||G||²`` with decay
   ``decay``, and the updates are multiplied by :func:`signal_fraction` of
-  them for the global batch ``B·D`` (McCandlish et al. 2018, §2.2, App. A):
+  them for the global batch ``B·D`` (McCandlish et al. 2018, §2.2, App. A;
+  ``B`` is the leading dimension of the ``batch=`` extra argument, or the
+  diagnostics' batch without one):
 
   ``clip(||G||² / (||G||² + tr Σ / (B·D)), floor, 1)``.
 
@@ -158,7 +170,7 @@ def noise_scaled(inner: optax.GradientTransformation, *, floor: float = 0.2,
                 **extra: Any) -> tuple[Any, NoiseScaledState]:
     out, inner_state = inner.update(updates, state.inner, params, **extra)
     trace_sigma, grad_sq, batch = device_mean(
-        optax.tree.get(inner_state, "diagnostics"), axis_name)
+        optax.tree.get(inner_state, "diagnostics"), axis_name, _batch_size(extra.get("batch")))
     old = (state.trace_sigma, state.grad_sq_norm)
     new = (decay * old[0] + (1 - decay) * trace_sigma,
            decay * old[1] + (1 - decay) * grad_sq)

@@ -44,28 +44,35 @@ def test_signal_fraction_is_b_over_b_plus_noise_scale():
   assert float(signal_fraction(0.0, 0.0, b, 0.2)) == 1.0  # before any statistics
 
 
-def test_scale_follows_the_diagnostics_moving_averages(problem):
+@pytest.mark.parametrize("fraction", [None, 0.5])
+def test_scale_follows_the_diagnostics_moving_averages(problem, fraction):
   """Against ``kfl.diagnostics`` on the same parameters and batches (a separate pass),
-  the moving averages written out in numpy, and the unscaled inner optimizer."""
+  the moving averages written out in numpy, and the unscaled inner optimizer.
+
+  With ``batch_fraction`` the diagnostics are of the first ``B/2`` examples
+  but the gradient is of all ``B``: the factor is ``B``'s,
+  ``||G||² / (||G||² + trΣ/B)`` with ``||G||² = ||G_{B/2}||² − trΣ/(B/2)``
+  (for the whole batch, ``1 − trΣ/(B||G_B||²)``)."""
   params, batches = problem
   decay, floor = 0.7, 0.05
+  n = B if fraction is None else int(B * fraction)
 
   def inner():
     return kfl.kfac(mlp_loss, batches[0], stats_every=1, momentum=None,
-                    estimator=kfl.EstimatorOptions(diagnostics=True))
+                    estimator=kfl.EstimatorOptions(diagnostics=True, batch_fraction=fraction))
 
   wrapped, plain = kfl.noise_scaled(inner(), floor=floor, decay=decay), inner()
   ws, ps = wrapped.init(params), plain.init(params)
-  tr = gb = 0.0
+  tr = g2 = 0.0
   for t, batch in enumerate(batches):
     p = jax.tree.map(lambda x: x * (1.0 + 0.1 * t), params)  # the same sequence for both
     g = jax.grad(mlp_loss)(p, batch)
     u, ws = jax.jit(wrapped.update)(g, ws, p, batch=batch)
     v, ps = jax.jit(plain.update)(g, ps, p, batch=batch)
-    d = kfl.diagnostics(mlp_loss, p, batch)
+    d = kfl.diagnostics(mlp_loss, p, jax.tree.map(lambda x: x[:n], batch))
     tr = decay * tr + (1 - decay) * float(d.trace_sigma)
-    gb = decay * gb + (1 - decay) * float(d.batch_grad_sq_norm)
-    want = float(np.clip(1 - tr / (B * gb), floor, 1.0))
+    g2 = decay * g2 + (1 - decay) * (float(d.batch_grad_sq_norm) - float(d.trace_sigma) / n)
+    want = float(np.clip(g2 / (g2 + tr / B), floor, 1.0))
     np.testing.assert_allclose(ws.scale, want, rtol=1e-4)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, want * b, rtol=1e-4, atol=1e-8),
                  u, v)

@@ -26,10 +26,18 @@ from kfac_jax_lite.tagging.layers import TaggedLoss
 
 
 def leading_fraction(batch: Any, fraction: float | None) -> Any:
-  """The first ``ceil(fraction · n)`` examples of every leaf (all if ``None``)."""
+  """The first ``ceil(fraction · n)`` examples of every leaf (all if ``None``;
+  a ``jax.ShapeDtypeStruct`` leaf gives the shape of that slice)."""
   if fraction is None:
     return batch
-  return jax.tree.map(lambda x: x[:max(1, math.ceil(fraction * x.shape[0]))], batch)
+
+  def leading(x: Any) -> Any:
+    n = max(1, math.ceil(fraction * x.shape[0]))
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct((n, *x.shape[1:]), x.dtype)
+    return x[:n]
+
+  return jax.tree.map(leading, batch)
 
 
 def estimate_factors(tag_fn: Callable[[Any, Any], TaggedLoss], params: Any, batch: Any,
