@@ -41,8 +41,6 @@ the simple noise scale ``B_simple = tr Σ / ||G||²`` and Yin et al.'s (2018,
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -50,6 +48,7 @@ import jax.numpy as jnp
 
 from kfac_jax_lite.curvature import estimation
 from kfac_jax_lite.curvature.estimators import check_estimator, output_cotangents
+from kfac_jax_lite.diagnostics_record import Diagnostics
 from kfac_jax_lite.losses import DISTRIBUTIONS, Distribution
 from kfac_jax_lite.options import LayerOptions
 from kfac_jax_lite.statistics import (Factors, PassValues, factors_from_values,
@@ -57,48 +56,6 @@ from kfac_jax_lite.statistics import (Factors, PassValues, factors_from_values,
 from kfac_jax_lite.tagging import geometry
 from kfac_jax_lite.tagging.layers import Layer, TaggedLoss, tag
 from kfac_jax_lite.tagging.trace import trace_loss
-
-
-@functools.partial(jax.tree_util.register_dataclass, data_fields=[
-    "sq_norms", "layer_sq_norms", "batch_grad_sq_norm", "layer_batch_grad_sq_norms",
-    "trace_sigma", "grad_sq_norm", "noise_scale", "diversity"], meta_fields=["uncovered"])
-@dataclasses.dataclass(frozen=True)
-class Diagnostics:
-  """Gradient statistics of one batch, over the layers the statistics pass covers.
-
-  Every Kronecker layer (dense, conv, embedding; weight and bias together)
-  and every scale-and-shift layer is covered. Parameters with the rms
-  fallback are not: ``uncovered`` names them, and every total below is over
-  the covered layers only.
-
-  Attributes:
-    sq_norms: ``[B]`` per-example squared gradient norms ``||g_n||²``.
-    layer_sq_norms: layer name -> ``[B]`` its part of ``sq_norms``.
-    batch_grad_sq_norm: ``||G_B||²`` of the batch's mean gradient
-      ``G_B = (1/B) Σ_n g_n`` (the gradient of the registered loss).
-    layer_batch_grad_sq_norms: layer name -> its part of ``batch_grad_sq_norm``.
-    trace_sigma: unbiased ``tr Σ = (Σ_n ||g_n||² − B ||G_B||²) / (B − 1)``, the
-      trace of the per-example gradient covariance.
-    grad_sq_norm: unbiased ``||G||² = ||G_B||² − tr Σ / B`` (may be negative
-      on a noisy batch; average it and ``trace_sigma`` over batches before
-      dividing, as McCandlish et al. do).
-    noise_scale: ``B_simple = trace_sigma / grad_sq_norm``.
-    diversity: ``Σ_n ||g_n||² / ||Σ_n g_n||²`` (Yin et al. 2018).
-    uncovered: names (as in :func:`kfac_jax_lite.find_layers`) of the
-      layers not covered (static): the rms fallback, and layers whose
-      rows do not run along the batch axis (e.g. a time-major ``[T, B, d]``
-      input; the check is by size, so keep the batch axis leading).
-  """
-
-  sq_norms: jax.Array
-  layer_sq_norms: dict[str, jax.Array]
-  batch_grad_sq_norm: jax.Array
-  layer_batch_grad_sq_norms: dict[str, jax.Array]
-  trace_sigma: jax.Array
-  grad_sq_norm: jax.Array
-  noise_scale: jax.Array
-  diversity: jax.Array
-  uncovered: tuple[str, ...] = ()
 
 
 def use_gram(positions: int, d_in: int, d_out: int) -> bool:
@@ -270,7 +227,7 @@ def _summary(sq_norms: jax.Array, summed_sq: jax.Array,
   batch_grad_sq = summed_sq / b**2
   trace_sigma = (s - b * batch_grad_sq) / (b - 1)
   grad_sq = batch_grad_sq - trace_sigma / b
-  return Diagnostics(
+  return Diagnostics.pack(
       sq_norms=sq_norms, layer_sq_norms={k: t[0] for k, t in terms.items()},
       batch_grad_sq_norm=batch_grad_sq,
       layer_batch_grad_sq_norms={k: t[1] / b**2 for k, t in terms.items()},
