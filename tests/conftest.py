@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 _FAST_COMPILE_FLAGS = {
     "--xla_cpu_use_fusion_emitters": "false",
     "--xla_backend_optimization_level": "0",
@@ -44,3 +46,16 @@ def _with_fast_compile(flags: str) -> str:
 
 
 os.environ["XLA_FLAGS"] = _with_fast_compile(os.environ.get("XLA_FLAGS", ""))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+  """Moves the tests marked ``slow`` to the front, keeping the order otherwise.
+
+  Under ``--dist loadgroup`` (pyproject's addopts) the xdist groups start
+  first, then the other tests in this order: a long end-to-end run started
+  last would keep one worker busy after the other has finished.
+
+  Args:
+    items: the collected tests, reordered in place.
+  """
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
