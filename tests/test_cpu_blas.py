@@ -18,6 +18,9 @@ import pytest
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# One xdist worker runs the whole module: the child processes start once.
+pytestmark = pytest.mark.xdist_group("cpu_blas")
+
 _CHILD = r"""
 import json, os, sys
 import numpy as np

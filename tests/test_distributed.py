@@ -47,6 +47,9 @@ WORKER_TIMEOUT_S = 600
 RTOL = 1e-4
 ATOL = 1e-5  # times the largest entry of the array
 
+# One xdist worker runs the whole module: the 8-device worker process starts once.
+pytestmark = pytest.mark.xdist_group("distributed")
+
 
 CPU = jax.devices("cpu")[0]
 L0, L1 = "['l0']['kernel']", "['l1']['kernel']"

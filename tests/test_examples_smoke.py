@@ -34,6 +34,7 @@ def _check_runs(runs: dict[str, Any], labels: set[str]) -> None:
     assert run.seconds == sorted(run.seconds), label
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", [resnet_digits, transformer_tokens],
                          ids=["resnet_digits", "transformer_tokens"])
 def test_quick_main_writes_plot_and_loss_decreases(module: Any, tmp_path: Any,

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import kfac_jax_lite as kfl
 from _family_oracles import flax_params, normal
@@ -65,6 +66,7 @@ def _train(model: nn.Module, inputs: jax.Array, labels: jax.Array,
   return losses
 
 
+@pytest.mark.slow
 def test_training_tiny_cnn_and_token_model():
   rng = np.random.default_rng(9)
   images = normal(rng, 16, 6, 6, 1)

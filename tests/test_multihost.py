@@ -38,6 +38,9 @@ TIMEOUT_S = 120  # hang guard for both workers; they take ~20-35 s on 2 busy cor
 RTOL = 1e-4
 ATOL = 1e-5  # times the largest entry of the array
 
+# One xdist worker runs the whole module: the two worker processes start once.
+pytestmark = pytest.mark.xdist_group("multihost")
+
 
 dw = mw.dw
 MODES = list(mw.DEFAULT_MODES)

@@ -64,6 +64,7 @@ def test_command_line_values() -> None:
     suite_optim.parse_kwargs(["damping"], "--kfac")
 
 
+@pytest.mark.slow
 def test_quick_run_on_the_mlp_writes_table_json_and_plot(tmp_path: Any) -> None:
   out = suite.main(["--quick", "--models", "mlp", "--no-layers",
                     "--json", str(tmp_path / "s.json"), "--png", str(tmp_path / "s.png")])

@@ -41,6 +41,8 @@ import digits_data  # pylint: disable=wrong-import-position
 STEPS = 80
 BATCH = 128
 ADAM_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
+pytestmark = pytest.mark.slow  # long runs: started first (tests/conftest.py)
+
 KFAC_SETTINGS = dict(learning_rate=0.1, damping=1e-2, kl_clip=1e-3, momentum=0.9, stats_every=1,
                      inverse_every=10)
 
