@@ -317,8 +317,8 @@ _PMAP_SCRIPT = textwrap.dedent("""
 
 def test_pmap_averages_the_scales_over_devices():
   """Two fake devices with half the batch each give the single-device ``S``."""
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-         "JAX_PLATFORMS": "cpu"}
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"
+  env = {**os.environ, "XLA_FLAGS": flags.strip(), "JAX_PLATFORMS": "cpu"}
   here = os.path.dirname(os.path.abspath(__file__))
   proc = subprocess.run([sys.executable, "-c", _PMAP_SCRIPT, here], env=env,
                         capture_output=True, text=True, timeout=600, check=False)
