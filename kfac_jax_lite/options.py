@@ -126,6 +126,11 @@ class EstimatorOptions:
       gradient noise scale, diversity) of the latest statistics batch, from
       the same pass (one more backward column for ``"mc"`` / ``"exact"``);
       per device under ``pmap`` / ``shard_map``.
+    diagnostics_fraction: with ``diagnostics``, compute them instead from a
+      pass of their own, with the true labels, over this leading fraction in
+      ``(0, 1]`` of the statistics batch (their estimates of ``tr Σ`` and
+      ``||G||²`` are unbiased at any size ≥ 2, and the per-example work
+      shrinks with it); ``None``: the whole statistics batch, same pass.
   """
 
   kind: str = "mc"
@@ -133,11 +138,16 @@ class EstimatorOptions:
   batch_fraction: float | None = None
   accumulate: bool = False
   diagnostics: bool = False
+  diagnostics_fraction: float | None = None
 
   def __post_init__(self) -> None:
     _one_of("EstimatorOptions.kind (the estimator)", self.kind, ESTIMATORS)
     _python_int("EstimatorOptions.num_samples", self.num_samples)
     _fraction("EstimatorOptions.batch_fraction", self.batch_fraction)
+    _fraction("EstimatorOptions.diagnostics_fraction", self.diagnostics_fraction)
+    if self.diagnostics_fraction is not None and not self.diagnostics:
+      raise ValueError("EstimatorOptions.diagnostics_fraction applies to the diagnostics: "
+                       "pass diagnostics=True too (kfl.kfac(..., noise_scaling=...) does).")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,7 +32,6 @@ import optax
 
 from kfac_jax_lite import masking, placement, schedule
 from kfac_jax_lite.curvature.specs import spec_for
-from kfac_jax_lite.diagnostics import factors_and_diagnostics
 from kfac_jax_lite.options import (AdaptiveOptions, EstimatorOptions, InverseOptions,
                                    LayerOptions, ParallelOptions, as_estimator, check_type)
 from kfac_jax_lite.step import (checks, estimate, precondition, quadratic, refresh, scales,
@@ -100,14 +99,13 @@ def _rms_tree(tagged: TaggedLoss, params: Any) -> Any:
       else None for i, x in enumerate(leaves)])
 
 
-def _zero_diagnostics(tagged: TaggedLoss, params: Any, batch: Any,
-                      estimator: EstimatorOptions) -> Any:
+def _zero_diagnostics(config: _Config, params: Any) -> Any:
   """Zeros shaped like the diagnostics of one batch (``None`` if not asked for)."""
-  if not estimator.diagnostics:
+  if not config.estimator.diagnostics:
     return None
-  shapes = jax.eval_shape(lambda p, b: factors_and_diagnostics(
-      tagged, p, b, jax.random.key(0), estimator=estimator.kind,
-      num_samples=estimator.num_samples)[1], params, batch)
+  shapes = jax.eval_shape(lambda p, b: estimate.estimate_factors(
+      config.layer_cache, p, b, jax.random.key(0), config.estimator, ParallelOptions())[1],
+      params, config.layer_cache.sample_batch)
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
@@ -267,10 +265,7 @@ def _init(config: _Config, params: Any) -> KfacState:
     warnings.warn(message, UserWarning, stacklevel=2)
   if config.inverses.method == "ekfac" and (message := scales.warning(tagged)) is not None:
     warnings.warn(message, UserWarning, stacklevel=2)
-  stats_batch = estimate.leading_fraction(config.layer_cache.sample_batch,
-                                          config.estimator.batch_fraction)
-  diagnostics = _zero_diagnostics(config.layer_cache(full, stats_batch), full, stats_batch,
-                                  config.estimator)
+  diagnostics = _zero_diagnostics(config, full)
   adaptive = None if config.adaptive is None else quadratic.init(params, config.damping)
   return _init_state(tagged, params, config, diagnostics, adaptive)
 

@@ -44,22 +44,24 @@ def test_signal_fraction_is_b_over_b_plus_noise_scale():
   assert float(signal_fraction(0.0, 0.0, b, 0.2)) == 1.0  # before any statistics
 
 
-@pytest.mark.parametrize("fraction", [None, 0.5])
-def test_scale_follows_the_diagnostics_moving_averages(problem, fraction):
+@pytest.mark.parametrize("fraction, diag_fraction", [(None, None), (0.5, None), (None, 0.5)])
+def test_scale_follows_the_diagnostics_moving_averages(problem, fraction, diag_fraction):
   """Against ``kfl.diagnostics`` on the same parameters and batches (a separate pass),
   the moving averages written out in numpy, and the unscaled inner optimizer.
 
   With ``batch_fraction`` the diagnostics are of the first ``B/2`` examples
   but the gradient is of all ``B``: the factor is ``B``'s,
   ``||G||² / (||G||² + trΣ/B)`` with ``||G||² = ||G_{B/2}||² − trΣ/(B/2)``
-  (for the whole batch, ``1 − trΣ/(B||G_B||²)``)."""
+  (for the whole batch, ``1 − trΣ/(B||G_B||²)``). With ``diagnostics_fraction``
+  alone, they are of the first ``B/2`` examples too, from a pass of their own."""
   params, batches = problem
   decay, floor = 0.7, 0.05
-  n = B if fraction is None else int(B * fraction)
+  n = int(B * (fraction or 1) * (diag_fraction or 1))
 
   def inner():
     return kfl.kfac(mlp_loss, batches[0], stats_every=1, momentum=None,
-                    estimator=kfl.EstimatorOptions(diagnostics=True, batch_fraction=fraction))
+                    estimator=kfl.EstimatorOptions(diagnostics=True, batch_fraction=fraction,
+                                                   diagnostics_fraction=diag_fraction))
 
   wrapped, plain = kfl.noise_scaled(inner(), floor=floor, decay=decay), inner()
   ws, ps = wrapped.init(params), plain.init(params)

@@ -127,6 +127,10 @@ def test_options_must_be_option_values(problem):
     kfl.LayerOptions(max_factor_dim=0)
   with pytest.raises(ValueError, match="batch_fraction"):
     kfl.EstimatorOptions(batch_fraction=1.5)
+  with pytest.raises(ValueError, match="diagnostics_fraction"):
+    kfl.EstimatorOptions(diagnostics=True, diagnostics_fraction=0.0)
+  with pytest.raises(ValueError, match="diagnostics=True"):
+    kfl.EstimatorOptions(diagnostics_fraction=0.5)
   with pytest.raises(ValueError, match="method"):
     kfl.InverseOptions(method="svd")
 

@@ -64,16 +64,21 @@ def estimate_factors(tag_fn: Callable[[Any, Any], TaggedLoss], params: Any, batc
   Returns:
     Layer name -> factor name -> estimate (float32); with
     ``estimator.diagnostics`` the batch's (this device's) diagnostics, else
-    ``None``; with ``keep_values`` the pass's values (this device's), else
+    ``None`` (with ``diagnostics_fraction``, of that leading fraction of it,
+    from a pass of their own with the true labels); with ``keep_values`` the pass's values (this device's), else
     ``None``.
   """
   stats_batch = leading_fraction(batch, estimator.batch_fraction)
   tagged = tag_fn(params, stats_batch)
   kind = {"estimator": estimator.kind, "num_samples": estimator.num_samples}
-  if estimator.diagnostics:
+  if estimator.diagnostics and estimator.diagnostics_fraction is None:
     values, diag = values_and_diagnostics(tagged, params, stats_batch, key, **kind)
   else:
     values, diag = fisher_values(tagged, params, stats_batch, key, **kind), None
+  if estimator.diagnostics and estimator.diagnostics_fraction is not None:
+    diag_batch = leading_fraction(stats_batch, estimator.diagnostics_fraction)
+    diag = values_and_diagnostics(tag_fn(params, diag_batch), params, diag_batch, key,
+                                  estimator="empirical")[1]
   est = factors_from_values(tagged, values.inputs, values.ds, values.num_cases)
   return average(est, parallel), diag, values if keep_values else None
 
