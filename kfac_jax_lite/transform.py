@@ -311,7 +311,8 @@ def _step_size(config: _Config, updates: Any, out: Any, state: KfacState, params
                batch: Any) -> tuple[Any, Any]:
   """Phase 4: the KL-clipped direction, or the quadratic model's step."""
   if config.adaptive is not None:
-    model_batch = estimate.leading_fraction(batch, config.adaptive.batch_fraction)
+    model_batch = estimate.leading_fraction(batch, config.adaptive.batch_fraction,
+                                            "AdaptiveOptions.batch_fraction")
     delta, adaptive = quadratic.update(
         config.layer_cache(params, model_batch), config.loss_fn, updates, out,
         state.adaptive, params, model_batch, state.count, config.adaptive,

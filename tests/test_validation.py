@@ -147,3 +147,17 @@ def test_inject_hyperparams_needs_no_static_args_for_options(problem):
   assert set(state.hyperparams) >= {"learning_rate", "damping", "kl_clip", "momentum"}
   updates, _ = tx.update(grads, state, params, batch=batch)
   assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
+
+
+def test_a_fraction_of_a_batch_needs_the_batch_axis_leading():
+  """A time-major input beside per-example targets: slicing both leading axes would
+  change the traced shapes; the error names the option and the fix."""
+  def seq_loss(p, b):
+    h = jnp.tanh(jnp.einsum("tbd,dh->tbh", b["x"], p["w"])).mean(0)
+    return kfl.losses.softmax_cross_entropy(h, b["y"])
+
+  params = {"w": jnp.ones((2, 3), jnp.float32)}
+  batch = {"x": jnp.ones((5, 4, 2), jnp.float32), "y": jnp.zeros((4,), jnp.int32)}
+  tx = kfl.kfac(seq_loss, batch, estimator=kfl.EstimatorOptions(batch_fraction=0.5))
+  with pytest.raises(ValueError, match=r"EstimatorOptions.batch_fraction=0.5.*batch axis first"):
+    tx.update(params, tx.init(params), params, batch=batch)

@@ -25,11 +25,21 @@ from kfac_jax_lite.statistics import (Factors, PassValues, factors_from_values, 
 from kfac_jax_lite.tagging.layers import TaggedLoss
 
 
-def leading_fraction(batch: Any, fraction: float | None) -> Any:
+def leading_fraction(batch: Any, fraction: float | None, field: str) -> Any:
   """The first ``ceil(fraction · n)`` examples of every leaf (all if ``None``;
-  a ``jax.ShapeDtypeStruct`` leaf gives the shape of that slice)."""
+  a ``jax.ShapeDtypeStruct`` leaf gives the shape of that slice).
+
+  Raises:
+    ValueError: naming ``field`` if the leaves' leading sizes differ (a
+      fraction of the batch needs the batch axis leading on every leaf).
+  """
   if fraction is None:
     return batch
+  sizes = {x.shape[0] if x.shape else None for x in jax.tree_util.tree_leaves(batch)}
+  if len(sizes) > 1:
+    raise ValueError(f"{field}={fraction} takes a leading fraction of every batch leaf, but "
+                     f"their leading sizes differ ({sorted(sizes, key=str)}): put the batch "
+                     f"axis first on every leaf, or pass {field}=None.")
 
   def leading(x: Any) -> Any:
     n = max(1, math.ceil(fraction * x.shape[0]))
@@ -65,10 +75,11 @@ def estimate_factors(tag_fn: Callable[[Any, Any], TaggedLoss], params: Any, batc
     Layer name -> factor name -> estimate (float32); with
     ``estimator.diagnostics`` the batch's (this device's) diagnostics, else
     ``None`` (with ``diagnostics_fraction``, of that leading fraction of it,
-    from a pass of their own with the true labels); with ``keep_values`` the pass's values (this device's), else
-    ``None``.
+    from a pass of their own with the true labels); with ``keep_values`` the
+    pass's values (this device's), else ``None``.
   """
-  stats_batch = leading_fraction(batch, estimator.batch_fraction)
+  stats_batch = leading_fraction(batch, estimator.batch_fraction,
+                                 "EstimatorOptions.batch_fraction")
   tagged = tag_fn(params, stats_batch)
   kind = {"estimator": estimator.kind, "num_samples": estimator.num_samples}
   if estimator.diagnostics and estimator.diagnostics_fraction is None:
@@ -76,7 +87,8 @@ def estimate_factors(tag_fn: Callable[[Any, Any], TaggedLoss], params: Any, batc
   else:
     values, diag = fisher_values(tagged, params, stats_batch, key, **kind), None
   if estimator.diagnostics and estimator.diagnostics_fraction is not None:
-    diag_batch = leading_fraction(stats_batch, estimator.diagnostics_fraction)
+    diag_batch = leading_fraction(stats_batch, estimator.diagnostics_fraction,
+                                  "EstimatorOptions.diagnostics_fraction")
     diag = values_and_diagnostics(tag_fn(params, diag_batch), params, diag_batch, key,
                                   estimator="empirical")[1]
   est = factors_from_values(tagged, values.inputs, values.ds, values.num_cases)
