@@ -255,10 +255,13 @@ def _full_params(config: _Config, params: Any) -> Any:
 
 def _init(config: _Config, params: Any) -> KfacState:
   """``init``: zero statistics, identity inverses; warns about fallbacks."""
-  if not jax.tree_util.tree_leaves(params):
+  if not jax.tree_util.tree_leaves(params):  # also optax.tree.map_params' placeholders
     zero = jnp.zeros([], jnp.int32)
     return KfacState(zero, jax.random.key_data(jax.random.key(config.seed)), zero,
-                     _NotParams(), _NotParams(), params)
+                     _NotParams(), _NotParams(), params,
+                     pending=_NotParams() if config.estimator.accumulate else None,
+                     diagnostics=_NotParams() if config.estimator.diagnostics else None,
+                     ekfac=_NotParams() if config.inverses.method == "ekfac" else None)
   full = _full_params(config, params)
   tagged = config.layer_cache(full)
   if (message := report.fallback_warning(tagged, config.layers.blocks)) is not None:

@@ -141,3 +141,20 @@ def test_data_parallel_factor_is_the_global_batchs_on_every_replica():
       np.testing.assert_array_equal(leaf[0], leaf[1])
     np.testing.assert_allclose(s.scale[0], g / (g + tr / (2 * B)), rtol=1e-4)
   assert 0.2 < float(s.scale[0]) < 1.0
+
+
+@pytest.mark.parametrize("kwargs", [{"noise_scaling": 0.2},
+                                    {"estimator": kfl.EstimatorOptions(diagnostics=True)}])
+def test_map_params_maps_the_momentum_and_leaves_the_diagnostics(problem, kwargs):
+  """``optax.tree.map_params`` (it calls ``init`` on placeholders) over a state
+  holding diagnostics: the parameter-shaped momentum is mapped, the rest kept."""
+  params, batches = problem
+  tx = kfl.kfac(mlp_loss, batches[0], **kwargs)
+  _, state = jax.jit(tx.update)(jax.grad(mlp_loss)(params, batches[0]), tx.init(params),
+                                params, batch=batches[0])
+  shifted = optax.tree.map_params(tx, lambda x: x + 1.0, state)
+  assert jax.tree.structure(shifted) == jax.tree.structure(state)
+  trace, new_trace = (optax.tree.get(s, "trace") for s in (state, shifted))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a + 1.0), trace, new_trace)
+  diag, new_diag = (optax.tree.get(s, "diagnostics") for s in (state, shifted))
+  jax.tree.map(np.testing.assert_array_equal, diag, new_diag)
