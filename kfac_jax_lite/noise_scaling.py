@@ -159,8 +159,7 @@ def noise_scaled(inner: optax.GradientTransformation, *, floor: float = 0.2,
 
   def init_fn(params: Any) -> NoiseScaledState:
     state = inner.init(params)
-    if (jax.tree_util.tree_leaves(params)  # not optax.tree.map_params' placeholders
-        and optax.tree.get(state, "diagnostics", default=None) is None):
+    if optax.tree.get(state, "diagnostics", default=None) is None:
       raise ValueError("noise_scaled needs the diagnostics in the inner state: build it with "
                        "estimator=kfl.EstimatorOptions(diagnostics=True) (or use "
                        "kfl.kfac(..., noise_scaling=floor)).")
