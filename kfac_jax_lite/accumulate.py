@@ -7,9 +7,12 @@ micro-batch: on non-emitting micro-steps with ``kfac_accumulate_only=True``,
 which only adds the micro-batch's factor estimate to K-FAC's buffer (every
 other part of the inner state is kept as it was); on the emitting step with
 the mean of the accumulated gradients, where K-FAC averages the buffered
-estimates with its own. With equal micro-batches this is the step one big
-batch would take (exactly so with the ``"exact"`` or ``"empirical"``
-estimator).
+estimates with its own, and with ``kfac_micro_batches=every_k``, from which
+:func:`kfac_jax_lite.noise_scaled` knows the gradient's batch is
+``every_k`` micro-batches. With equal micro-batches and no noise scaling
+this is the step one big batch would take (exactly so with the ``"exact"``
+or ``"empirical"`` estimator); noise scaling's diagnostics are of the
+emitting micro-batch.
 """
 
 from __future__ import annotations
@@ -77,7 +80,8 @@ def accumulate(inner: optax.GradientTransformation,
 
     def emit():
       mean = jax.tree.map(lambda s, g: (s / every_k).astype(g.dtype), grad_sum, updates)
-      out, inner_state = inner.update(mean, state.inner_state, params, **extra_args)
+      out, inner_state = inner.update(mean, state.inner_state, params,
+                                      kfac_micro_batches=every_k, **extra_args)
       return out, AccumulateState(jnp.zeros([], jnp.int32),
                                   jax.tree.map(jnp.zeros_like, grad_sum), inner_state)
 

@@ -81,6 +81,14 @@ class Diagnostics:
     packed = jnp.concatenate([jnp.ravel(p).astype(jnp.float32) for p in parts])
     return cls(packed, _Layout(int(sq_norms.shape[0]), layers, tuple(uncovered)))
 
+  def totals(self) -> Diagnostics:
+    """This record without its per-example rows (``sq_norms`` and
+    ``layer_sq_norms`` become empty): the batch's totals, whose layout does
+    not depend on the batch size."""
+    start = self._layout.offsets()["batch_grad_sq_norm"]
+    return Diagnostics(self._packed[..., start:],
+                       dataclasses.replace(self._layout, batch_size=0))
+
   def tree_flatten(self) -> tuple[tuple[jax.Array], _Layout]:
     """One leaf, the packed vector; the layout is static."""
     return (self._packed,), self._layout
@@ -90,10 +98,10 @@ class Diagnostics:
     """The record of a packed vector (or whatever a tree map put in its place)."""
     return cls(leaves[0], layout)
 
-  def _field(self, name: str, size: int = 0) -> jax.Array:
-    """``size`` entries (a scalar if 0) from the field's offset, along the last axis."""
+  def _field(self, name: str, size: int | None = None) -> jax.Array:
+    """``size`` entries (a scalar if ``None``) from the field's offset, along the last axis."""
     start = self._layout.offsets()[name]
-    if size == 0:
+    if size is None:
       return self._packed[..., start]
     return self._packed[..., start:start + size]
 

@@ -81,18 +81,18 @@ def signal_fraction(trace_sigma: jax.Array, grad_sq_norm: jax.Array,
   return jnp.where(expected > 0, jnp.clip(fraction, floor, 1.0), unmeasured)
 
 
-def device_mean(diag: Diagnostics, axis_name: str | None, batch_size: int | None = None
+def device_mean(diag: Diagnostics, axis_name: str | None, batch_size: int
                 ) -> tuple[jax.Array, jax.Array, int]:
   """``tr Σ`` and ``||G||²`` averaged over ``axis_name`` (one all-reduce), and ``B·D``.
 
   Args:
-    diag: this device's diagnostics, of its ``B`` examples.
+    diag: this device's diagnostics.
     axis_name: the ``pmap`` / ``shard_map`` axis of ``D`` devices, or
       ``None`` (one device, or ``jit`` on a mesh, whose diagnostics are of
       the global batch already).
     batch_size: ``B``, the examples the device's gradient averages over
-      (``None``: those of the diagnostics, which are fewer with
-      ``EstimatorOptions(batch_fraction=...)``).
+      (more than the diagnostics' with a ``batch_fraction`` or
+      ``diagnostics_fraction``).
 
   Returns:
     ``(tr Σ, ||G||², B·D)``.
@@ -102,9 +102,8 @@ def device_mean(diag: Diagnostics, axis_name: str | None, batch_size: int | None
       ``pmap`` / ``shard_map`` over it).
   """
   pair = jnp.stack([diag.trace_sigma, diag.grad_sq_norm])
-  batch = diag.sq_norms.shape[0] if batch_size is None else batch_size
   if axis_name is None:
-    return pair[0], pair[1], batch
+    return pair[0], pair[1], batch_size
   try:
     devices = jax.lax.axis_size(axis_name)
   except NameError as e:
@@ -112,13 +111,17 @@ def device_mean(diag: Diagnostics, axis_name: str | None, batch_size: int | None
                      f"jax.pmap / jax.shard_map over {axis_name!r}, or pass axis_name=None "
                      "(one device, or jit on a mesh).") from e
   pair = jax.lax.pmean(pair, axis_name)
-  return pair[0], pair[1], batch * devices
+  return pair[0], pair[1], batch_size * devices
 
 
-def _batch_size(batch: Any) -> int | None:
-  """The leading dimension of the batch's leaves (``None`` without a batch)."""
+def _batch_size(batch: Any, micro_batches: int) -> int:
+  """The examples the gradient averages over: ``micro_batches`` times the
+  leading dimension of the batch's leaves."""
   leaves = jax.tree_util.tree_leaves(batch)
-  return leaves[0].shape[0] if leaves and jnp.ndim(leaves[0]) else None
+  if not leaves or not jnp.ndim(leaves[0]):
+    raise ValueError("noise_scaled.update needs the gradient's batch (its leading size is "
+                     "B): call update(grads, state, params, batch=batch).")
+  return leaves[0].shape[0] * micro_batches
 
 
 def noise_scaled(inner: optax.GradientTransformation, *, floor: float = 0.2,
@@ -134,8 +137,8 @@ def noise_scaled(inner: optax.GradientTransformation, *, floor: float = 0.2,
   ``axis_name``, enter moving averages of ``tr Σ`` and ``||G||²`` with decay
   ``decay``, and the updates are multiplied by :func:`signal_fraction` of
   them for the global batch ``B·D`` (McCandlish et al. 2018, §2.2, App. A;
-  ``B`` is the leading dimension of the ``batch=`` extra argument, or the
-  diagnostics' batch without one):
+  ``B`` is the leading dimension of the ``batch=`` extra argument, times
+  ``kfac_micro_batches`` under :func:`kfac_jax_lite.accumulate`):
 
   ``clip(||G||² / (||G||² + tr Σ / (B·D)), floor, 1)``.
 
@@ -170,7 +173,8 @@ def noise_scaled(inner: optax.GradientTransformation, *, floor: float = 0.2,
                 **extra: Any) -> tuple[Any, NoiseScaledState]:
     out, inner_state = inner.update(updates, state.inner, params, **extra)
     trace_sigma, grad_sq, batch = device_mean(
-        optax.tree.get(inner_state, "diagnostics"), axis_name, _batch_size(extra.get("batch")))
+        optax.tree.get(inner_state, "diagnostics"), axis_name,
+        _batch_size(extra.get("batch"), extra.get("kfac_micro_batches", 1)))
     old = (state.trace_sigma, state.grad_sq_norm)
     new = (decay * old[0] + (1 - decay) * trace_sigma,
            decay * old[1] + (1 - decay) * grad_sq)

@@ -131,6 +131,11 @@ class EstimatorOptions:
       ``(0, 1]`` of the statistics batch (their estimates of ``tr Σ`` and
       ``||G||²`` are unbiased at any size ≥ 2, and the per-example work
       shrinks with it); ``None``: the whole statistics batch, same pass.
+    per_example_norms: with ``diagnostics``, keep the per-example norms
+      (``sq_norms``, ``layer_sq_norms``) in the state too; they fix the
+      batch size the state takes (a batch of another size is then an
+      error). ``False`` keeps the batch's totals only (``tr Σ``,
+      ``||G||²``, ...: what noise scaling reads), for any batch size.
   """
 
   kind: str = "mc"
@@ -139,6 +144,7 @@ class EstimatorOptions:
   accumulate: bool = False
   diagnostics: bool = False
   diagnostics_fraction: float | None = None
+  per_example_norms: bool = True
 
   def __post_init__(self) -> None:
     _one_of("EstimatorOptions.kind (the estimator)", self.kind, ESTIMATORS)
@@ -148,6 +154,9 @@ class EstimatorOptions:
     if self.diagnostics_fraction is not None and not self.diagnostics:
       raise ValueError("EstimatorOptions.diagnostics_fraction applies to the diagnostics: "
                        "pass diagnostics=True too (kfl.kfac(..., noise_scaling=...) does).")
+    if not self.per_example_norms and not self.diagnostics:
+      raise ValueError("EstimatorOptions.per_example_norms applies to the diagnostics: "
+                       "pass diagnostics=True too, or leave it at True.")
 
 
 @dataclasses.dataclass(frozen=True)

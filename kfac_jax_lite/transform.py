@@ -292,6 +292,7 @@ def _statistics(config: _Config, state: KfacState, params: Any, batch: Any,
 
   def due() -> tuple[Any, jax.Array, Any, Any]:
     est, diagnostics, values = _estimate(config, params, batch, key)
+    checks.check_diagnostics_layout(state.diagnostics, diagnostics)
     factors, stats_count = estimate.moving_average(
         state.factors, state.stats_count, est, state.pending,
         _now(config.ema_decay, state.count))

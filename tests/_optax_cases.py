@@ -67,13 +67,17 @@ loss_jit = jax.jit(loss_fn)
 grad_jit = jax.jit(jax.grad(loss_fn))
 
 
-def kfac_state(state: Any) -> kfl.KfacState:
-  """The first :class:`kfl.KfacState` found in an (optax-wrapped) state."""
-  found = [s for s in jax.tree_util.tree_leaves(
-      state, is_leaf=lambda s: isinstance(s, kfl.KfacState))
-           if isinstance(s, kfl.KfacState)]
-  assert len(found) == 1, f"expected one KfacState in {state}"
+def find_state(state: Any, cls: type) -> Any:
+  """The one ``cls`` (a state NamedTuple) inside an (optax-wrapped) state."""
+  found = [s for s in jax.tree_util.tree_leaves(state, is_leaf=lambda s: isinstance(s, cls))
+           if isinstance(s, cls)]
+  assert len(found) == 1, f"expected one {cls.__name__} in {state}"
   return found[0]
+
+
+def kfac_state(state: Any) -> kfl.KfacState:
+  """The :class:`kfl.KfacState` inside an (optax-wrapped) state."""
+  return find_state(state, kfl.KfacState)
 
 
 def assert_trees_equal(a: Any, b: Any) -> None:

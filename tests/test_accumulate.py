@@ -12,7 +12,9 @@ import pytest
 
 import kfac_jax_lite as kfl
 
-KW = dict(learning_rate=0.1, damping=1e-2, inverse_every=1, ema_decay=0.5)
+# Noise scaling off: its diagnostics are of the emitting micro-batch, so with
+# it the accumulated step equals one big batch's only in expectation.
+KW = dict(learning_rate=0.1, damping=1e-2, inverse_every=1, ema_decay=0.5, noise_scaling=None)
 EXACT = kfl.EstimatorOptions("exact")
 ACCUMULATE = kfl.EstimatorOptions("exact", accumulate=True)
 
@@ -72,6 +74,29 @@ def test_accumulation_equals_one_big_batch(setup, k):
   jax.tree.map(chex_close, p_acc, p_big)
   jax.tree.map(chex_close, s_acc.factors, s_big.factors)
   assert int(s_acc.count) == int(s_big.count) == len(batches)
+
+
+def test_noise_scaling_counts_every_micro_batch(setup):
+  """The accumulated gradient averages ``k`` micro-batches: the signal fraction
+  is that of ``k·m`` examples (McCandlish et al. 2018), from the emitting
+  micro-batch's diagnostics."""
+  params, batches = setup
+  k, floor = 2, 0.01
+  micro = _micro(batches[0], k)
+  tx = kfl.accumulate(kfl.kfac(loss_fn, micro[0], **{**KW, "noise_scaling": floor},
+                               estimator=kfl.EstimatorOptions("exact", accumulate=True,
+                                                              diagnostics=True)), k)
+  p, s, step = params, tx.init(params), _stepper(tx)
+  for m in micro:
+    p, s = step(p, s, m)
+  scaled = s.inner_state
+  diag = scaled.inner[0].diagnostics
+  # The moving averages start at zero, so their ratio is this step's.
+  t, g = float(diag.trace_sigma), float(diag.grad_sq_norm)
+  expected = np.clip(g / (g + t / (k * micro[0]["x"].shape[0])), floor, 1.0)
+  per_micro = np.clip(g / (g + t / micro[0]["x"].shape[0]), floor, 1.0)
+  assert abs(expected - per_micro) > 1e-3  # the case tells the two apart
+  np.testing.assert_allclose(float(scaled.scale), expected, rtol=1e-5)
 
 
 def test_non_emitting_micro_steps_return_zero_updates(setup):

@@ -41,3 +41,18 @@ def test_fields_read_back_through_jit_and_a_stacked_leading_axis():
   stacked = jax.tree.map(lambda *x: jnp.stack(x), *records)  # as pmap's outputs are
   for i, f in enumerate(fields):
     _check(stacked, f, (i,))
+
+
+def test_totals_drop_the_per_example_rows_and_keep_the_rest():
+  rng = np.random.default_rng(1)
+  fields = _fields(rng)
+  record = kfl.Diagnostics.pack(**{k: jax.tree.map(jnp.asarray, v) if k != "uncovered" else v
+                                   for k, v in fields.items()})
+  totals = record.totals()
+  _check(totals, {k: v for k, v in fields.items() if k not in ("sq_norms", "layer_sq_norms")})
+  assert totals.sq_norms.shape == (0,)
+  assert {k: v.shape for k, v in totals.layer_sq_norms.items()} == {"a": (0,), "b": (0,)}
+  # The layout no longer depends on the batch size.
+  other = kfl.Diagnostics.pack(**{**fields, "sq_norms": jnp.ones(3),
+                                   "layer_sq_norms": {"a": jnp.ones(3), "b": jnp.ones(3)}})
+  assert jax.tree.structure(other.totals()) == jax.tree.structure(totals)

@@ -81,26 +81,75 @@ def test_scale_follows_the_diagnostics_moving_averages(problem, fraction, diag_f
   assert floor < want < 1.0  # the factor did something on these noisy batches
 
 
-def test_kfac_noise_scaling_trains_and_turns_diagnostics_on(problem):
+def test_kfac_noise_scaling_is_the_default_and_turns_diagnostics_on(problem):
+  """By default ``kfac`` is noise-scaled (floor 0.2), from the totals of
+  diagnostics over a quarter of the statistics batch, so its state takes
+  batches of any size."""
   params, batches = problem
-  tx = kfl.kfac(mlp_loss, batches[0], noise_scaling=0.2)
+  tx = kfl.kfac(mlp_loss, batches[0], stats_every=1)
   before, after = loss_before_and_after(mlp_loss, params, batches[0], tx, 10)
   assert np.isfinite(after) and after < before
   state = tx.init(params)
   assert isinstance(state, kfl.NoiseScaledState)
-  assert isinstance(optax.tree.get(state.inner, "diagnostics"), kfl.Diagnostics)
+  diag = optax.tree.get(state.inner, "diagnostics")
+  assert isinstance(diag, kfl.Diagnostics) and diag.sq_norms.shape == (0,)
+  step = jax.jit(tx.update)
+  for batch in (batches[0], jax.tree.map(lambda x: x[:6], batches[1])):
+    _, state = step(jax.grad(mlp_loss)(params, batch), state, params, batch=batch)
+  # The state's totals are the last batch's first quarter's (2 of 6 examples).
+  want = kfl.diagnostics(mlp_loss, params, jax.tree.map(lambda x: x[:2], batches[1]))
+  np.testing.assert_allclose(optax.tree.get(state.inner, "diagnostics").trace_sigma,
+                             want.trace_sigma, rtol=1e-4)
+
+
+def test_kfac_noise_scaling_falls_back_where_a_quarter_cannot_be_taken(problem):
+  """Leaves that do not all lead with the batch axis, or a quarter under two
+  examples: diagnostics over the whole statistics batch; a batch of one:
+  no noise scaling, with a warning."""
+  params, batches = problem
+  odd = {**batches[0], "x": batches[0]["x"][None]}  # [1, B, D]: a leading axis not the batch's
+
+  def odd_loss(p, b):
+    return mlp_loss(p, {**b, "x": b["x"][0]})
+
+  for loss, batch in ((odd_loss, odd), (mlp_loss, jax.tree.map(lambda x: x[:4], batches[0]))):
+    tx = kfl.kfac(loss, batch)
+    _, state = jax.jit(tx.update)(jax.grad(loss)(params, batch), tx.init(params), params,
+                                  batch=batch)
+    got = optax.tree.get(state.inner, "diagnostics").trace_sigma
+    whole = kfl.diagnostics(mlp_loss, params, jax.tree.map(lambda x: x[:4], batches[0])
+                            if batch is not odd else batches[0])
+    np.testing.assert_allclose(got, whole.trace_sigma, rtol=1e-4)
+  with pytest.warns(UserWarning, match="noise scaling is off"):
+    tx = kfl.kfac(mlp_loss, jax.tree.map(lambda x: x[:1], batches[0]))
+  assert not isinstance(tx.init(params), kfl.NoiseScaledState)
+
+
+def test_per_example_norms_fix_the_batch_size(problem):
+  params, batches = problem
+  tx = kfl.kfac(mlp_loss, batches[0], estimator=kfl.EstimatorOptions(diagnostics=True))
+  small = jax.tree.map(lambda x: x[:6], batches[0])
+  with pytest.raises(ValueError, match="per_example_norms=False"):
+    tx.update(jax.grad(mlp_loss)(params, small), tx.init(params), params, batch=small)
+  with pytest.raises(ValueError, match="per_example_norms applies to the diagnostics"):
+    kfl.EstimatorOptions(per_example_norms=False)
 
 
 def test_errors_name_the_fix(problem):
   params, batches = problem
+  plain = kfl.kfac(mlp_loss, batches[0], noise_scaling=None)
   with pytest.raises(ValueError, match="diagnostics=True"):
-    kfl.noise_scaled(kfl.kfac(mlp_loss, batches[0])).init(params)
+    kfl.noise_scaled(plain).init(params)
   with pytest.raises(ValueError, match="floor"):
     kfl.kfac(mlp_loss, batches[0], noise_scaling=0.0)
   with pytest.raises(ValueError, match="decay"):
-    kfl.noise_scaled(kfl.kfac(mlp_loss, batches[0]), decay=1.0)
-  unbound = kfl.noise_scaled(kfl.kfac(mlp_loss, batches[0], estimator=kfl.EstimatorOptions(
-      diagnostics=True)), axis_name="i")
+    kfl.noise_scaled(plain, decay=1.0)
+  with pytest.raises(ValueError, match="batch=batch"):
+    tx = kfl.kfac(mlp_loss, batches[0])
+    tx.update(params, tx.init(params), params)
+  unbound = kfl.noise_scaled(kfl.kfac(mlp_loss, batches[0], noise_scaling=None,
+                                      estimator=kfl.EstimatorOptions(diagnostics=True)),
+                             axis_name="i")
   with pytest.raises(ValueError, match="axis_name='i'.*pmap"):
     jax.eval_shape(lambda p: unbound.update(p, unbound.init(p), p, batch=batches[0]), params)
 
@@ -108,7 +157,8 @@ def test_errors_name_the_fix(problem):
 def test_data_parallel_factor_is_the_global_batchs_on_every_replica():
   """Two replicas (``vmap`` with an axis name) with half the batch each: the
   scale, the state and the updates agree across them, and the scale is the
-  global batch's, from ``kfl.diagnostics`` of each half averaged in numpy
+  global batch's, from ``kfl.diagnostics`` of each half's leading quarter
+  (``kfac``'s default ``diagnostics_fraction``) averaged in numpy
   (``||G||² / (||G||² + trΣ/(2B))`` of the moving averages over two steps).
   Each device's own factor makes the replicas' parameters differ; the
   device-averaged estimates with ``B`` for ``2B`` give 0.60 for 0.75."""
@@ -133,7 +183,8 @@ def test_data_parallel_factor_is_the_global_batchs_on_every_replica():
   tr = g = 0.0
   for batch in batches:
     halves = [kfl.diagnostics(mlp_loss, jax.tree.map(lambda a: a[0], p),
-                              jax.tree.map(lambda a, i=i: a[i], batch)) for i in range(2)]
+                              jax.tree.map(lambda a, i=i: a[i, :B // 4], batch))
+              for i in range(2)]
     tr = 0.95 * tr + 0.05 * np.mean([float(d.trace_sigma) for d in halves])
     g = 0.95 * g + 0.05 * np.mean([float(d.grad_sq_norm) for d in halves])
     p, s = step(p, s, batch)

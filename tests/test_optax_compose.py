@@ -231,9 +231,10 @@ def test_kfac_schedule_momentum_none_weight_decay(params: Params, batch: Batch):
   damping, kl_clip, wd = 1e-2, 1e-3, 0.3
   tx = kfl.kfac(loss_fn, batch, learning_rate=schedule, damping=damping,
                 kl_clip=kl_clip, momentum=None, weight_decay=wd,
-                inverse_every=1, ema_decay=0.0)
+                inverse_every=1, ema_decay=0.0, noise_scaling=None)
   assert not [s for s in tx.init(params) if isinstance(s, optax.TraceState)]
-  assert len([s for s in kfl.kfac(loss_fn, batch, learning_rate=0.1).init(params)
+  assert len([s for s in kfl.kfac(loss_fn, batch, learning_rate=0.1,
+                                  noise_scaling=None).init(params)
               if isinstance(s, optax.TraceState)]) == 1
   update = make_update(tx)
   p, state, clipped = params, tx.init(params), []

@@ -21,7 +21,8 @@ import kfac_jax_lite as kfl
 from _optax_cases import (
     BATCH, Batch, D_IN, KFAC_DAMPING, LAYERS, Params, SCHEDULE, Step, Tx, all_finite,
     assert_trees_close, assert_trees_equal, batch, damped_inverses_oracle, grad_jit, grads,
-    kfac_state, loss_fn, loss_jit, make_batch, make_params, make_train_step, make_update,
+    find_state, kfac_state, loss_fn, loss_jit, make_batch, make_params, make_train_step,
+    make_update,
     params, trees_differ)
 
 
@@ -212,8 +213,8 @@ def test_tree_map_params(kfac_tx: Tx, kfac_step: Step, params: Params, batch: Ba
   assert_trees_equal(kfac_state(shifted).factors, kfac_state(state).factors)
   assert_trees_equal(kfac_state(shifted).inverses, kfac_state(state).inverses)
   # The momentum trace is parameter-shaped: mapped.
-  trace = state[-2].trace
-  np.testing.assert_allclose(shifted[-2].trace["dense1"]["kernel"],
+  trace = find_state(state, optax.TraceState).trace
+  np.testing.assert_allclose(find_state(shifted, optax.TraceState).trace["dense1"]["kernel"],
                              trace["dense1"]["kernel"] + 1.0)
 
 
@@ -315,4 +316,4 @@ def test_kfac_schedule_with_kl_clip_and_momentum_trains(
     p, state, _, _ = kfac_step(p, state, batch)
   assert all_finite(p)
   assert float(loss_jit(p, batch)) < float(loss_jit(params, batch))
-  assert int(state[-1].count) == 6  # the schedule's step counter advanced
+  assert int(find_state(state, optax.ScaleByScheduleState).count) == 6  # the schedule's step counter advanced

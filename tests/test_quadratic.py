@@ -179,7 +179,7 @@ def test_kfac_adaptive_trains_under_jit_and_inject_hyperparams() -> None:
   params, batch = _params(), _batch("softmax")
   loss_fn = _loss_fn("softmax")
   tx = optax.inject_hyperparams(kfl.kfac, static_args="loss_fn")(
-      loss_fn, batch, learning_rate=1.0, kl_clip=None, momentum=None,
+      loss_fn, batch, learning_rate=1.0, kl_clip=None, momentum=None, noise_scaling=None,
       adaptive=kfl.AdaptiveOptions())
   state = tx.init(params)
 
@@ -211,6 +211,9 @@ def test_scale_by_kfac_rejects_conflicting_settings(kwargs, match: str) -> None:
 def test_kfac_adaptive_needs_no_clip_and_no_momentum() -> None:
   with pytest.raises(ValueError, match="momentum=None"):
     kfl.kfac(_loss_fn("softmax"), _batch("softmax"), adaptive=kfl.AdaptiveOptions())
+  with pytest.raises(ValueError, match="noise_scaling=None"):
+    kfl.kfac(_loss_fn("softmax"), _batch("softmax"), 1.0, kl_clip=None, momentum=None,
+             adaptive=kfl.AdaptiveOptions())
 
 
 @pytest.mark.parametrize("field,value", [("damping_every", 0), ("damping_decay", 1.0),

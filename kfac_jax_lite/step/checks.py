@@ -60,3 +60,14 @@ def check_update_args(params: Any, batch: Any, positional: tuple[Any, ...],
         "scale_by_kfac has no axis_name: pass parallel=kfl.ParallelOptions("
         "axis_name=...) (one of them) so the factor statistics are averaged over "
         "the devices.")
+
+
+def check_diagnostics_layout(kept: Any, fresh: Any) -> None:
+  """Raises ``ValueError`` if this batch's diagnostics do not fit the state's
+  (their per-example rows fix the batch size)."""
+  if jax.tree_util.tree_structure(kept) != jax.tree_util.tree_structure(fresh):
+    raise ValueError(
+        f"this batch's diagnostics ({fresh!r}) do not fit the optimizer state's ({kept!r}): "
+        "EstimatorOptions(diagnostics=True) keeps per-example norms, which fix the batch "
+        "size. Keep the batch size, or pass EstimatorOptions(per_example_norms=False) to "
+        "keep the batch's totals only.")

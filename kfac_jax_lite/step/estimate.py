@@ -75,7 +75,8 @@ def estimate_factors(tag_fn: Callable[[Any, Any], TaggedLoss], params: Any, batc
     Layer name -> factor name -> estimate (float32); with
     ``estimator.diagnostics`` the batch's (this device's) diagnostics, else
     ``None`` (with ``diagnostics_fraction``, of that leading fraction of it,
-    from a pass of their own with the true labels); with ``keep_values`` the
+    from a pass of their own with the true labels; only their totals
+    without ``per_example_norms``); with ``keep_values`` the
     pass's values (this device's), else ``None``.
   """
   stats_batch = leading_fraction(batch, estimator.batch_fraction,
@@ -91,6 +92,8 @@ def estimate_factors(tag_fn: Callable[[Any, Any], TaggedLoss], params: Any, batc
                                   "EstimatorOptions.diagnostics_fraction")
     diag = values_and_diagnostics(tag_fn(params, diag_batch), params, diag_batch, key,
                                   estimator="empirical")[1]
+  if diag is not None and not estimator.per_example_norms:
+    diag = diag.totals()
   est = factors_from_values(tagged, values.inputs, values.ds, values.num_cases)
   return average(est, parallel), diag, values if keep_values else None
 
