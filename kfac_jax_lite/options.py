@@ -128,9 +128,9 @@ class EstimatorOptions:
       per device under ``pmap`` / ``shard_map``.
     diagnostics_fraction: with ``diagnostics``, compute them instead from a
       pass of their own, with the true labels, over this leading fraction in
-      ``(0, 1]`` of the statistics batch (their estimates of ``tr Σ`` and
-      ``||G||²`` are unbiased at any size ≥ 2, and the per-example work
-      shrinks with it); ``None``: the whole statistics batch, same pass.
+      ``(0, 1]`` of the statistics batch, at least two examples (their
+      estimates of ``tr Σ`` and ``||G||²`` are unbiased at any size ≥ 2, and
+      the per-example work shrinks with it); ``None``: the whole statistics batch, same pass.
     per_example_norms: with ``diagnostics``, keep the per-example norms
       (``sq_norms``, ``layer_sq_norms``) in the state too; they fix the
       batch size the state takes (a batch of another size is then an

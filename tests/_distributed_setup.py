@@ -81,13 +81,15 @@ def local_batch(batch: Batch, n: int = NUM_DEVICES) -> Batch:
 
 def make_optimizer(sample_batch: Any, axis_name: str | None = None,
                    **parallel: Any) -> optax.GradientTransformationExtraArgs:
-  """The K-FAC optimizer every mode uses (exact Fisher: no sampling noise; no
-  noise scaling, whose factor depends on how the batch is split).
+  """The K-FAC optimizer every mode uses (exact Fisher: no sampling noise; the
+  whole batch, no noise scaling: ``kfac``'s default statistics half and noise
+  factor depend on how the batch is split).
 
   ``parallel`` are :class:`kfl.ParallelOptions` fields besides ``axis_name``.
   """
   return kfl.kfac(loss_fn, sample_batch, LEARNING_RATE, damping=DAMPING, ema_decay=EMA_DECAY,
-                  stats_every=1, inverse_every=1, estimator="exact", noise_scaling=None,
+                  stats_every=1, inverse_every=1, estimator=kfl.EstimatorOptions("exact"),
+                  noise_scaling=None,
                   parallel=kfl.ParallelOptions(axis_name=axis_name, **parallel))
 
 

@@ -218,7 +218,8 @@ def run_pmap_tokens(**kwargs: Any) -> tuple[Arrays, dict[str, Any]]:
   out = {}
   for placement in ("replicated", "sharded"):
     tx = kfl.kfac(token_loss_fn, local_batch(batches[0]), LEARNING_RATE, damping=DAMPING,
-                  stats_every=1, inverse_every=1, estimator="exact", noise_scaling=None,
+                  stats_every=1, inverse_every=1, estimator=kfl.EstimatorOptions("exact"),
+                  noise_scaling=None,
                   parallel=kfl.ParallelOptions(axis_name=AXIS, inverse_placement=placement),
                   layers=kfl.LayerOptions(max_factor_dim=MAX_FACTOR_DIM, **kwargs))
 

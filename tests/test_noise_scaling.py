@@ -83,8 +83,8 @@ def test_scale_follows_the_diagnostics_moving_averages(problem, fraction, diag_f
 
 def test_kfac_noise_scaling_is_the_default_and_turns_diagnostics_on(problem):
   """By default ``kfac`` is noise-scaled (floor 0.2), from the totals of
-  diagnostics over a quarter of the statistics batch, so its state takes
-  batches of any size."""
+  diagnostics over a quarter of the statistics batch (half the batch), at
+  least two examples, so its state takes batches of any size."""
   params, batches = problem
   tx = kfl.kfac(mlp_loss, batches[0], stats_every=1)
   before, after = loss_before_and_after(mlp_loss, params, batches[0], tx, 10)
@@ -96,7 +96,8 @@ def test_kfac_noise_scaling_is_the_default_and_turns_diagnostics_on(problem):
   step = jax.jit(tx.update)
   for batch in (batches[0], jax.tree.map(lambda x: x[:6], batches[1])):
     _, state = step(jax.grad(mlp_loss)(params, batch), state, params, batch=batch)
-  # The state's totals are the last batch's first quarter's (2 of 6 examples).
+  # The state's totals are the last batch's first two examples' (a quarter of
+  # its half is one; the diagnostics keep at least two).
   want = kfl.diagnostics(mlp_loss, params, jax.tree.map(lambda x: x[:2], batches[1]))
   np.testing.assert_allclose(optax.tree.get(state.inner, "diagnostics").trace_sigma,
                              want.trace_sigma, rtol=1e-4)
@@ -171,7 +172,8 @@ def test_data_parallel_factor_is_the_global_batchs_on_every_replica():
   batches = [{"x": jnp.asarray(x, jnp.float32), "y": jnp.asarray(np.argmax(x @ w_true, -1))}
              for x in xs]
   tx = kfl.kfac(mlp_loss, jax.tree.map(lambda a: a[0], batches[0]), noise_scaling=0.2,
-                stats_every=1, parallel=kfl.ParallelOptions(axis_name="i"))
+                stats_every=1, parallel=kfl.ParallelOptions(axis_name="i"),
+                estimator=kfl.EstimatorOptions())  # statistics on the whole batch
 
   def step(p, s, b):
     u, s = tx.update(jax.lax.pmean(jax.grad(mlp_loss)(p, b), "i"), s, p, batch=b)

@@ -25,9 +25,10 @@ from kfac_jax_lite.statistics import (Factors, PassValues, factors_from_values, 
 from kfac_jax_lite.tagging.layers import TaggedLoss
 
 
-def leading_fraction(batch: Any, fraction: float | None, field: str) -> Any:
-  """The first ``ceil(fraction · n)`` examples of every leaf (all if ``None``;
-  a ``jax.ShapeDtypeStruct`` leaf gives the shape of that slice).
+def leading_fraction(batch: Any, fraction: float | None, field: str, minimum: int = 1) -> Any:
+  """The first ``ceil(fraction · n)`` examples of every leaf, at least
+  ``minimum`` of them (all if ``None``; a ``jax.ShapeDtypeStruct`` leaf gives
+  the shape of that slice).
 
   Raises:
     ValueError: naming ``field`` if the leaves' leading sizes differ (a
@@ -42,7 +43,7 @@ def leading_fraction(batch: Any, fraction: float | None, field: str) -> Any:
                      f"axis first on every leaf, or pass {field}=None.")
 
   def leading(x: Any) -> Any:
-    n = max(1, math.ceil(fraction * x.shape[0]))
+    n = min(x.shape[0], max(minimum, math.ceil(fraction * x.shape[0])))
     if isinstance(x, jax.ShapeDtypeStruct):
       return jax.ShapeDtypeStruct((n, *x.shape[1:]), x.dtype)
     return x[:n]
@@ -89,7 +90,7 @@ def estimate_factors(tag_fn: Callable[[Any, Any], TaggedLoss], params: Any, batc
     values, diag = fisher_values(tagged, params, stats_batch, key, **kind), None
   if estimator.diagnostics and estimator.diagnostics_fraction is not None:
     diag_batch = leading_fraction(stats_batch, estimator.diagnostics_fraction,
-                                  "EstimatorOptions.diagnostics_fraction")
+                                  "EstimatorOptions.diagnostics_fraction", minimum=2)
     diag = values_and_diagnostics(tag_fn(params, diag_batch), params, diag_batch, key,
                                   estimator="empirical")[1]
   if diag is not None and not estimator.per_example_norms:
