@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import warnings
 from typing import Any, Callable
 
@@ -17,6 +16,7 @@ from kfac_jax_lite.noise_scaling import noise_scaled
 from kfac_jax_lite._checks import check_number
 from kfac_jax_lite.options import (AdaptiveOptions, EstimatorOptions, InverseOptions,
                                    LayerOptions, ParallelOptions, as_estimator)
+from kfac_jax_lite.step.estimate import batch_examples, fraction_size
 from kfac_jax_lite.transform import scale_by_kfac
 
 
@@ -173,14 +173,6 @@ def kfac(
   return noise_scaled(optax.chain(*parts), floor=noise_scaling, axis_name=parallel.axis_name)
 
 
-def _batch_examples(sample_batch: Any) -> int | None:
-  """The batch's examples: its leaves' common leading size (``None`` if they
-  differ, e.g. time-major leaves, or a leaf is a scalar)."""
-  sizes = {x.shape[0] if getattr(x, "shape", ()) else None
-           for x in jax.tree_util.tree_leaves(sample_batch)}
-  return sizes.pop() if len(sizes) == 1 else None
-
-
 def _with_stats_fraction(estimator: str | EstimatorOptions,
                          sample_batch: Any) -> EstimatorOptions:
   """An estimator kind (a string) with ``DEFAULT_STATS_FRACTION`` of the batch
@@ -189,7 +181,7 @@ def _with_stats_fraction(estimator: str | EstimatorOptions,
   :class:`EstimatorOptions` as given."""
   if not isinstance(estimator, str):
     return as_estimator(estimator)
-  examples = _fraction_size(_batch_examples(sample_batch), DEFAULT_STATS_FRACTION)
+  examples = fraction_size(batch_examples(sample_batch), DEFAULT_STATS_FRACTION)
   enough = examples is not None and examples >= MIN_STATS_EXAMPLES
   return EstimatorOptions(kind=estimator, batch_fraction=DEFAULT_STATS_FRACTION if enough else None)
 
@@ -207,25 +199,17 @@ def _with_diagnostics(estimator: EstimatorOptions,
   """
   if estimator.diagnostics:
     return estimator
-  stats = _fraction_size(_batch_examples(sample_batch), estimator.batch_fraction)
+  stats = fraction_size(batch_examples(sample_batch), estimator.batch_fraction)
   if stats is not None and stats < 2:
     warnings.warn("kfl.kfac: noise scaling is off: it estimates the gradient's noise from "
                   "at least 2 examples per statistics batch, and this one has 1 (pass "
                   "noise_scaling=None to silence this).", UserWarning, stacklevel=3)
     return None
   fraction = DEFAULT_DIAGNOSTICS_FRACTION
-  if stats is None or _fraction_size(stats, fraction) < 2:
+  if stats is None or fraction_size(stats, fraction) < 2:
     fraction = None
   return dataclasses.replace(estimator, diagnostics=True, diagnostics_fraction=fraction,
                              per_example_norms=False)
-
-
-def _fraction_size(n: int | None, fraction: float | None) -> int | None:
-  """How many of ``n`` examples a leading ``fraction`` keeps (as
-  :func:`kfac_jax_lite.step.estimate.leading_fraction`)."""
-  if n is None or fraction is None:
-    return n
-  return max(1, math.ceil(fraction * n))
 
 
 def _trainable(params: Any) -> Any:

@@ -25,10 +25,30 @@ from kfac_jax_lite.statistics import (Factors, PassValues, factors_from_values, 
 from kfac_jax_lite.tagging.layers import TaggedLoss
 
 
+def _leading_sizes(batch: Any) -> set[int | None]:
+  """The leading size of every leaf (``None`` for a scalar)."""
+  return {x.shape[0] if getattr(x, "shape", ()) else None
+          for x in jax.tree_util.tree_leaves(batch)}
+
+
+def batch_examples(batch: Any) -> int | None:
+  """The batch's examples: its leaves' common leading size (``None`` if they
+  differ, e.g. time-major leaves, or a leaf is a scalar)."""
+  sizes = _leading_sizes(batch)
+  return sizes.pop() if len(sizes) == 1 else None
+
+
+def fraction_size(n: int | None, fraction: float | None, minimum: int = 1) -> int | None:
+  """How many of ``n`` examples a leading ``fraction`` keeps: ``ceil(fraction · n)``,
+  at least ``minimum`` and at most ``n`` (``n`` if ``fraction`` is ``None``)."""
+  if n is None or fraction is None:
+    return n
+  return min(n, max(minimum, math.ceil(fraction * n)))
+
+
 def leading_fraction(batch: Any, fraction: float | None, field: str, minimum: int = 1) -> Any:
-  """The first ``ceil(fraction · n)`` examples of every leaf, at least
-  ``minimum`` of them (all if ``None``; a ``jax.ShapeDtypeStruct`` leaf gives
-  the shape of that slice).
+  """The first :func:`fraction_size` examples of every leaf (all if ``None``;
+  a ``jax.ShapeDtypeStruct`` leaf gives the shape of that slice).
 
   Raises:
     ValueError: naming ``field`` if the leaves' leading sizes differ (a
@@ -36,14 +56,14 @@ def leading_fraction(batch: Any, fraction: float | None, field: str, minimum: in
   """
   if fraction is None:
     return batch
-  sizes = {x.shape[0] if x.shape else None for x in jax.tree_util.tree_leaves(batch)}
+  sizes = _leading_sizes(batch)
   if len(sizes) > 1:
     raise ValueError(f"{field}={fraction} takes a leading fraction of every batch leaf, but "
                      f"their leading sizes differ ({sorted(sizes, key=str)}): put the batch "
                      f"axis first on every leaf, or pass {field}=None.")
 
   def leading(x: Any) -> Any:
-    n = min(x.shape[0], max(minimum, math.ceil(fraction * x.shape[0])))
+    n = fraction_size(x.shape[0], fraction, minimum)
     if isinstance(x, jax.ShapeDtypeStruct):
       return jax.ShapeDtypeStruct((n, *x.shape[1:]), x.dtype)
     return x[:n]
