@@ -179,13 +179,27 @@ class InverseOptions:
       ``1/inverse_every`` share of the factors on every step (the functional
       analogue of Ba et al.'s asynchronous inverses); all are computed on the
       first step. Needs a Python-int ``inverse_every``.
+    relative_damping: read ``damping`` as a fraction of each block's mean
+      eigenvalue instead of an absolute ``λ``: a Kronecker factor ``A_i``
+      of ``k`` gets ``damping^{1/k} tr A_i / dim A_i``, a diagonal, full
+      or EK-FAC block ``damping`` times its mean diagonal entry
+      (:mod:`kfac_jax_lite.curvature.damping`). The step then does not
+      depend on the scale of a layer's inputs (``c x`` with ``W / c`` gives
+      the same function and the same step in function space) or of its
+      curvature. The squared-gradient fallback keeps ``damping`` absolute
+      (an Adam-like epsilon).
   """
 
   method: str = "eigh"
   staggered: bool = False
+  relative_damping: bool = False
 
   def __post_init__(self) -> None:
     _one_of("InverseOptions.method", self.method, METHODS)
+    for field in ("staggered", "relative_damping"):
+      if not isinstance(getattr(self, field), bool):
+        raise ValueError(f"InverseOptions.{field} must be True or False, got "
+                         f"{getattr(self, field)!r}.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -354,7 +354,7 @@ def _update(config: _Config, updates: Any, state: KfacState, params: Any = None,
   out, rms = precondition.precondition(tagged, updates, params, inverses, state.rms,
                                        state.count == 0, damping,
                                        _now(config.ema_decay, state.count), config.parallel,
-                                       eigen)
+                                       eigen, config.inverses.relative_damping)
   out, adaptive = _step_size(config, updates, out, state, params, batch)
   return out, KfacState(
       count=optax.safe_increment(state.count), key=jax.random.key_data(key),

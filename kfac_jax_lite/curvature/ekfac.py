@@ -35,6 +35,7 @@ import jax.numpy as jnp
 
 from kfac_jax_lite import _cpu_blas
 from kfac_jax_lite.curvature import specs
+from kfac_jax_lite.curvature.damping import tikhonov
 from kfac_jax_lite.tagging.layers import Layer
 
 Block = dict[str, jax.Array]
@@ -100,18 +101,21 @@ def unrotate(block: Block, x: jax.Array) -> jax.Array:
   return x @ block["G"].T if "G" in block else x
 
 
-def precondition(block: Block, mat: jax.Array, damping: jax.Array | float) -> jax.Array:
+def precondition(block: Block, mat: jax.Array, damping: jax.Array | float,
+                 relative: bool = False) -> jax.Array:
   """``U_A [(U_Aᵀ M U_G) / (S + λ)] U_Gᵀ`` for the ``[d_in(+1), d_out]`` gradient ``M``.
 
   Args:
     block: the bases and scales.
     mat: the gradient matrix ``[∇W; ∇b]``.
     damping: Tikhonov damping ``λ``.
+    relative: ``λ`` is a fraction of the mean of ``S``.
 
   Returns:
     The preconditioned matrix (float32).
   """
-  return unrotate(block, rotate(block, mat) / (block["S"] + damping))
+  shift = tikhonov(block["S"], damping, relative)
+  return unrotate(block, rotate(block, mat) / (block["S"] + shift))
 
 
 def _rows(layer: Layer, xs: Sequence[jax.Array],

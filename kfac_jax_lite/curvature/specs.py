@@ -8,7 +8,8 @@ A layer's block (which one, tagging decides) is one of:
   symmetric matrix or a vector (the diagonal of a diagonal factor: an
   embedding's token frequencies, a factor over ``max_factor_dim``). Damped
   by factored Tikhonov damping over the ``k`` factors (Ba et al. eq. 3, 12),
-  ``B`` by plain ``λ``; applied factor by factor along the axes of the
+  ``B`` by plain ``λ`` (relative damping:
+  :mod:`kfac_jax_lite.curvature.damping`); applied factor by factor along the axes of the
   gradient viewed as a ``[d_1, ..., d_k]`` tensor (eq. 9).
 - :class:`DiagonalFisher` (``"F"``): the exact diagonal Fisher of ``[W; b]``
   (scale-and-shift parameters), an elementwise ``[d_in(+1), d_out]`` array:
@@ -35,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from kfac_jax_lite.curvature import diagonal, estimation, kronecker
-from kfac_jax_lite.curvature.damping import factored_damping
+from kfac_jax_lite.curvature.damping import factored_damping, tikhonov
 from kfac_jax_lite.tagging.layers import Layer
 
 Shape = tuple[int, ...]
@@ -78,7 +79,7 @@ class Block:
     return {k: inversion_cost(k, s) for k, s in self.factor_shapes.items()}
 
   def inverses(self, factors: Arrays, damping: jax.Array | float, method: str,
-               only: Collection[str] | None = None) -> Arrays:
+               only: Collection[str] | None = None, relative: bool = False) -> Arrays:
     """The damped inverses of the factors in ``only`` (all if ``None``).
 
     Args:
@@ -88,18 +89,19 @@ class Block:
         (:func:`kfac_jax_lite.curvature.kronecker.damped_inverse`).
       only: factor names; a Kronecker factor's damping still comes from
         all of its block's factors.
+      relative: ``λ`` is a fraction of the block's mean eigenvalue.
 
     Returns:
       Factor name -> inverse (float32).
     """
-    shifts = self.shifts(factors, damping)
+    shifts = self.shifts(factors, damping, relative)
     return {k: kronecker.damped_inverse(factors[k], shifts[k], method)
             for k in factors if only is None or k in only}
 
-  def shifts(self, factors: Arrays, damping: jax.Array | float) -> Arrays:
+  def shifts(self, factors: Arrays, damping: jax.Array | float,
+             relative: bool = False) -> Arrays:
     """Factor name -> the scalar added to its diagonal (or its entries)."""
-    lam = jnp.asarray(damping, jnp.float32)
-    return {k: lam for k in factors}
+    return {k: tikhonov(jnp.diagonal(f), damping, relative) for k, f in factors.items()}
 
   def products(self, inv: Arrays, mat: jax.Array) -> Products:
     """The block as products: (part of ``mat``, the inverses acting on it).
@@ -151,11 +153,13 @@ class Kronecker(Block):
     kron = "kron3" if len(self.kron) == 3 else "kron"
     return f"{kron}({', '.join(vectors)})" if vectors else kron
 
-  def shifts(self, factors: Arrays, damping: jax.Array | float) -> Arrays:
+  def shifts(self, factors: Arrays, damping: jax.Array | float,
+             relative: bool = False) -> Arrays:
     names = [k for k, _ in self.kron]
-    out = dict(zip(names, factored_damping([factors[k] for k in names], damping)))
-    if self.bias is not None:
-      out["B"] = jnp.asarray(damping, jnp.float32)  # a full block: plain Tikhonov
+    out = dict(zip(names, factored_damping([factors[k] for k in names], damping, relative)))
+    if self.bias is not None:  # a full block: plain Tikhonov
+      b = factors["B"]
+      out["B"] = tikhonov(b if b.ndim == 1 else jnp.diagonal(b), damping, relative)
     return out
 
   def products(self, inv: Arrays, mat: jax.Array) -> Products:
@@ -182,9 +186,10 @@ class DiagonalFisher(Block):
     return {_FISHER: self.shape}
 
   def inverses(self, factors: Arrays, damping: jax.Array | float, method: str,
-               only: Collection[str] | None = None) -> Arrays:
+               only: Collection[str] | None = None, relative: bool = False) -> Arrays:
     del method, only  # elementwise, and its only factor
-    return {_FISHER: diagonal.damped_inverse(factors[_FISHER], damping)}
+    fisher = factors[_FISHER]
+    return {_FISHER: diagonal.damped_inverse(fisher, tikhonov(fisher, damping, relative))}
 
   def products(self, inv: Arrays, mat: jax.Array) -> Products:
     return [(mat.reshape(-1), [inv[_FISHER].reshape(-1)])]

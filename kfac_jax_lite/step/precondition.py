@@ -49,7 +49,8 @@ def _gradient_matrices(tagged: TaggedLoss, grads: Sequence[Any],
 
 def _kronecker_updates(tagged: TaggedLoss, grads: Sequence[Any], params: Sequence[Any],
                        inverses: Inverses, parallel: ParallelOptions, eigen: Any,
-                       damping: jax.Array | float) -> dict[int, jax.Array]:
+                       damping: jax.Array | float,
+                       relative_damping: bool) -> dict[int, jax.Array]:
   """Leaf index -> update of the leaves owned by Kronecker (or full) blocks.
 
   The slice layers of a stacked leaf (a scanned stack) add up in one leaf.
@@ -58,7 +59,7 @@ def _kronecker_updates(tagged: TaggedLoss, grads: Sequence[Any], params: Sequenc
   eigen = eigen or {}
   pres = placement.precondition({l: m for l, (_, m) in mats.items() if l.name not in eigen},
                                 inverses, parallel.axis_name if parallel.sharded else None)
-  pres.update({l: ekfac.precondition(eigen[l.name], m, damping)
+  pres.update({l: ekfac.precondition(eigen[l.name], m, damping, relative_damping)
                for l, (_, m) in mats.items() if l.name in eigen})
   parts: list[tuple[int, jax.Array]] = []
   for layer, (bs, _) in mats.items():
@@ -85,7 +86,7 @@ def _fallback_update(grad: jax.Array, v: jax.Array, first: jax.Array,
 def precondition(tagged: TaggedLoss, updates: Any, params: Any, inverses: Inverses,
                  rms: Any, first: jax.Array, damping: jax.Array | float,
                  ema_decay: jax.Array | float, parallel: ParallelOptions,
-                 eigen: Any = None) -> tuple[Any, Any]:
+                 eigen: Any = None, relative_damping: bool = False) -> tuple[Any, Any]:
   """Preconditions a gradient tree.
 
   Args:
@@ -101,6 +102,8 @@ def precondition(tagged: TaggedLoss, updates: Any, params: Any, inverses: Invers
     eigen: EK-FAC's bases and scales of its layers
       (:mod:`kfac_jax_lite.curvature.ekfac`), which have no ``inverses``
       entry, or ``None``.
+    relative_damping: EK-FAC's ``λ`` is a fraction of its mean scale
+      (``InverseOptions.relative_damping``; the fallback's stays absolute).
 
   Returns:
     The preconditioned updates (each leaf in its gradient's dtype) and the
@@ -111,7 +114,7 @@ def precondition(tagged: TaggedLoss, updates: Any, params: Any, inverses: Invers
   out = list(grads)
   new_rms = list(treedef.flatten_up_to(rms))
   for i, value in _kronecker_updates(tagged, grads, param_leaves, inverses, parallel,
-                                     eigen, damping).items():
+                                     eigen, damping, relative_damping).items():
     out[i] = value
   for layer in tagged.frozen:
     if not masking.is_masked(grads[layer.weight_index]):

@@ -38,22 +38,26 @@ def _by_layer(keys: Sequence[FactorKey]) -> dict[str, list[str]]:
 
 
 def _invert_here(tagged: TaggedLoss, names: Sequence[str], factors: Inverses,
-                 damping: jax.Array | float, method: str,
+                 damping: jax.Array | float, options: InverseOptions,
                  only: dict[str, list[str]] | None = None) -> Inverses:
-  """The inverses of ``names``' factors (those in ``only``), on this device."""
+  """The inverses of ``names``' factors (those in ``only``), on this device
+  (``"eigh"`` for the blocks EK-FAC does not replace)."""
   by_name = {l.name: l for l in tagged.factored}
+  method = "eigh" if options.method == "ekfac" else options.method
   return {n: spec_for(by_name[n]).inverses(factors[n], damping, method,
-                                           None if only is None else only[n])
+                                           None if only is None else only[n],
+                                           options.relative_damping)
           for n in names}
 
 
 def _fresh(tagged: TaggedLoss, keys: Sequence[FactorKey], factors: Inverses,
-           damping: jax.Array | float, method: str, parallel: ParallelOptions) -> Inverses:
+           damping: jax.Array | float, options: InverseOptions,
+           parallel: ParallelOptions) -> Inverses:
   """Inverses of ``keys`` (whole layers when distributed over devices)."""
   wanted = _by_layer(keys)
   if not parallel.distribute_inverses:
-    return _invert_here(tagged, list(wanted), factors, damping, method, wanted)
-  compute = functools.partial(_invert_here, tagged, damping=damping, method=method)
+    return _invert_here(tagged, list(wanted), factors, damping, options, wanted)
+  compute = functools.partial(_invert_here, tagged, damping=damping, options=options)
   costs = schedule.inversion_costs(tagged)
   if parallel.axis_name is None:
     return placement.distribute_on_mesh(compute, tuple(wanted), costs, factors)
@@ -62,12 +66,12 @@ def _fresh(tagged: TaggedLoss, keys: Sequence[FactorKey], factors: Inverses,
 
 
 def _refresh(tagged: TaggedLoss, keys: Sequence[FactorKey], factors: Inverses,
-             old: Inverses, damping: jax.Array | float, method: str,
+             old: Inverses, damping: jax.Array | float, options: InverseOptions,
              parallel: ParallelOptions) -> Inverses:
   """``old`` with ``keys`` recomputed, where the results are finite."""
   if not keys:
     return old
-  fresh = _fresh(tagged, keys, factors, damping, method, parallel)
+  fresh = _fresh(tagged, keys, factors, damping, options, parallel)
   ok = guard.all_finite(fresh)
   if parallel.sharded:
     ok = placement.all_devices(ok, parallel.axis_name)
@@ -105,17 +109,15 @@ def refresh_inverses(tagged: TaggedLoss, factors: Inverses, old: Inverses,
     count: the step number.
     damping: Tikhonov damping ``λ``.
     inverse_every: refresh period.
-    options: method and staggering (``"ekfac"``: ``"eigh"`` for the blocks
-      EK-FAC does not replace).
+    options: method, damping and staggering.
     parallel: where the inversions run and where the inverses live.
 
   Returns:
     The inverses, shaped like ``old``.
   """
   factors = {n: f for n, f in factors.items() if n in old}  # not EK-FAC's (step.scales)
-  method = "eigh" if options.method == "ekfac" else options.method
   refresh = functools.partial(_refresh, tagged, factors=factors, old=old, damping=damping,
-                              method=method, parallel=parallel)
+                              options=options, parallel=parallel)
   everything = _all_keys(factors)
   if not options.staggered:
     return schedule.every(inverse_every, count, lambda: refresh(everything), lambda: old)
