@@ -16,17 +16,24 @@ the median over rounds of its per-round median call (each call followed by
   never due (``stats_every=inverse_every=2**30``, its state advanced past step
   0, which always computes them): the cost K-FAC adds on every step
   (preconditioning, KL clip, momentum).
-* ``stats``: one factor estimate alone (``kfl.estimate_curvature``, Monte
-  Carlo as in the step): forward, sampled-output backward, Gram matrices.
-  Inside a step XLA shares its forward with the gradient's, so a statistics
-  step costs less than ``precondition + stats``.
+* ``statistics step``: the default K-FAC train step with statistics due on
+  every call and inverses never (after step 0): ``precondition`` plus what
+  the default's statistics add inside the step (Monte Carlo on the leading
+  half of the batch, and the diagnostics noise scaling reads: a true-label
+  pass over a quarter of that half); XLA shares the forward with the
+  gradient's.
+* ``statistics step, no diagnostics``: the same with ``noise_scaling=None``
+  (no diagnostics): the difference is the diagnostics' in-step cost.
+* ``stats``: one factor estimate alone on the whole batch
+  (``kfl.estimate_curvature``, Monte Carlo): forward, sampled-output
+  backward, Gram matrices.
 * ``inverses cholesky`` / ``inverses eigh``: all damped factor inverses of
   that estimate (damping ``kfl.alias.DEFAULT_DAMPING``).
 * ``default step (amortized)``: the default K-FAC train step run on the
   task's batches in turn, the mean step over windows of 40 steps (4
   statistics and 4 inverse refreshes each).
-* ``estimate``: ``precondition + (stats + inverses cholesky) / 10``, to
-  compare with the measured amortized step.
+* ``estimate``: ``precondition + (statistics step − precondition + inverses
+  cholesky) / 10``, to compare with the measured amortized step.
 
 Prints a table per model and a summary (ratios to AdamW), writes
 ``benchmarks/results/phases.json``. Run ``python benchmarks/phases.py``
@@ -66,6 +73,7 @@ REPS, QUICK_REPS = 20, 3
 ROUNDS, QUICK_ROUNDS = 5, 2
 QUICK_AMORTIZED_STEPS = 10
 AMORTIZED = "default step (amortized)"
+STATS_STEP = "statistics step"
 ESTIMATE = "estimate"
 RoundFn = Callable[[], float]
 
@@ -123,7 +131,7 @@ def compiled(fn: Callable[..., Any], *args: Any,
 
 def train_steps(task: Task, batch: Any, options: dict[str, Any] | None,
                 reps: int, steps: int) -> dict[str, RoundFn]:
-  """The three train steps: AdamW, K-FAC preconditioning only, default K-FAC.
+  """The train steps: AdamW, K-FAC preconditioning only, statistics steps, default K-FAC.
 
   Args:
     task: the suite's model.
@@ -136,13 +144,17 @@ def train_steps(task: Task, batch: Any, options: dict[str, Any] | None,
     Phase name -> round function.
   """
   adamw = suite_optim.grid_optimizer("adamw", task.params)(ADAMW_LR)
-  precondition = kfl.kfac(task.loss_fn, batch, stats_every=NEVER, inverse_every=NEVER)
   default = kfl.kfac(task.loss_fn, batch)
   out = {}
-  for name, tx in (("adamw", adamw), ("precondition", precondition)):
+  for name, tx in (
+      ("adamw", adamw),
+      ("precondition", kfl.kfac(task.loss_fn, batch, stats_every=NEVER, inverse_every=NEVER)),
+      (STATS_STEP, kfl.kfac(task.loss_fn, batch, stats_every=1, inverse_every=NEVER)),
+      (STATS_STEP + ", no diagnostics",
+       kfl.kfac(task.loss_fn, batch, stats_every=1, inverse_every=NEVER, noise_scaling=None))):
     state = (*task.init_state, tx.init(task.params))
     step = compiled(task.make_step(tx), *state, batch, options=options)
-    if name == "precondition":  # step 0 computes statistics and inverses
+    if name != "adamw":  # step 0 computes statistics and inverses
       state = tuple(step(*state, batch)[:-1])
     out[name] = repeated(step, (*state, batch), reps)
   state = (*task.init_state, default.init(task.params))
@@ -215,11 +227,11 @@ def measure(task: Task, rounds: int, quick: bool) -> dict[str, Any]:
   phases = {**train_steps(task, batch, options, reps, steps),
             **curvature_phases(task, batch, options, reps)}
   per_round = interleaved(phases, rounds)
-  order = ["adamw", "grad", "precondition", "stats", "inverses cholesky",
-           "inverses eigh", AMORTIZED]
+  order = ["adamw", "grad", "precondition", STATS_STEP, STATS_STEP + ", no diagnostics",
+           "stats", "inverses cholesky", "inverses eigh", AMORTIZED]
   seconds = {n: float(np.median(per_round[n])) for n in order}
   seconds[ESTIMATE] = seconds["precondition"] + (
-      seconds["stats"] / alias.DEFAULT_STATS_EVERY
+      (seconds[STATS_STEP] - seconds["precondition"]) / alias.DEFAULT_STATS_EVERY
       + seconds["inverses cholesky"] / alias.DEFAULT_INVERSE_EVERY)
   ratios = {n: s / seconds["adamw"] for n, s in seconds.items()}
   return {"title": task.title, "rounds": per_round, "seconds": seconds, "ratios": ratios}
@@ -230,29 +242,36 @@ def format_model(name: str, result: dict[str, Any]) -> str:
   lines = [f"{name}: {result['title']}",
            f"  {'phase':42s} {'median ms':>10s} {'x AdamW':>8s}"]
   for phase, s in result["seconds"].items():
-    label = "estimate: precond + (stats + inv chol)/10" if phase == ESTIMATE else phase
+    label = "estimate: precond + (stats step - precond + inv chol)/10" if phase == ESTIMATE \
+        else phase
     lines.append(f"  {label:42s} {s * 1e3:10.3f} {result['ratios'][phase]:8.2f}")
   return "\n".join(lines)
 
 
 def summarize(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
-  """Model -> the amortized K-FAC step's parts as ratios to the AdamW step."""
+  """Model -> the amortized K-FAC step's parts as ratios to the AdamW step
+  (``diagnostics/10`` is part of ``stats/10``)."""
   out = {}
   for name, r in results.items():
     x = r["ratios"]
+    plain = x[STATS_STEP + ", no diagnostics"]
     out[name] = {"precondition": x["precondition"],
-                 "stats/10": x["stats"] / alias.DEFAULT_STATS_EVERY,
+                 "stats/10": (x[STATS_STEP] - x["precondition"]) / alias.DEFAULT_STATS_EVERY,
+                 "diagnostics/10": (x[STATS_STEP] - plain) / alias.DEFAULT_STATS_EVERY,
                  "inverses/10": x["inverses cholesky"] / alias.DEFAULT_INVERSE_EVERY,
-                 "estimate": x[ESTIMATE], "amortized": x[AMORTIZED]}
+                 "estimate": x[ESTIMATE], "amortized": x[AMORTIZED],
+                 "diagnostics / statistics in the step": (x[STATS_STEP] - plain) / max(
+                     plain - x["precondition"], 1e-9)}
   return out
 
 
 def format_summary(summary: dict[str, dict[str, float]]) -> str:
   """The summary as a markdown table (ratios to the AdamW step)."""
-  cols = ["precondition", "stats/10", "inverses/10", "estimate", "amortized"]
+  cols = ["precondition", "stats/10", "diagnostics/10", "inverses/10", "estimate", "amortized",
+          "diagnostics / statistics in the step"]
   lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
   for name, row in summary.items():
-    lines.append(f"| {name} | " + " | ".join(f"{row[c]:.2f}x" for c in cols) + " |")
+    lines.append(f"| {name} | " + " | ".join(f"{row[c]:.2f}" for c in cols) + " |")
   return "\n".join(lines)
 
 
