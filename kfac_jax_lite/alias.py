@@ -97,11 +97,8 @@ def kfac(
     inverse_every: as in :func:`kfac_jax_lite.scale_by_kfac`.
     layers: as in :func:`kfac_jax_lite.scale_by_kfac`.
     estimator: as in :func:`kfac_jax_lite.scale_by_kfac`; a kind (string)
-      estimates the statistics on the leading half of the batch where that
-      is at least 8 examples of a batch whose leaves all lead with the batch
-      axis (the whole batch otherwise), an ``EstimatorOptions`` as given.
-      Like noise scaling, the half makes N devices match one only in
-      expectation (each device estimates from its own shard's half).
+      estimates on the leading half of a batch-major batch of at least 16
+      examples, an ``EstimatorOptions`` as given.
     inverses: as in :func:`kfac_jax_lite.scale_by_kfac`; Cholesky by default
       here (``scale_by_kfac``: eigh).
     parallel: as in :func:`kfac_jax_lite.scale_by_kfac`.
@@ -116,19 +113,14 @@ def kfac(
       multiplies the step (pass 1.0).
       Not the default: on the suite it took more steps than the default and
       cost 1.3-1.9x its step time (README, "Choosing settings").
-    noise_scaling: a floor in ``(0, 1]``, or ``None`` for none: the whole
-      update is multiplied by the batch gradient's signal fraction
-      ``B / (B + B_noise)`` (McCandlish et al. 2018), at least ``floor``,
-      from diagnostics of the statistics batch (turned on for it: unless
-      ``estimator`` asks for diagnostics itself, from its leading quarter,
-      or all of it where that is under two examples or the batch's leaves
-      do not all lead with the batch axis), averaged over
-      ``parallel.axis_name`` so the factor is the global batch's and the
-      same on every device, see :func:`kfac_jax_lite.noise_scaled`. Off,
-      with a warning, for a statistics batch of one example. The factor
-      depends on how the batch is split over devices (each device's
-      diagnostics are of its own examples), so with it N devices match one
-      only in expectation; ``None`` matches exactly.
+    noise_scaling: a floor in ``(0, 1]``, or ``None`` for none: the update
+      times the batch gradient's signal fraction ``B / (B + B_noise)``
+      (McCandlish et al. 2018), at least ``floor``, from diagnostics of the
+      statistics batch's leading quarter, averaged over
+      ``parallel.axis_name`` (:func:`kfac_jax_lite.noise_scaled`). With it
+      or the half-batch statistics, N devices match one device only in
+      expectation (each reads its own examples); ``None`` and an
+      ``EstimatorOptions`` match exactly.
     sample_params: as in :func:`kfac_jax_lite.scale_by_kfac`.
     seed: as in :func:`kfac_jax_lite.scale_by_kfac`.
 
@@ -148,6 +140,38 @@ def kfac(
       stats_every=stats_every, inverse_every=inverse_every, layers=layers,
       estimator=estimator, inverses=inverses, parallel=parallel,
       sample_params=sample_params, seed=seed)
+  parts = _direction(kfac_part, learning_rate, kl_clip, momentum, graft, adaptive, noise_scaling)
+  if not _is_zero(weight_decay):
+    parts.insert(1, optax.add_decayed_weights(weight_decay, mask=_trainable))
+  parts.append(optax.scale_by_learning_rate(learning_rate))
+  if noise_scaling is None:
+    return optax.chain(*parts)
+  return noise_scaled(optax.chain(*parts), floor=noise_scaling, axis_name=parallel.axis_name)
+
+
+def _direction(kfac_part: Callable[..., optax.GradientTransformationExtraArgs],
+               learning_rate: optax.ScalarOrSchedule, kl_clip: Any, momentum: Any,
+               graft: str | None, adaptive: AdaptiveOptions | None,
+               noise_scaling: float | None) -> list[optax.GradientTransformation]:
+  """The chain's parts up to the learning rate: the quadratic model's step,
+  the grafted direction, or the KL-clipped direction with momentum.
+
+  Args:
+    kfac_part: ``scale_by_kfac`` with everything but the step-size keywords.
+    learning_rate: ``kfac``'s learning rate (the KL clip's ceiling).
+    kl_clip: ``kfac``'s KL bound, or ``None``.
+    momentum: heavy-ball decay, or ``None`` / 0.
+    graft: ``None`` or ``"adam"``.
+    adaptive: the quadratic model's options, or ``None``.
+    noise_scaling: the noise factor's floor, or ``None`` (checked against
+      ``adaptive``).
+
+  Returns:
+    The transformations, in order.
+
+  Raises:
+    ValueError: ``adaptive`` with a KL clip, momentum, a graft or noise scaling.
+  """
   if adaptive is not None:
     if (kl_clip is not None or not _is_zero(momentum) or graft is not None
         or noise_scaling is not None):
@@ -155,22 +179,16 @@ def kfac(
                        "momentum: pass kl_clip=None, momentum=None, noise_scaling=None "
                        "and no graft "
                        "(learning_rate multiplies the chosen step; 1.0 takes it as is).")
-    parts = [kfac_part(adaptive=adaptive)]
-  elif graft == "adam":
+    return [kfac_part(adaptive=adaptive)]
+  if graft == "adam":
     b1 = 0.0 if _is_zero(momentum) else momentum
-    parts = [graft_lib.graft(optax.chain(optax.ema(b1, debias=True), kfac_part()),
-                             optax.scale_by_adam(b1=b1))]
-  else:
-    parts = [kfac_part(kl_clip=kl_clip,
-                       learning_rate=learning_rate if kl_clip is not None else None)]
-    if not _is_zero(momentum):
-      parts.append(optax.trace(decay=momentum))
-  if not _is_zero(weight_decay):
-    parts.insert(1, optax.add_decayed_weights(weight_decay, mask=_trainable))
-  parts.append(optax.scale_by_learning_rate(learning_rate))
-  if noise_scaling is None:
-    return optax.chain(*parts)
-  return noise_scaled(optax.chain(*parts), floor=noise_scaling, axis_name=parallel.axis_name)
+    return [graft_lib.graft(optax.chain(optax.ema(b1, debias=True), kfac_part()),
+                            optax.scale_by_adam(b1=b1))]
+  parts = [kfac_part(kl_clip=kl_clip,
+                     learning_rate=learning_rate if kl_clip is not None else None)]
+  if not _is_zero(momentum):
+    parts.append(optax.trace(decay=momentum))
+  return parts
 
 
 def _with_stats_fraction(estimator: str | EstimatorOptions,
