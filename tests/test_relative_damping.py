@@ -120,3 +120,22 @@ def test_the_kl_clipped_step_does_not_depend_on_the_loss_scale():
 def test_relative_damping_must_be_a_bool():
   with pytest.raises(ValueError, match="InverseOptions.relative_damping"):
     kfl.InverseOptions(relative_damping="yes")
+
+
+def test_kfac_with_relative_damping_trains():
+  """The whole default chain (Cholesky, noise scaling, momentum) with relative
+  damping lowers the loss of the small MLP over 30 steps."""
+  params, batch = _problem()
+  tx = kfl.kfac(_loss, batch, damping=0.3,
+                inverses=kfl.InverseOptions("cholesky", relative_damping=True))
+
+  @jax.jit
+  def step(p, s):
+    grads = jax.grad(_loss)(p, batch)
+    updates, s = tx.update(grads, s, p, batch=batch)
+    return jax.tree.map(jnp.add, p, updates), s
+
+  state, start = tx.init(params), float(_loss(params, batch))
+  for _ in range(30):
+    params, state = step(params, state)
+  assert float(_loss(params, batch)) < 0.5 * start
