@@ -25,10 +25,14 @@ import jax.numpy as jnp
 _TINY = 1e-12
 
 
+def diagonal_of(m: jax.Array) -> jax.Array:
+  """The diagonal of a square matrix; a vector is a diagonal matrix's own."""
+  return m if m.ndim == 1 else jnp.diagonal(m)
+
+
 def mean_eig(m: jax.Array) -> jax.Array:
   """``tr m / dim m`` (at least 1e-12); a vector stands for a diagonal matrix."""
-  diag = m if m.ndim == 1 else jnp.diagonal(m)
-  return jnp.maximum(jnp.mean(diag), _TINY)
+  return jnp.maximum(jnp.mean(diagonal_of(m)), _TINY)
 
 
 def pi_factors(factors: Sequence[jax.Array]) -> list[jax.Array]:

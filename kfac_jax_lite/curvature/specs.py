@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from kfac_jax_lite.curvature import diagonal, estimation, kronecker
-from kfac_jax_lite.curvature.damping import factored_damping, tikhonov
+from kfac_jax_lite.curvature.damping import diagonal_of, factored_damping, tikhonov
 from kfac_jax_lite.tagging.layers import Layer
 
 Shape = tuple[int, ...]
@@ -101,7 +101,7 @@ class Block:
   def shifts(self, factors: Arrays, damping: jax.Array | float,
              relative: bool = False) -> Arrays:
     """Factor name -> the scalar added to its diagonal (or its entries)."""
-    return {k: tikhonov(jnp.diagonal(f), damping, relative) for k, f in factors.items()}
+    return {k: tikhonov(diagonal_of(f), damping, relative) for k, f in factors.items()}
 
   def products(self, inv: Arrays, mat: jax.Array) -> Products:
     """The block as products: (part of ``mat``, the inverses acting on it).
@@ -158,8 +158,7 @@ class Kronecker(Block):
     names = [k for k, _ in self.kron]
     out = dict(zip(names, factored_damping([factors[k] for k in names], damping, relative)))
     if self.bias is not None:  # a full block: plain Tikhonov
-      b = factors["B"]
-      out["B"] = tikhonov(b if b.ndim == 1 else jnp.diagonal(b), damping, relative)
+      out["B"] = tikhonov(diagonal_of(factors["B"]), damping, relative)
     return out
 
   def products(self, inv: Arrays, mat: jax.Array) -> Products:
