@@ -1,0 +1,110 @@
+"""What a skipped ``lax.cond`` and the default K-FAC step cost per call, blocked
+on every call or dispatched in chunks.
+
+K-FAC's periodic work (statistics, inverses) sits behind ``lax.cond`` in one
+compiled step. On XLA:GPU a conditional reads its predicate on the host, so
+it can cost more than the arithmetic of a small step. Timed here, each as the
+median per-call time over rounds, either blocking on every call or
+dispatching 20 calls before blocking once (as a training loop that does not
+read the loss every step does):
+
+1. a jitted chain of six ``256 x 256`` matrix products and tanh, followed by
+   0, 1, 2 or 4 ``lax.cond`` whose predicate (a function of a traced step
+   counter) is never true;
+2. the suite's train steps (``benchmarks/suite.py`` tasks) with
+   ``optax.adamw``, the default ``kfl.kfac`` and ``kfl.kfac`` with statistics
+   and inverses on every step (periods 1: no conditional at all).
+
+Run ``python benchmarks/dispatch.py [mlp lm ...]`` (default: mlp and lm).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import suite  # pylint: disable=wrong-import-position
+from step_time import machine_info  # pylint: disable=wrong-import-position
+
+import kfac_jax_lite as kfl  # pylint: disable=wrong-import-position
+
+CHUNK = 20
+
+
+def per_call(call: Callable[[], Any], calls: int, chunk: int) -> float:
+  """Median seconds per call over rounds of ``chunk`` calls, each round
+  blocked on once at its end (after one warm-up round)."""
+  jax.block_until_ready(call())
+  times = []
+  for _ in range(max(calls // chunk, 1)):
+    start = time.perf_counter()
+    for _ in range(chunk):
+      out = call()
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - start) / chunk)
+  return float(np.median(times))
+
+
+def with_conds(num_conds: int) -> Callable[..., Any]:
+  """Six products and tanh, then ``num_conds`` never-taken conditionals."""
+  def f(ws: Sequence[jax.Array], x: jax.Array, step: jax.Array) -> jax.Array:
+    h = x
+    for w in ws:
+      h = jnp.tanh(h @ w)
+    for c in range(num_conds):
+      h = jax.lax.cond((step + c) % 1000 == 999, lambda h: h @ ws[0] @ ws[1], lambda h: h, h)
+    return h
+  return jax.jit(f)
+
+
+def train_step(loss_fn: Callable[..., Any], tx: optax.GradientTransformation
+               ) -> Callable[..., Any]:
+  """The jitted ``(params, opt_state, batch) -> (params, opt_state, loss)``."""
+  def step(params: Any, state: Any, batch: Any) -> tuple[Any, Any, jax.Array]:
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    updates, state = tx.update(grads, state, params, batch=batch)
+    return optax.apply_updates(params, updates), state, loss
+  return jax.jit(step)
+
+
+def advancing(step: Callable[..., Any], params: Any, state: Any, batch: Any) -> Callable[[], Any]:
+  """A call that advances ``(params, state)`` by one step and returns the loss."""
+  carry = [params, state]
+
+  def call() -> jax.Array:
+    carry[0], carry[1], loss = step(carry[0], carry[1], batch)
+    return loss
+  return call
+
+
+def main(argv: Sequence[str]) -> None:
+  """Prints the per-call times (see the module docstring)."""
+  print(machine_info(), flush=True)
+  ws = [jax.random.normal(jax.random.key(i), (256, 256)) / 16 for i in range(6)]
+  x, step = jnp.ones((256, 256)), jnp.zeros((), jnp.int32)
+  for n in (0, 1, 2, 4):
+    f = with_conds(n)
+    print(f"products + {n} skipped conds: blocked {per_call(lambda: f(ws, x, step), 200, 1) * 1e6:.0f}"
+          f" us, chunks of {CHUNK} {per_call(lambda: f(ws, x, step), 200, CHUNK) * 1e6:.0f} us",
+          flush=True)
+  for name in argv or ("mlp", "lm"):
+    task = suite.TASKS[name](10, False)
+    batch = task.batches[0]
+    for label, tx in (("adamw", optax.adamw(1e-3)), ("kfac default", kfl.kfac(task.loss_fn, batch)),
+                      ("kfac periods 1", kfl.kfac(task.loss_fn, batch, stats_every=1,
+                                                   inverse_every=1))):
+      call = advancing(train_step(task.loss_fn, tx), task.params, tx.init(task.params), batch)
+      print(f"{name} {label}: blocked {per_call(call, 100, 1) * 1e3:.3f} ms, chunks of {CHUNK} "
+            f"{per_call(call, 100, CHUNK) * 1e3:.3f} ms", flush=True)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
