@@ -17,6 +17,7 @@ import pytest
 
 import kfac_jax_lite as kfl
 from kfac_jax_lite.tagging import jaxpr as jx
+from kfac_jax_lite.tagging import unroll
 from kfac_jax_lite.tagging.trace import trace_loss
 
 
@@ -183,3 +184,15 @@ def test_unrolling_opens_the_calls_tagging_opens(wrap):
                              rtol=1e-6)
   layers = {l.name: l for l in kfl.find_layers(loss, params, batch)}
   assert layers["['w']"].kind == "dense" and len(layers["['w']"].matches) == steps
+
+
+def test_scan_operand_counts_are_read_from_this_jax_versions_params():
+  """A scan closing over one array with a two-leaf carry has 1 constant and
+  2 carry operands, whichever form the installed jax stores them in
+  (``num_consts`` / ``num_carry`` before 0.11, the ``ft_in`` tree after)."""
+  def f(carry, xs, w):
+    return jax.lax.scan(lambda c, x: ((c[0] * x + w.sum(), c[1] + x), x), carry, xs)
+
+  eqn = jax.make_jaxpr(f)((1.0, 2.0), jnp.ones(3), jnp.ones((2, 2))).jaxpr.eqns[-1]
+  assert eqn.primitive.name == "scan"
+  assert unroll._scan_counts(eqn.params) == (1, 2)  # pylint: disable=protected-access
