@@ -166,8 +166,9 @@ def noise_scaled(inner: optax.GradientTransformation, *, floor: float = 0.2,
       raise ValueError("noise_scaled needs the diagnostics in the inner state: build it with "
                        "estimator=kfl.EstimatorOptions(diagnostics=True) (or use "
                        "kfl.kfac(..., noise_scaling=floor)).")
-    zero = jnp.zeros([], jnp.float32)
-    return NoiseScaledState(state, zero, zero, jnp.ones([], jnp.float32))
+    # Distinct buffers: a state whose leaves share one cannot be donated.
+    return NoiseScaledState(state, jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32),
+                            jnp.ones([], jnp.float32))
 
   def update_fn(updates: Any, state: NoiseScaledState, params: Any = None,
                 **extra: Any) -> tuple[Any, NoiseScaledState]:

@@ -113,17 +113,23 @@ def _init_state(tagged: TaggedLoss, params: Any, config: _Config,
                 diagnostics: Any, adaptive: Any) -> KfacState:
   """Zero factors, identity inverses (or EK-FAC bases), an empty accumulation buffer."""
   estimator, parallel = config.estimator, config.parallel
-  zero = jnp.zeros([], jnp.int32)
   factors = {l.name: {k: jnp.zeros(shape, jnp.float32)
                       for k, shape in spec_for(l).factor_shapes.items()}
              for l in tagged.factored}
   eigen = scales.init(tagged) if config.inverses.method == "ekfac" else None
   inverses = placement.init_inverses({n: f for n, f in factors.items() if n not in (eigen or {})},
                                      parallel.axis_name if parallel.sharded else None)
-  pending = ({"count": zero, "sums": jax.tree.map(jnp.zeros_like, factors)}
+  pending = ({"count": _counter(), "sums": jax.tree.map(jnp.zeros_like, factors)}
              if estimator.accumulate else None)
-  return KfacState(zero, jax.random.key_data(jax.random.key(config.seed)), zero, factors,
-                   inverses, _rms_tree(tagged, params), pending, diagnostics, adaptive, eigen)
+  return KfacState(_counter(), jax.random.key_data(jax.random.key(config.seed)), _counter(),
+                   factors, inverses, _rms_tree(tagged, params), pending, diagnostics, adaptive,
+                   eigen)
+
+
+def _counter() -> jax.Array:
+  """A zero step counter, a buffer of its own: a state whose leaves share a
+  buffer cannot be donated (``jax.jit(..., donate_argnums=...)``)."""
+  return jnp.zeros([], jnp.int32)
 
 
 def scale_by_kfac(
@@ -256,8 +262,7 @@ def _full_params(config: _Config, params: Any) -> Any:
 def _init(config: _Config, params: Any) -> KfacState:
   """``init``: zero statistics, identity inverses; warns about fallbacks."""
   if not jax.tree_util.tree_leaves(params):  # also optax.tree.map_params' placeholders
-    zero = jnp.zeros([], jnp.int32)
-    return KfacState(zero, jax.random.key_data(jax.random.key(config.seed)), zero,
+    return KfacState(_counter(), jax.random.key_data(jax.random.key(config.seed)), _counter(),
                      _NotParams(), _NotParams(), params,
                      pending=_NotParams() if config.estimator.accumulate else None,
                      diagnostics=_NotParams() if config.estimator.diagnostics else None,

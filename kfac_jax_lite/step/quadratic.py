@@ -52,9 +52,10 @@ class AdaptiveState(NamedTuple):
 
 def init(params: Any, damping: float) -> AdaptiveState:
   """Damping ``damping``, a zero previous update, no step taken yet."""
-  zero = jnp.zeros([], jnp.float32)
-  return AdaptiveState(jnp.asarray(damping, jnp.float32), jax.tree.map(jnp.zeros_like, params),
-                       zero, zero, jnp.full([], jnp.nan, jnp.float32))
+  # Distinct buffers: a state whose leaves share one cannot be donated.
+  return AdaptiveState(jnp.array(damping, jnp.float32), jax.tree.map(jnp.zeros_like, params),
+                       jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32),
+                       jnp.full([], jnp.nan, jnp.float32))
 
 
 def _vdot(a: Any, b: Any) -> jax.Array:
