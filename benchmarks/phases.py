@@ -334,17 +334,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   for name in args.models:
     results[name] = measure(suite.TASKS[name](steps, args.quick), args.rounds, args.quick)
     print("\n" + format_model(name, results[name]), flush=True)
+    write(args.json, {"header": lines, "models": results})  # kept if a later model is cut short
   summary = summarize(results)
   lines += ["uptime at end: " + uptime(), f"wall time: {time.perf_counter() - wall:.0f} s",
             f"rounds: {args.rounds}, quick: {args.quick}"]
   print("\n" + "\n".join(lines[-3:]) + "\n\nratios to the AdamW step\n"
         + format_summary(summary))
   result = {"header": lines, "models": results, "summary": summary}
-  os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-  with open(args.json, "w") as f:
-    json.dump(result, f, indent=1)
+  write(args.json, result)
   print(f"JSON written to {args.json}")
   return result
+
+
+def write(path: str, result: dict[str, Any]) -> None:
+  """Writes ``result`` as JSON to ``path`` (creating its folder)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":
