@@ -24,6 +24,9 @@ the median over rounds of its per-round median call (each call followed by
   gradient's.
 * ``statistics step, no diagnostics``: the same with ``noise_scaling=None``
   (no diagnostics): the difference is the diagnostics' in-step cost.
+* ``statistics + refresh step``: the default K-FAC train step with statistics
+  and Cholesky inverses on every call (periods 1: no conditional), what the
+  default's periodic step costs inside the train step.
 * ``stats``: one factor estimate alone on the whole batch
   (``kfl.estimate_curvature``, Monte Carlo): forward, sampled-output
   backward, Gram matrices.
@@ -33,7 +36,9 @@ the median over rounds of its per-round median call (each call followed by
   task's batches in turn, the mean step over windows of 40 steps (4
   statistics and 4 inverse refreshes each).
 * ``estimate``: ``precondition + (statistics step − precondition + inverses
-  cholesky) / 10``, to compare with the measured amortized step.
+  cholesky) / 10``, to compare with the measured amortized step; the
+  amortized window's median step at each position ``count % 10`` is printed
+  too (position 0: statistics and inverses due).
 
 Prints a table per model and a summary (ratios to AdamW), writes
 ``benchmarks/results/phases.json``. Run ``python benchmarks/phases.py``
@@ -74,6 +79,7 @@ ROUNDS, QUICK_ROUNDS = 5, 2
 QUICK_AMORTIZED_STEPS = 10
 AMORTIZED = "default step (amortized)"
 STATS_STEP = "statistics step"
+REFRESH_STEP = "statistics + refresh step"
 ESTIMATE = "estimate"
 RoundFn = Callable[[], float]
 
@@ -118,7 +124,15 @@ def amortized(step: Callable[..., Any], state: Sequence[Any], batches: Sequence[
   def round_() -> float:
     runner.run(steps)
     return float(np.mean(runner.times[-steps:]))
+  round_.runner = runner  # type: ignore[attr-defined]  # for by_position
   return round_
+
+
+def by_position(runner: timing.TimedSteps, period: int) -> list[float]:
+  """Median seconds of the timed steps at each position ``count % period``
+  (position 0: the steps where statistics and inverses are due)."""
+  counts, times = np.asarray(runner.counts), np.asarray(runner.times)
+  return [float(np.median(times[counts % period == k])) for k in range(period)]
 
 
 def compiled(fn: Callable[..., Any], *args: Any,
@@ -151,7 +165,8 @@ def train_steps(task: Task, batch: Any, options: dict[str, Any] | None,
       ("precondition", kfl.kfac(task.loss_fn, batch, stats_every=NEVER, inverse_every=NEVER)),
       (STATS_STEP, kfl.kfac(task.loss_fn, batch, stats_every=1, inverse_every=NEVER)),
       (STATS_STEP + ", no diagnostics",
-       kfl.kfac(task.loss_fn, batch, stats_every=1, inverse_every=NEVER, noise_scaling=None))):
+       kfl.kfac(task.loss_fn, batch, stats_every=1, inverse_every=NEVER, noise_scaling=None)),
+      (REFRESH_STEP, kfl.kfac(task.loss_fn, batch, stats_every=1, inverse_every=1))):
     state = (*task.init_state, tx.init(task.params))
     step = compiled(task.make_step(tx), *state, batch, options=options)
     if name != "adamw":  # step 0 computes statistics and inverses
@@ -228,13 +243,15 @@ def measure(task: Task, rounds: int, quick: bool) -> dict[str, Any]:
             **curvature_phases(task, batch, options, reps)}
   per_round = interleaved(phases, rounds)
   order = ["adamw", "grad", "precondition", STATS_STEP, STATS_STEP + ", no diagnostics",
-           "stats", "inverses cholesky", "inverses eigh", AMORTIZED]
+           REFRESH_STEP, "stats", "inverses cholesky", "inverses eigh", AMORTIZED]
   seconds = {n: float(np.median(per_round[n])) for n in order}
   seconds[ESTIMATE] = seconds["precondition"] + (
       (seconds[STATS_STEP] - seconds["precondition"]) / alias.DEFAULT_STATS_EVERY
       + seconds["inverses cholesky"] / alias.DEFAULT_INVERSE_EVERY)
   ratios = {n: s / seconds["adamw"] for n, s in seconds.items()}
-  return {"title": task.title, "rounds": per_round, "seconds": seconds, "ratios": ratios}
+  return {"title": task.title, "rounds": per_round, "seconds": seconds, "ratios": ratios,
+          "amortized by position": by_position(phases[AMORTIZED].runner,
+                                               alias.DEFAULT_STATS_EVERY)}
 
 
 def format_model(name: str, result: dict[str, Any]) -> str:
@@ -245,6 +262,8 @@ def format_model(name: str, result: dict[str, Any]) -> str:
     label = "estimate: precond + (stats step - precond + inv chol)/10" if phase == ESTIMATE \
         else phase
     lines.append(f"  {label:42s} {s * 1e3:10.3f} {result['ratios'][phase]:8.2f}")
+  lines.append("  amortized window, median ms by step % period: " + ", ".join(
+      f"{k}: {s * 1e3:.3f}" for k, s in enumerate(result["amortized by position"])))
   return "\n".join(lines)
 
 
