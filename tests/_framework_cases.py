@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import kfac_jax_lite as kfl
-from helpers import path_name
+from helpers import leaf_paths, path_name
 
 
 keystr = jax.tree_util.keystr
@@ -58,10 +58,10 @@ def records(layers: list[Any]) -> set[Record]:
 
 def assert_partition(layers: list[Any], params: Any) -> None:
   """Every parameter leaf is the weight or bias of exactly one record."""
-  leaf_paths = [keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  paths = [keystr(p) for p in leaf_paths(params)]
   owned = [l.name for l in layers] + [keystr(l.bias_path) for l in layers
                                       if l.bias_path is not None]
-  assert sorted(owned) == sorted(leaf_paths)
+  assert sorted(owned) == sorted(paths)
   for l in layers:
     assert l.name == keystr(l.weight_path)
     if l.kind in FALLBACK_KINDS:

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import kfac_jax_lite as kfl
+import helpers
 
 
 keystr = jax.tree_util.keystr
@@ -75,24 +76,24 @@ def records(layers: list[Any]) -> set[Record]:
 
 def assert_partition(layers: list[Any], params: Any) -> None:
   """Every parameter leaf is in exactly one record, with consistent indices."""
-  leaf_paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  paths = helpers.leaf_paths(params)
   seen: list[tuple[Any, ...]] = []
   for l in layers:
     assert l.name == keystr(l.weight_path)
-    assert tuple(l.weight_path) == tuple(leaf_paths[l.weight_index])
+    assert tuple(l.weight_path) == tuple(paths[l.weight_index])
     seen.append(tuple(l.weight_path))
     if l.kind == "dense":
       assert l.note == "" or (len(l.matches) > 1 and "shared by" in l.note), l.note
       if l.bias_path is not None:
-        assert tuple(l.bias_path) == tuple(leaf_paths[l.bias_index])
+        assert tuple(l.bias_path) == tuple(paths[l.bias_index])
         seen.append(tuple(l.bias_path))
       else:
         assert l.bias_index is None
     else:
       assert l.kind == "rms", l.kind
       assert l.bias_path is None and l.note
-  assert sorted(map(keystr, seen)) == sorted(map(keystr, leaf_paths))
-  assert len(seen) == len(leaf_paths)
+  assert sorted(map(keystr, seen)) == sorted(map(keystr, paths))
+  assert len(seen) == len(paths)
 
 
 def check_case(loss_fn: Callable[[Any, Any], jax.Array], params: Any, batch: Any,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import optax
@@ -17,6 +18,14 @@ def key_name(k: Any) -> Any:
   raise TypeError(f"unexpected key {k!r}")
 
 
+def leaf_paths(tree: Any) -> list[tuple[Any, ...]]:
+  """The path of every leaf of ``tree``, an ``nnx.Variable`` counted as a leaf
+  (K-FAC names a layer by the path to the variable, not to its value, so that
+  ``nnx.Optimizer``'s variables and plain values agree)."""
+  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return [p for p, _ in flat[0]]
+
+
 def path_name(tree: Any, *keys: Any) -> str:
   """keystr of the unique leaf path of ``tree`` that starts with ``keys``.
 
@@ -25,10 +34,9 @@ def path_name(tree: Any, *keys: Any) -> str:
     *keys: dict keys / attribute names / sequence indices, outermost first.
 
   Returns:
-    ``jax.tree_util.keystr`` of that leaf's path.
+    ``jax.tree_util.keystr`` of that leaf's path (see :func:`leaf_paths`).
   """
-  paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
-           if tuple(key_name(k) for k in p[:len(keys)]) == keys]
+  paths = [p for p in leaf_paths(tree) if tuple(key_name(k) for k in p[:len(keys)]) == keys]
   assert len(paths) == 1, (keys, [jax.tree_util.keystr(p) for p in paths])
   return jax.tree_util.keystr(paths[0])
 

@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 
 import kfac_jax_lite as kfl
-from helpers import path_name
+from helpers import leaf_paths, path_name
 from _eqx_haiku_cases import eqx, eqx_case, haiku_case, hk
 from _framework_cases import (
     LossFn, Record, assert_partition, check_records, compiled, family_batch, keystr, linen_case,
@@ -114,7 +114,8 @@ def test_linen_batch_stats_get_zero_updates(weight_decay: float):
 
   state = tx.init(variables)
   updates = compiled(step, variables, state)(variables, state)
-  flat = {keystr(p): np.asarray(u) for p, u in jax.tree_util.tree_flatten_with_path(updates)[0]}
+  flat = {keystr(p): np.asarray(u)
+          for p, u in zip(leaf_paths(updates), jax.tree.leaves(updates))}
   assert all(np.all(np.isfinite(u)) for u in flat.values())
   assert all(np.any(u != 0) for n, u in flat.items() if n not in stats)
   for name in stats:

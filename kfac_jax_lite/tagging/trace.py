@@ -7,6 +7,7 @@ jaxprs and nothing of layers or optimizers.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any, Callable
 
 import jax
@@ -98,8 +99,26 @@ def trace_loss(loss_fn: Callable[[Any, Any], jax.Array], params: Any,
     raise ValueError(
         "loss_fn(params, batch) must return a scalar loss, got outputs "
         f"{closed.out_avals}.")
-  return TracedLoss(
-      jaxpr=closed,
-      param_paths=tuple(path for path, _ in path_leaves),
-      frozen=non_trainable(params))
+  return TracedLoss(jaxpr=closed, param_paths=leaf_paths(params), frozen=non_trainable(params))
 
+
+def leaf_paths(params: Any) -> tuple[tuple[Any, ...], ...]:
+  """The key path of every parameter leaf, in flatten order, without the
+  key a ``flax.nnx.Variable`` adds for its value.
+
+  ``nnx.Optimizer`` initializes the optimizer on a state of variables
+  and updates it with their values (``nnx.as_pure``): both must name the
+  layers alike, since the names key the optimizer state.
+  """
+  nnx = sys.modules.get("flax.nnx")  # not imported: no Variable can be here
+  if nnx is not None:
+    is_variable = lambda x: isinstance(x, nnx.Variable)  # pylint: disable=unnecessary-lambda-assignment
+    params = jax.tree.map(lambda v: _value(v) if is_variable(v) else v, params,
+                          is_leaf=is_variable)
+  return tuple(path for path, _ in jax.tree_util.tree_flatten_with_path(params)[0])
+
+
+
+def _value(variable: Any) -> Any:
+  """A ``flax.nnx.Variable``'s value (``get_value`` from flax 0.12, else ``.value``)."""
+  return variable.get_value() if hasattr(variable, "get_value") else variable.value
