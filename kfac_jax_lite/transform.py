@@ -344,13 +344,14 @@ def _update(config: _Config, updates: Any, state: KfacState, params: Any = None,
     if kfac_params is None:
       raise masking.masked_error("pass the full parameters as update(..., kfac_params=params)")
     params = kfac_params
+  tagged = config.layer_cache(params, batch)
+  checks.check_layers(state.factors, [l.name for l in tagged.factored])
   key, subkey = jax.random.split(jax.random.wrap_key_data(state.key))
   if config.parallel.axis_name is not None:
     subkey = jax.random.fold_in(subkey, jax.lax.axis_index(config.parallel.axis_name))
   if kfac_accumulate_only:
     return updates, state._replace(key=jax.random.key_data(key), pending=_accumulate_only(
         config, state, params, batch, subkey))
-  tagged = config.layer_cache(params, batch)
   damping = (state.adaptive.damping if config.adaptive is not None
              else _now(config.damping, state.count))
   factors, stats_count, diagnostics, eigen = _statistics(config, state, params, batch, subkey)

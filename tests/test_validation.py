@@ -161,3 +161,20 @@ def test_a_fraction_of_a_batch_needs_the_batch_axis_leading():
   tx = kfl.kfac(seq_loss, batch, estimator=kfl.EstimatorOptions(batch_fraction=0.5))
   with pytest.raises(ValueError, match=r"EstimatorOptions.batch_fraction=0.5.*batch axis first"):
     tx.update(params, tx.init(params), params, batch=batch)
+
+
+@pytest.mark.parametrize("noise_scaling", [0.2, None])
+def test_update_with_parameters_init_did_not_see_names_the_layers(noise_scaling):
+  """Parameters of another structure name other layers than the state's."""
+  batch = {"x": jnp.ones((8, 4)), "y": jnp.arange(8) % 3}
+
+  def loss(p, b):
+    first, second = sorted(p)
+    return kfl.losses.softmax_cross_entropy(jnp.tanh(b["x"] @ p[first]) @ p[second], b["y"])
+
+  at_init = {"a": jnp.full((4, 5), 0.1), "b": jnp.full((5, 3), 0.1)}
+  renamed = {"a": at_init["a"], "c": at_init["b"]}
+  tx = kfl.kfac(loss, batch, noise_scaling=noise_scaling)
+  state = tx.init(at_init)
+  with pytest.raises(ValueError, match=r"built for \[\"\['a'\]\", \"\['b'\]\"\]"):
+    tx.update(jax.grad(loss)(renamed, batch), state, renamed, batch=batch)

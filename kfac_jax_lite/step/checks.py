@@ -62,6 +62,22 @@ def check_update_args(params: Any, batch: Any, positional: tuple[Any, ...],
         "the devices.")
 
 
+def check_layers(factors: Any, names: list[str]) -> None:
+  """Raises ``ValueError`` if the state's factors are of other layers than
+  ``names`` (the parameters given to ``update`` name them otherwise than those
+  given to ``init``); a placeholder state (a masked-out branch) is not checked.
+
+  Args:
+    factors: the state's factors (layer name -> factors), or a placeholder.
+    names: the names of the layers ``update``'s parameters give.
+  """
+  if isinstance(factors, dict) and sorted(factors) != sorted(names):
+    raise ValueError(
+        f"update's parameters give the layers {sorted(names)}, but the optimizer state was "
+        f"built for {sorted(factors)}: pass update parameters of the structure init had "
+        "(layers are named by their parameters' paths).")
+
+
 def check_diagnostics_layout(kept: Any, fresh: Any) -> None:
   """Raises ``ValueError`` if this batch's diagnostics do not fit the state's
   (their per-example rows fix the batch size)."""
