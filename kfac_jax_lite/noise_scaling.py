@@ -38,6 +38,7 @@ import optax
 from kfac_jax_lite import guard
 from kfac_jax_lite._checks import check_number
 from kfac_jax_lite.diagnostics import Diagnostics
+from kfac_jax_lite.step.estimate import batch_examples, per_batch_constant
 
 
 class NoiseScaledState(NamedTuple):
@@ -116,12 +117,15 @@ def device_mean(diag: Diagnostics, axis_name: str | None, batch_size: int
 
 def _batch_size(batch: Any, micro_batches: int) -> int:
   """The examples the gradient averages over: ``micro_batches`` times the
-  leading dimension of the batch's leaves."""
-  leaves = jax.tree_util.tree_leaves(batch)
-  if not leaves or not jnp.ndim(leaves[0]):
-    raise ValueError("noise_scaled.update needs the gradient's batch (its leading size is "
-                     "B): call update(grads, state, params, batch=batch).")
-  return leaves[0].shape[0] * micro_batches
+  leading size of the batch's per-example leaves (the first one's where they
+  differ, e.g. time-major leaves; a scalar or a typed PRNG key is not
+  per-example)."""
+  leaves = [x for x in jax.tree_util.tree_leaves(batch) if not per_batch_constant(x)]
+  if not leaves:
+    raise ValueError("noise_scaled.update needs the gradient's batch, with an array whose "
+                     "leading size is the number of examples B: call update(grads, state, "
+                     "params, batch=batch).")
+  return (batch_examples(batch) or leaves[0].shape[0]) * micro_batches
 
 
 def noise_scaled(inner: optax.GradientTransformation, *, floor: float = 0.2,

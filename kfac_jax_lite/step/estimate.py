@@ -25,15 +25,23 @@ from kfac_jax_lite.statistics import (Factors, PassValues, factors_from_values, 
 from kfac_jax_lite.tagging.layers import TaggedLoss
 
 
-def _leading_sizes(batch: Any) -> set[int | None]:
-  """The leading size of every leaf (``None`` for a scalar)."""
-  return {x.shape[0] if getattr(x, "shape", ()) else None
-          for x in jax.tree_util.tree_leaves(batch)}
+def per_batch_constant(x: Any) -> bool:
+  """Whether a batch leaf is one value for the whole batch, not a row per
+  example: a scalar, or a typed PRNG key (``jax.random.key``, e.g. the
+  dropout key), whose shape is the keys' and not the examples'."""
+  dtype = getattr(x, "dtype", None)
+  return not getattr(x, "shape", ()) or (
+      dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key))
+
+
+def _leading_sizes(batch: Any) -> set[int]:
+  """The leading size of every per-example leaf (see :func:`per_batch_constant`)."""
+  return {x.shape[0] for x in jax.tree_util.tree_leaves(batch) if not per_batch_constant(x)}
 
 
 def batch_examples(batch: Any) -> int | None:
-  """The batch's examples: its leaves' common leading size (``None`` if they
-  differ, e.g. time-major leaves, or a leaf is a scalar)."""
+  """The batch's examples: its per-example leaves' common leading size
+  (``None`` if they differ, e.g. time-major leaves, or there are none)."""
   sizes = _leading_sizes(batch)
   return sizes.pop() if len(sizes) == 1 else None
 
@@ -47,8 +55,9 @@ def fraction_size(n: int | None, fraction: float | None, minimum: int = 1) -> in
 
 
 def leading_fraction(batch: Any, fraction: float | None, field: str, minimum: int = 1) -> Any:
-  """The first :func:`fraction_size` examples of every leaf (all if ``None``;
-  a ``jax.ShapeDtypeStruct`` leaf gives the shape of that slice).
+  """The first :func:`fraction_size` examples of every per-example leaf (all
+  if ``None``; a ``jax.ShapeDtypeStruct`` leaf gives the shape of that slice);
+  per-batch constants (:func:`per_batch_constant`) are kept whole.
 
   Raises:
     ValueError: naming ``field`` if the leaves' leading sizes differ (a
@@ -63,6 +72,8 @@ def leading_fraction(batch: Any, fraction: float | None, field: str, minimum: in
                      f"axis first on every leaf, or pass {field}=None.")
 
   def leading(x: Any) -> Any:
+    if per_batch_constant(x):
+      return x
     n = fraction_size(x.shape[0], fraction, minimum)
     if isinstance(x, jax.ShapeDtypeStruct):
       return jax.ShapeDtypeStruct((n, *x.shape[1:]), x.dtype)
