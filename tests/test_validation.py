@@ -178,3 +178,17 @@ def test_update_with_parameters_init_did_not_see_names_the_layers(noise_scaling)
   state = tx.init(at_init)
   with pytest.raises(ValueError, match=r"built for \[\"\['a'\]\", \"\['b'\]\"\]"):
     tx.update(jax.grad(loss)(renamed, batch), state, renamed, batch=batch)
+
+
+def test_a_loss_with_auxiliary_outputs_is_told_how_to_drop_them():
+  batch = {"x": jnp.ones((8, 4)), "y": jnp.arange(8) % 3}
+  params = {"w": jnp.full((4, 3), 0.1)}
+
+  def loss_with_aux(p, b):
+    logits = b["x"] @ p["w"]
+    return kfl.losses.softmax_cross_entropy(logits, b["y"]), logits
+
+  with pytest.raises(ValueError, match=r"loss_fn\(params, batch\)\[0\]"):
+    kfl.kfac(loss_with_aux, batch).init(params)
+  tx = kfl.kfac(lambda p, b: loss_with_aux(p, b)[0], batch)  # the fix the message names
+  tx.init(params)

@@ -96,9 +96,11 @@ def trace_loss(loss_fn: Callable[[Any, Any], jax.Array], params: Any,
   closed = jax.make_jaxpr(flat_loss)(*param_avals, *batch_leaves)
   closed = unroll_scans(closed, [*param_avals, *batch_leaves], len(param_avals))
   if len(closed.out_avals) != 1 or closed.out_avals[0].shape != ():
-    raise ValueError(
-        "loss_fn(params, batch) must return a scalar loss, got outputs "
-        f"{closed.out_avals}.")
+    aux = (" For a loss with auxiliary outputs (jax.value_and_grad(..., has_aux=True)), give "
+           "K-FAC lambda params, batch: loss_fn(params, batch)[0]."
+           if len(closed.out_avals) > 1 and closed.out_avals[0].shape == () else "")
+    raise ValueError("loss_fn(params, batch) must return a scalar loss, got outputs "
+                     f"{closed.out_avals}.{aux}")
   return TracedLoss(jaxpr=closed, param_paths=leaf_paths(params), frozen=non_trainable(params))
 
 
