@@ -1,7 +1,8 @@
 """A batch may carry per-batch constants beside its examples.
 
 The usual one is the dropout key (``batch["rng"] = jax.random.key(step)``):
-a typed PRNG key, or any scalar, is one value for the whole batch. The
+a PRNG key (typed, or a raw ``uint32[2]``), or any scalar, is one value for
+the whole batch. The
 default ``kfl.kfac`` takes leading fractions of the batch (statistics on
 half, diagnostics on a quarter of that) and noise scaling reads the number of
 examples from it: both must look at the per-example leaves only (the key
@@ -44,6 +45,9 @@ def test_constants_are_not_examples():
   assert half["x"].shape == (N // 2, 4) and half["y"].shape == (N // 2,)
   assert half["rng"] is batch["rng"] and half["temperature"] is batch["temperature"]
   assert _batch_size(batch, micro_batches=2) == 2 * N
+  legacy = {**batch, "rng": jax.random.PRNGKey(0)}  # a raw uint32[2] key
+  assert batch_examples(legacy) == N and _batch_size(legacy, micro_batches=1) == N
+  assert leading_fraction(legacy, 0.5, "f")["rng"] is legacy["rng"]
 
 
 def test_default_kfac_trains_with_a_dropout_key_in_the_batch():

@@ -27,11 +27,13 @@ from kfac_jax_lite.tagging.layers import TaggedLoss
 
 def per_batch_constant(x: Any) -> bool:
   """Whether a batch leaf is one value for the whole batch, not a row per
-  example: a scalar, or a typed PRNG key (``jax.random.key``, e.g. the
-  dropout key), whose shape is the keys' and not the examples'."""
-  dtype = getattr(x, "dtype", None)
-  return not getattr(x, "shape", ()) or (
-      dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key))
+  example: a scalar, a typed PRNG key (``jax.random.key``, e.g. the dropout
+  key) or a raw one (``jax.random.PRNGKey``: ``uint32[2]``)."""
+  shape, dtype = getattr(x, "shape", ()), getattr(x, "dtype", None)
+  if not shape or dtype is None:
+    return True
+  return (jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+          or (tuple(shape) == (2,) and dtype == jnp.uint32))
 
 
 def _leading_sizes(batch: Any) -> set[int]:
