@@ -118,8 +118,8 @@ def device_mean(diag: Diagnostics, axis_name: str | None, batch_size: int
 def _batch_size(batch: Any, micro_batches: int) -> int:
   """The examples the gradient averages over: ``micro_batches`` times the
   leading size of the batch's per-example leaves (the first one's where they
-  differ, e.g. time-major leaves; a scalar or a typed PRNG key is not
-  per-example)."""
+  differ, e.g. time-major leaves; scalars and PRNG keys are not per-example:
+  :func:`kfac_jax_lite.step.estimate.per_batch_constant`)."""
   leaves = [x for x in jax.tree_util.tree_leaves(batch) if not per_batch_constant(x)]
   if not leaves:
     raise ValueError("noise_scaled.update needs the gradient's batch, with an array whose "

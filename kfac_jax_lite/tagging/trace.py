@@ -114,11 +114,11 @@ def leaf_paths(params: Any) -> tuple[tuple[Any, ...], ...]:
   """
   nnx = sys.modules.get("flax.nnx")  # not imported: no Variable can be here
   if nnx is not None:
-    is_variable = lambda x: isinstance(x, nnx.Variable)  # pylint: disable=unnecessary-lambda-assignment
+    def is_variable(x: Any) -> bool:
+      return isinstance(x, nnx.Variable)
     params = jax.tree.map(lambda v: _value(v) if is_variable(v) else v, params,
                           is_leaf=is_variable)
   return tuple(path for path, _ in jax.tree_util.tree_flatten_with_path(params)[0])
-
 
 
 def _value(variable: Any) -> Any:
