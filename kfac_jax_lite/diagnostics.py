@@ -49,7 +49,7 @@ import jax.numpy as jnp
 from kfac_jax_lite.curvature import estimation
 from kfac_jax_lite.curvature.estimators import check_estimator, output_cotangents
 from kfac_jax_lite.diagnostics_record import Diagnostics
-from kfac_jax_lite.losses import DISTRIBUTIONS, Distribution
+from kfac_jax_lite.losses import Distribution
 from kfac_jax_lite.options import LayerOptions
 from kfac_jax_lite.statistics import (Factors, PassValues, factors_from_values,
                                       tapped_derivatives)
@@ -124,7 +124,7 @@ def _embedding_terms(ids: jax.Array, d: jax.Array, vocab: int) -> tuple[jax.Arra
 
 
 def layer_terms(layer: Layer, xs: Sequence[jax.Array], dss: Sequence[jax.Array],
-                scale: float) -> tuple[jax.Array, jax.Array]:
+                scale: float | jax.Array) -> tuple[jax.Array, jax.Array]:
   """One layer's per-example squared gradient norms and squared batch-gradient norm.
 
   The values are read through the very expressions the factor estimates
@@ -169,7 +169,7 @@ def _rows_per_example(m: Any) -> int:
 
 def from_values(tagged: TaggedLoss, inputs: dict[str, Sequence[jax.Array]],
                 true_ds: dict[str, Sequence[jax.Array]], logits_shape: tuple[int, ...],
-                num_cases: int, *, batch_grads: Any = None) -> Diagnostics:
+                num_cases: int | jax.Array, *, batch_grads: Any = None) -> Diagnostics:
   """The diagnostics from values a statistics pass already has (no further pass).
 
   Args:
@@ -180,7 +180,8 @@ def from_values(tagged: TaggedLoss, inputs: dict[str, Sequence[jax.Array]],
       for the true-label (empirical-Fisher) cotangent.
     logits_shape: shape of the registered loss's logits; its leading axis is
       the batch axis ``B`` (at least 2).
-    num_cases: number of cases the registered loss averages over.
+    num_cases: number of cases the registered loss averages over (traced
+      with a loss mask).
     batch_grads: optional gradient of the registered loss (the batch mean
       ``G_B``, shaped like the parameters) if the caller has it already (an
       optimizer's incoming gradient when ``loss_fn`` is the registered loss
@@ -275,8 +276,7 @@ def values_and_diagnostics(tagged: TaggedLoss, params: Any, batch: Any, key: jax
       return cot
     return jnp.concatenate([cot, _true_labels(dist, logits, targets)])
 
-  inputs, ds, logits_shape = tapped_derivatives(tagged, params, batch, cotangents)
-  num_cases = DISTRIBUTIONS[tagged.marker.distribution].num_cases(logits_shape)
+  inputs, ds, logits_shape, num_cases = tapped_derivatives(tagged, params, batch, cotangents)
   if estimator == "empirical":  # the factors' own derivatives
     fisher_ds = true_ds = ds
   else:
@@ -327,6 +327,5 @@ def diagnostics(loss_fn: Callable[[Any, Any], jax.Array], params: Any, batch: An
   """
   tagged = tag(trace_loss(loss_fn, params, batch), layers.approximation,
                dict(layers.blocks), layers.max_factor_dim)
-  inputs, ds, logits_shape = tapped_derivatives(tagged, params, batch, _true_labels)
-  num_cases = DISTRIBUTIONS[tagged.marker.distribution].num_cases(logits_shape)
+  inputs, ds, logits_shape, num_cases = tapped_derivatives(tagged, params, batch, _true_labels)
   return from_values(tagged, inputs, ds, logits_shape, num_cases)

@@ -3,8 +3,9 @@
 Each loss is an ordinary differentiable function (usable with plain ``jax.grad``
 outside K-FAC). Its body is wrapped in a ``jax.jit`` whose function name starts
 with :data:`MARKER_PREFIX`; the tagger finds that ``jit`` equation in the traced
-loss, reads the logits (its first operand) and the targets (its second), and
-knows which distribution the logits parameterize. No custom primitive is needed,
+loss, reads the logits (its first operand), the targets (its second) and an
+optional mask of the cases that count (its third), and knows which
+distribution the logits parameterize. No custom primitive is needed,
 so the marker survives every JAX transformation unchanged.
 
 Each distribution also provides what the curvature estimators need: the
@@ -147,25 +148,67 @@ def _marked(dist: Distribution, body: Callable[[jax.Array, jax.Array], jax.Array
   return jax.jit(body)
 
 
-def _softmax_xent_body(logits: jax.Array, labels: jax.Array) -> jax.Array:
+def _average(per_case: jax.Array, mask: tuple[jax.Array, ...]) -> jax.Array:
+  """The mean over the cases, or over the cases ``mask`` keeps."""
+  if not mask:
+    return jnp.mean(per_case)
+  keep = mask[0] != 0
+  return jnp.sum(jnp.where(keep, per_case, 0.0)) / jnp.maximum(jnp.sum(keep), 1)
+
+
+def _softmax_xent_body(logits: jax.Array, labels: jax.Array, *mask: jax.Array) -> jax.Array:
   targets = _one_hot_targets(logits, labels)
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   per_case = -jnp.sum(targets.astype(jnp.float32) * logp, axis=-1)
-  return jnp.mean(per_case).astype(logits.dtype)
+  return _average(per_case, mask).astype(logits.dtype)
 
 
-def _sigmoid_xent_body(logits: jax.Array, targets: jax.Array) -> jax.Array:
+def _sigmoid_xent_body(logits: jax.Array, targets: jax.Array, *mask: jax.Array) -> jax.Array:
   t = _same_targets(logits, targets).astype(jnp.float32)
   z = logits.astype(jnp.float32)
   per_output = jnp.maximum(z, 0.0) - z * t + jnp.log1p(jnp.exp(-jnp.abs(z)))
   per_case = jnp.sum(per_output.reshape(z.shape[0], -1), axis=-1)
-  return jnp.mean(per_case).astype(logits.dtype)
+  return _average(per_case, mask).astype(logits.dtype)
 
 
-def _squared_error_body(predictions: jax.Array, targets: jax.Array) -> jax.Array:
+def _squared_error_body(predictions: jax.Array, targets: jax.Array,
+                        *mask: jax.Array) -> jax.Array:
   diff = (predictions - _same_targets(predictions, targets)).astype(jnp.float32)
   per_case = 0.5 * jnp.sum(jnp.square(diff).reshape(diff.shape[0], -1), axis=-1)
-  return jnp.mean(per_case).astype(predictions.dtype)
+  return _average(per_case, mask).astype(predictions.dtype)
+
+
+def _mask_operand(mask: jax.Array | None, cases: tuple[int, ...],
+                  loss: str) -> tuple[jax.Array, ...]:
+  """``(mask,)`` checked against the cases' shape, or ``()`` for none."""
+  if mask is None:
+    return ()
+  if tuple(jnp.shape(mask)) != tuple(cases):
+    raise ValueError(f"{loss}: mask has shape {tuple(jnp.shape(mask))}, but the loss has "
+                     f"cases of shape {tuple(cases)}: pass one entry per case (1 or True "
+                     "to count it, 0 or False for padding).")
+  return (jnp.asarray(mask),)
+
+
+def case_weights(logits_shape: tuple[int, ...], mask: jax.Array | None,
+                 dist: Distribution) -> tuple[jax.Array | float, jax.Array | int]:
+  """How the registered loss weighs its cases: the 0/1 weights broadcast
+  against the logits (``1.0`` without a mask) and the number of cases it
+  averages over (``Σ mask``, at least 1, with a mask).
+
+  Args:
+    logits_shape: shape of the registered loss's logits.
+    mask: the loss's mask operand, or ``None``.
+    dist: its distribution.
+
+  Returns:
+    ``(weights, num_cases)``.
+  """
+  if mask is None:
+    return 1.0, dist.num_cases(logits_shape)
+  keep = (mask != 0).astype(jnp.float32)
+  weights = keep.reshape(keep.shape + (1,) * (len(logits_shape) - keep.ndim))
+  return weights, jnp.maximum(jnp.sum(keep), 1.0)
 
 
 _softmax_xent = _marked(_SOFTMAX, _softmax_xent_body)
@@ -173,7 +216,8 @@ _sigmoid_xent = _marked(_SIGMOID, _sigmoid_xent_body)
 _squared_error = _marked(_SQUARED, _squared_error_body)
 
 
-def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+def softmax_cross_entropy(logits: jax.Array, labels: jax.Array,
+                          mask: jax.Array | None = None) -> jax.Array:
   """Categorical negative log-likelihood, averaged over all but the last axis.
 
   Registers a categorical predictive distribution over the last axis.
@@ -182,14 +226,21 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     logits: unnormalized log-probabilities ``[..., num_classes]``.
     labels: integer class labels ``[...]`` or one-hot / soft labels
       ``[..., num_classes]``.
+    mask: optional ``[...]`` (one entry per case, e.g. per token): nonzero
+      for the cases that count, 0 for padding. The loss is then the mean
+      over the kept cases, and K-FAC's output statistics, diagnostics and
+      quadratic model leave the others out (input statistics still average
+      over every position).
 
   Returns:
-    The scalar mean of ``-log softmax(logits)[label]`` over all cases.
+    The scalar mean of ``-log softmax(logits)[label]`` over the (kept) cases.
   """
-  return _softmax_xent(logits, labels)
+  return _softmax_xent(logits, labels,
+                       *_mask_operand(mask, logits.shape[:-1], "softmax_cross_entropy"))
 
 
-def sigmoid_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+def sigmoid_cross_entropy(logits: jax.Array, targets: jax.Array,
+                          mask: jax.Array | None = None) -> jax.Array:
   """Bernoulli negative log-likelihood per output, summed over outputs.
 
   Registers independent Bernoulli distributions, one per output.
@@ -197,14 +248,18 @@ def sigmoid_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
   Args:
     logits: ``[batch, ...]`` log-odds.
     targets: ``[batch, ...]`` probabilities in ``[0, 1]`` (0/1 labels).
+    mask: optional ``[batch]``, as in :func:`softmax_cross_entropy`.
 
   Returns:
-    The scalar loss summed over non-batch axes and averaged over the batch.
+    The scalar loss summed over non-batch axes and averaged over the (kept)
+    batch.
   """
-  return _sigmoid_xent(logits, targets)
+  return _sigmoid_xent(logits, targets,
+                       *_mask_operand(mask, logits.shape[:1], "sigmoid_cross_entropy"))
 
 
-def squared_error(predictions: jax.Array, targets: jax.Array) -> jax.Array:
+def squared_error(predictions: jax.Array, targets: jax.Array,
+                  mask: jax.Array | None = None) -> jax.Array:
   """Half squared error ``0.5 * sum_outputs (p - t)^2``, averaged over the batch.
 
   Registers a unit-variance Gaussian predictive distribution.
@@ -212,8 +267,11 @@ def squared_error(predictions: jax.Array, targets: jax.Array) -> jax.Array:
   Args:
     predictions: ``[batch, ...]`` predicted means.
     targets: ``[batch, ...]`` regression targets.
+    mask: optional ``[batch]``, as in :func:`softmax_cross_entropy`.
 
   Returns:
-    The scalar loss summed over non-batch axes and averaged over the batch.
+    The scalar loss summed over non-batch axes and averaged over the (kept)
+    batch.
   """
-  return _squared_error(predictions, targets)
+  return _squared_error(predictions, targets,
+                        *_mask_operand(mask, predictions.shape[:1], "squared_error"))

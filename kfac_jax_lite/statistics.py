@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from kfac_jax_lite.curvature import specs, symmetric
 from kfac_jax_lite.curvature.estimators import output_cotangents
-from kfac_jax_lite.losses import DISTRIBUTIONS, Distribution
+from kfac_jax_lite.losses import DISTRIBUTIONS, Distribution, case_weights
 from kfac_jax_lite.tagging.interpret import tapped_loss, zero_perturbations
 from kfac_jax_lite.tagging.layers import TaggedLoss
 from kfac_jax_lite.tagging.trace import varying_axes
@@ -26,7 +26,7 @@ Factors = dict[str, dict[str, jax.Array]]
 
 
 def factors_from_values(tagged: TaggedLoss, inputs: dict[str, Any], ds: dict[str, Any],
-                        num_cases: int) -> Factors:
+                        num_cases: int | jax.Array) -> Factors:
   """Every layer's factors from a tapped pass's values (see :func:`tapped_derivatives`)."""
   return {l.name: specs.spec_for(l).estimate(l, inputs[l.name], ds[l.name], num_cases)
           for l in tagged.factored}
@@ -63,9 +63,11 @@ def tapped_derivatives(tagged: TaggedLoss, params: Any, batch: Any, cotangents: 
       pulled back to the layer outputs (e.g. :func:`output_cotangents`).
 
   Returns:
-    ``(inputs, ds, logits_shape)``: layer name -> the activation operand of
-    each use; layer name -> ``[S, *out_shape]`` output derivatives of each
-    use; the shape of the registered loss's logits.
+    ``(inputs, ds, logits_shape, num_cases)``: layer name -> the activation
+    operand of each use; layer name -> ``[S, *out_shape]`` output
+    derivatives of each use (zero from the cases a loss mask leaves out);
+    the shape of the registered loss's logits; the number of cases it
+    averages over (traced with a mask).
   """
   param_leaves = jax.tree_util.tree_leaves(params)
   batch_leaves = jax.tree_util.tree_leaves(batch)
@@ -74,13 +76,14 @@ def tapped_derivatives(tagged: TaggedLoss, params: Any, batch: Any, cotangents: 
 
   def run(perts):
     t = tapped_loss(tagged, params_const, batch_leaves, perts)
-    return t.logits, (t.inputs, t.targets)
+    return t.logits, (t.inputs, t.targets, t.mask)
 
-  logits, vjp_fn, (inputs, targets) = jax.vjp(
+  logits, vjp_fn, (inputs, targets, mask) = jax.vjp(
       run, _varying_like(zero_perturbations(tagged), batch_leaves), has_aux=True)
-  cot = cotangents(dist, logits, targets)
+  weights, num_cases = case_weights(tuple(logits.shape), mask, dist)
+  cot = cotangents(dist, logits, targets) * weights  # masked cases: no derivative
   (ds,) = jax.vmap(lambda c: vjp_fn(c.astype(logits.dtype)))(cot)
-  return inputs, ds, tuple(logits.shape)
+  return inputs, ds, tuple(logits.shape), num_cases
 
 
 class PassValues(NamedTuple):
@@ -95,18 +98,17 @@ class PassValues(NamedTuple):
   tagged: TaggedLoss
   inputs: dict[str, Any]
   ds: dict[str, Any]
-  num_cases: int
+  num_cases: int | jax.Array
 
 
 def fisher_values(tagged: TaggedLoss, params: Any, batch: Any, key: jax.Array,
                   *, estimator: str, num_samples: int = 1) -> PassValues:
   """The statistics pass with the estimator's Fisher cotangents (arguments as
   :func:`factor_estimate`)."""
-  inputs, ds, logits_shape = tapped_derivatives(
+  inputs, ds, _, num_cases = tapped_derivatives(
       tagged, params, batch,
       lambda dist, z, y: output_cotangents(dist, z, y, key, estimator, num_samples))
-  dist = DISTRIBUTIONS[tagged.marker.distribution]
-  return PassValues(tagged, inputs, ds, dist.num_cases(logits_shape))
+  return PassValues(tagged, inputs, ds, num_cases)
 
 
 def factor_estimate(tagged: TaggedLoss, params: Any, batch: Any, key: jax.Array,

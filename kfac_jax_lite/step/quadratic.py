@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from kfac_jax_lite import guard, schedule
-from kfac_jax_lite.losses import DISTRIBUTIONS
+from kfac_jax_lite.losses import DISTRIBUTIONS, case_weights
 from kfac_jax_lite.options import AdaptiveOptions
 from kfac_jax_lite.tagging.interpret import tapped_loss
 from kfac_jax_lite.tagging.layers import TaggedLoss
@@ -87,15 +87,15 @@ def curvature_products(tagged: TaggedLoss, params: Any, batch: Any, vectors: lis
   batch_leaves = jax.tree_util.tree_leaves(batch)
   dist = DISTRIBUTIONS[tagged.marker.distribution]
 
-  def model(param_leaves: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
+  def model(param_leaves: list[jax.Array]) -> tuple[tuple[jax.Array, jax.Array], Any]:
     tapped = tapped_loss(tagged, param_leaves, batch_leaves, {})
-    return tapped.loss, tapped.logits
+    return (tapped.loss, tapped.logits), tapped.mask
 
-  (loss, logits), linear = jax.linearize(model, leaves)
+  (loss, logits), linear, mask = jax.linearize(model, leaves, has_aux=True)
   jvs = [linear([t.astype(p.dtype) for p, t in zip(leaves, treedef.flatten_up_to(v))])[1]
          for v in vectors]
-  cases = dist.num_cases(logits.shape)
-  hjvs = [jax.jvp(dist.mean, (logits,), (u,))[1] for u in jvs]
+  weights, cases = case_weights(tuple(logits.shape), mask, dist)
+  hjvs = [jax.jvp(dist.mean, (logits,), (u,))[1] * weights for u in jvs]
   gram = jnp.stack([jnp.stack([_vdot(u, hv) for hv in hjvs]) for u in jvs]) / cases
   return _pmean((loss.astype(jnp.float32), gram), axis_name)
 

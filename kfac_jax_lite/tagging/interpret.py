@@ -27,12 +27,14 @@ class Tapped:
     loss: the loss value.
     logits: the first operand of the registered loss (the model output).
     targets: the second operand of the registered loss.
+    mask: its third operand (the cases that count), or ``None``.
     inputs: layer name -> the activation operand of its product equation,
       one per use of the layer's weight (``Layer.matches``).
   """
   loss: jax.Array
   logits: jax.Array
   targets: jax.Array
+  mask: jax.Array | None
   inputs: dict[str, tuple[jax.Array, ...]]
 
 
@@ -89,8 +91,8 @@ def tapped_loss(tagged: TaggedLoss, param_leaves: Sequence[jax.Array],
   taps = _Taps(tagged, perturbations)
   (loss,) = evaluate(closed.jaxpr, closed.consts, [*param_leaves, *batch_leaves],
                      inline=taps.prefixes, on_equation=taps)
-  logits, targets = taps.marker_operands[:2]
-  return Tapped(loss=loss, logits=logits, targets=targets,
+  logits, targets, *mask = taps.marker_operands
+  return Tapped(loss=loss, logits=logits, targets=targets, mask=mask[0] if mask else None,
                 inputs={name: tuple(by_use) for name, by_use in taps.inputs.items()})
 
 
