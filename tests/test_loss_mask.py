@@ -131,3 +131,26 @@ def test_kfac_step_ignores_the_labels_of_padded_cases(estimator: str):
   assert not np.array_equal(np.asarray(relabeled["y"]), np.asarray(b["y"]))
   for got, want in zip(jax.tree.leaves(two_steps(relabeled)), jax.tree.leaves(two_steps(b))):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["cholesky", "ekfac"])
+def test_devices_weigh_their_estimates_by_their_kept_cases(method: str):
+  """Two devices (a named ``vmap`` axis) holding 8 and 5 kept tokens give the
+  one-device statistics of the whole batch."""
+  p, b = _params(), _batch()
+  opts = dict(damping=1e-2, estimator="exact", stats_every=1, inverse_every=1,
+              inverses=kfl.InverseOptions(method))
+  one = kfl.scale_by_kfac(_loss, b, **opts)
+  whole = one.update(jax.grad(_loss)(p, b), one.init(p), p, batch=b)[1]
+  split = jax.tree.map(lambda x: x.reshape(2, B // 2, *x.shape[1:]), b)
+  two = kfl.scale_by_kfac(_loss, jax.tree.map(lambda x: x[0], split),
+                          parallel=kfl.ParallelOptions(axis_name="d"), **opts)
+
+  def device(part):
+    return two.update(jax.grad(_loss)(p, part), two.init(p), p, batch=part)[1]
+
+  per_device = jax.vmap(device, axis_name="d")(split)
+  for got, want in ((per_device.factors, whole.factors), (per_device.ekfac, whole.ekfac)):
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(np.asarray(g)[0], np.asarray(w), rtol=1e-4, atol=1e-6,
+                                 err_msg=jax.tree_util.keystr(path))

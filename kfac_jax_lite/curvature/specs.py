@@ -128,6 +128,12 @@ class Block:
     :mod:`kfac_jax_lite.curvature.estimation` for the arguments)."""
     raise NotImplementedError
 
+  @property
+  def row_averaged(self) -> tuple[str, ...]:
+    """The factors averaged over the layer's input rows; the others are
+    averaged over the loss's cases (``num_cases`` of :meth:`estimate`)."""
+    return ()
+
 
 @dataclasses.dataclass(frozen=True)
 class Kronecker(Block):
@@ -166,6 +172,10 @@ class Kronecker(Block):
     if self.bias is None:
       return [(mat, kron)]
     return [(mat[:-1], kron), (mat[-1], [inv["B"]])]
+
+  @property
+  def row_averaged(self) -> tuple[str, ...]:
+    return tuple(k for k, _ in self.kron[:-1])
 
   def estimate(self, layer: Layer, xs: Sequence[jax.Array], dss: Sequence[jax.Array],
                num_cases: int) -> Arrays:

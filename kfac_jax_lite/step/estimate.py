@@ -18,6 +18,7 @@ import optax
 
 from kfac_jax_lite import guard
 from kfac_jax_lite.curvature import kronecker
+from kfac_jax_lite.curvature.specs import spec_for
 from kfac_jax_lite.diagnostics import Diagnostics, values_and_diagnostics
 from kfac_jax_lite.options import EstimatorOptions, ParallelOptions
 from kfac_jax_lite.statistics import (Factors, PassValues, factors_from_values, fisher_values,
@@ -129,14 +130,29 @@ def estimate_factors(tag_fn: Callable[[Any, Any], TaggedLoss], params: Any, batc
   if diag is not None and not estimator.per_example_norms:
     diag = diag.totals()
   est = factors_from_values(tagged, values.inputs, values.ds, values.num_cases)
-  return average(est, parallel), diag, values if keep_values else None
+  return average(est, parallel, values), diag, values if keep_values else None
 
 
-def average(est: Factors, parallel: ParallelOptions) -> Factors:
+def device_share(num_cases: int | jax.Array, axis_name: str) -> jax.Array | float:
+  """This device's share ``W_d / mean_d W_d`` of the loss's cases: 1 unless a
+  loss mask leaves the devices different numbers; case-averaged estimates
+  weighted by it average over the devices to the whole batch's."""
+  if isinstance(num_cases, int):
+    return 1.0
+  return num_cases / jax.lax.pmean(num_cases, axis_name)
+
+
+def average(est: Factors, parallel: ParallelOptions, values: PassValues) -> Factors:
   """Factor estimates averaged over ``parallel.axis_name`` (if any; upper
-  triangles only with ``symmetry_aware``)."""
+  triangles only with ``symmetry_aware``), each device's case-averaged
+  factors weighted by its :func:`device_share`."""
   if parallel.axis_name is None:
     return est
+  share = device_share(values.num_cases, parallel.axis_name)
+  if not isinstance(share, float):
+    rows = {l.name: spec_for(l).row_averaged for l in values.tagged.factored}
+    est = {n: {k: f if k in rows[n] else f * share for k, f in fs.items()}
+           for n, fs in est.items()}
   if parallel.symmetry_aware:
     return pmean_factors(est, parallel.axis_name)
   return jax.lax.pmean(est, parallel.axis_name)

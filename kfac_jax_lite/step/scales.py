@@ -29,6 +29,7 @@ from kfac_jax_lite.curvature import ekfac, kronecker
 from kfac_jax_lite.curvature.specs import spec_for
 from kfac_jax_lite.options import EstimatorOptions, InverseOptions, ParallelOptions
 from kfac_jax_lite.statistics import PassValues
+from kfac_jax_lite.step import estimate
 from kfac_jax_lite.tagging.layers import Layer, TaggedLoss
 
 Blocks = dict[str, ekfac.Block]
@@ -88,6 +89,9 @@ def _fold(blocks: Blocks, values: PassValues, ema_decay: Any,
   est = {n: ekfac.scale_estimate(by_name[n], b, values.inputs[n], values.ds[n],
                                  values.num_cases) for n, b in blocks.items()}
   if axis_name is not None:
+    share = estimate.device_share(values.num_cases, axis_name)
+    if not isinstance(share, float):  # a loss mask: S is averaged over the kept cases
+      est = jax.tree.map(lambda s: s * share, est)
     est = jax.lax.pmean(est, axis_name)
   scales = {n: kronecker.ema(b["S"], est[n], ema_decay) for n, b in blocks.items()}
   old = {n: b["S"] for n, b in blocks.items()}
