@@ -11,7 +11,7 @@ read the loss every step does):
 1. a jitted chain of six ``256 x 256`` matrix products and tanh, followed by
    0, 1, 2 or 4 ``lax.cond`` whose predicate (a function of a traced step
    counter) is never true;
-2. the suite's train steps (``benchmarks/suite.py`` tasks) with
+2. the suite's train steps (``benchmarks/suite.py`` tasks' ``make_step``) with
    ``optax.adamw``, the default ``kfl.kfac`` and ``kfl.kfac`` with statistics
    and inverses on every step (periods 1: no conditional at all).
 
@@ -65,23 +65,14 @@ def with_conds(num_conds: int) -> Callable[..., Any]:
   return jax.jit(f)
 
 
-def train_step(loss_fn: Callable[..., Any], tx: optax.GradientTransformation
-               ) -> Callable[..., Any]:
-  """The jitted ``(params, opt_state, batch) -> (params, opt_state, loss)``."""
-  def step(params: Any, state: Any, batch: Any) -> tuple[Any, Any, jax.Array]:
-    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-    updates, state = tx.update(grads, state, params, batch=batch)
-    return optax.apply_updates(params, updates), state, loss
-  return jax.jit(step)
-
-
-def advancing(step: Callable[..., Any], params: Any, state: Any, batch: Any) -> Callable[[], Any]:
-  """A call that advances ``(params, state)`` by one step and returns the loss."""
-  carry = [params, state]
+def advancing(step: Callable[..., Any], state: tuple[Any, ...], batch: Any) -> Callable[[], Any]:
+  """A call that advances the train ``state`` by one ``step`` and returns the loss."""
+  carry = [state]
 
   def call() -> jax.Array:
-    carry[0], carry[1], loss = step(carry[0], carry[1], batch)
-    return loss
+    out = step(*carry[0], batch)
+    carry[0] = tuple(out[:-1])
+    return out[-1]
   return call
 
 
@@ -101,7 +92,7 @@ def main(argv: Sequence[str]) -> None:
     for label, tx in (("adamw", optax.adamw(1e-3)), ("kfac default", kfl.kfac(task.loss_fn, batch)),
                       ("kfac periods 1", kfl.kfac(task.loss_fn, batch, stats_every=1,
                                                    inverse_every=1))):
-      call = advancing(train_step(task.loss_fn, tx), task.params, tx.init(task.params), batch)
+      call = advancing(task.make_step(tx), (*task.init_state, tx.init(task.params)), batch)
       print(f"{name} {label}: blocked {per_call(call, 100, 1) * 1e3:.3f} ms, chunks of {CHUNK} "
             f"{per_call(call, 100, CHUNK) * 1e3:.3f} ms", flush=True)
 
