@@ -58,10 +58,27 @@ from kfac_jax_lite.tagging.layers import Layer, TaggedLoss, tag
 from kfac_jax_lite.tagging.trace import trace_loss
 
 
-def use_gram(positions: int, d_in: int, d_out: int) -> bool:
-  """Whether the Gram form ``Σ_{t,t'} (a·a')(ds·ds')`` (``T² (d_in + d_out)``
-  per example) is cheaper than forming ``g_n`` (``T d_in d_out``)."""
-  return positions * (d_in + d_out) <= d_in * d_out
+def use_gram(positions: int, d_in: int, d_out: int, *, columns: bool) -> bool:
+  """Whether the Gram form ``Σ_{t,t'} (a·a')(ds·ds')`` is used rather than
+  forming ``g_n``.
+
+  The Gram form costs ``T² (d_in + d_out)`` per example, ``g_n`` costs
+  ``T d_in d_out``. With activations stored as rows ``[T, d_in]``, forming
+  ``g_n`` contracts the leading axis of both operands, which XLA:CPU runs at
+  about half the rate of the Gram form's products (BUILD.md, "Diagnostics'
+  cost"), so for rows the Gram form is kept up to twice ``g_n``'s flops.
+
+  Args:
+    positions: ``T``, the positions (and uses) the weight is shared over.
+    d_in: rows of ``[W; b]`` (the bias's 1 included).
+    d_out: its columns.
+    columns: whether the activations are stored as columns ``[d_in, T]``
+      (convolution patches).
+
+  Returns:
+    ``True`` for the Gram form.
+  """
+  return positions * (d_in + d_out) <= (1 if columns else 2) * d_in * d_out
 
 
 def _output_rows(m: Any, ds: jax.Array) -> jax.Array:
@@ -93,7 +110,7 @@ def _kron_terms(a: jax.Array, d: jax.Array, bias: bool, c2: float,
   if positions == 1:  # ||[a; 1]||² ||ds||², elementwise (no batched product)
     return (jnp.sum(jnp.square(a), axis=(1, 2)) + float(bias)) * jnp.sum(
         jnp.square(d) * c2, axis=(1, 2)), None
-  if use_gram(positions, d_in + bias, d_out):
+  if use_gram(positions, d_in + bias, d_out, columns=columns):
     return _gram_sq(a, d, bias, columns) * c2, None
   g = jnp.einsum(f"{spec.format('t')},ntk->nik", a, d)
   sq, total = jnp.sum(jnp.square(g) * c2, axis=(1, 2)), jnp.sum(jnp.square(jnp.sum(g, axis=0)))
@@ -111,8 +128,8 @@ def _gram_sq(a: jax.Array, d: jax.Array, bias: bool, columns: bool) -> jax.Array
   the activations (rows).
 
   The same flops as multiplying the two Gram matrices elementwise, but each
-  batched product keeps its operands in their stored layout; on XLA:CPU this
-  ran the transformer's terms in 0.6× the time (`benchmarks/diagnostics_cost.py`).
+  batched product reads its operands in their stored layout (XLA:CPU ran the
+  transformer's terms in about 0.6× the time; BUILD.md, "Diagnostics' cost").
   """
   if columns:  # a: [N, d_in, T]
     kd = jnp.einsum("nsk,ntk->nst", d, d)

@@ -117,7 +117,8 @@ def test_dense_mlp(rng):
 
 
 def test_conv_both_forms(rng):
-  assert not use_gram(25, 2 * 9 + 1, 4) and use_gram(4, 4 * 9 + 1, 8)  # both forms run
+  assert not use_gram(25, 2 * 9 + 1, 4, columns=True)  # both forms run
+  assert use_gram(4, 4 * 9 + 1, 8, columns=True)
   case = flax_case(Cnn(), rng.normal(size=(B, 5, 5, 2)).astype(np.float32),
                    rng.integers(0, K, B))
   check(*case, {dense_group(m)[0]: dense_group(m) for m in ("Conv_0", "Conv_1", "Dense_0")})
@@ -125,10 +126,10 @@ def test_conv_both_forms(rng):
 
 def test_sequence_dense_embedding_layernorm(rng):
   """Per-position labels: the loss averages over B*T cases, examples are rows of B."""
-  assert use_gram(4, 7, 12) and not use_gram(4, 13, K)
-  ids = rng.integers(0, 5, (B, 4))
+  assert use_gram(8, 7, 12, columns=False) and not use_gram(8, 13, K, columns=False)
+  ids = rng.integers(0, 5, (B, 8))
   ids[:, 1] = ids[:, 3]  # repeated tokens within each example
-  case = flax_case(Seq(), ids, rng.integers(0, K, (B, 4)))
+  case = flax_case(Seq(), ids, rng.integers(0, K, (B, 8)))
   groups = {dense_group(m)[0]: dense_group(m) for m in ("Dense_0", "Dense_1")}
   groups.update({"['Embed_0']['embedding']": ["['Embed_0']['embedding']"],
                  "['LayerNorm_0']['scale']": ["['LayerNorm_0']['scale']"],
