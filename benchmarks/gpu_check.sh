@@ -13,7 +13,10 @@
 #                one statistics pass (issue 12's "≤ 10% of that pass"; ~220 s);
 #   suite        benchmarks/suite.py --baselines adamw: time to tuned AdamW's
 #                loss (~120 s);
-#   dispatch     benchmarks/dispatch.py: what a skipped lax.cond costs (~30 s).
+#   dispatch     benchmarks/dispatch.py: what a skipped lax.cond costs (~30 s);
+#   forms        benchmarks/diagnostics_forms.py: which form of the per-example
+#                norms is fastest at the models' shapes (whether use_gram's
+#                XLA:CPU rule holds on the device; ~30 s).
 # Each part has a time limit, so that the others' results come back even if
 # one is cut short; phases.py writes its JSON after every model.
 set -uo pipefail
@@ -37,7 +40,8 @@ for part in "${parts[@]}"; do
     suite) timeout 150 "$py" benchmarks/suite.py --baselines adamw --json "$out/suite.json" \
              --png "$out/suite.png" ;;
     dispatch) timeout 60 "$py" benchmarks/dispatch.py ;;
-    *) echo "unknown part: $part (phases, diagnostics, suite, dispatch)"; exit 2 ;;
+    forms) timeout 60 "$py" benchmarks/diagnostics_forms.py ;;
+    *) echo "unknown part: $part (phases, diagnostics, suite, dispatch, forms)"; exit 2 ;;
   esac 2>&1 | tee "$out/$part.log"
 done
 uptime | tee -a "$out/env.txt"
