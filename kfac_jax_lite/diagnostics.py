@@ -49,10 +49,10 @@ import jax.numpy as jnp
 from kfac_jax_lite.curvature import estimation
 from kfac_jax_lite.curvature.estimators import check_estimator, output_cotangents
 from kfac_jax_lite.diagnostics_record import Diagnostics
-from kfac_jax_lite.losses import Distribution
+from kfac_jax_lite.losses import CaseWeights, Distribution
 from kfac_jax_lite.options import LayerOptions
 from kfac_jax_lite.statistics import (Factors, PassValues, factors_from_values,
-                                      tapped_derivatives)
+                                      fisher_cotangents, tapped_derivatives)
 from kfac_jax_lite.tagging import geometry
 from kfac_jax_lite.tagging.layers import Layer, TaggedLoss, tag
 from kfac_jax_lite.tagging.trace import trace_loss
@@ -271,8 +271,11 @@ def _summary(sq_norms: jax.Array, summed_sq: jax.Array,
       diversity=s / summed_sq, uncovered=uncovered)
 
 
-def _true_labels(dist: Distribution, logits: jax.Array, targets: jax.Array) -> jax.Array:
-  return output_cotangents(dist, logits, targets, jax.random.key(0), "empirical")
+def _true_labels(dist: Distribution, logits: jax.Array, targets: jax.Array,
+                 weights: CaseWeights) -> jax.Array:
+  """The true-label column: each case's loss gradient, times its weight ``m``."""
+  return output_cotangents(dist, logits, targets, jax.random.key(0),
+                           "empirical") * weights.gradient
 
 
 def _column(ds: dict[str, Sequence[jax.Array]], index: slice) -> dict[str, tuple[jax.Array, ...]]:
@@ -284,10 +287,11 @@ def values_and_diagnostics(tagged: TaggedLoss, params: Any, batch: Any, key: jax
                            batch_grads: Any = None) -> tuple[PassValues, Diagnostics]:
   """One statistics pass giving both the Fisher pass's values and the diagnostics.
 
-  With ``estimator="empirical"`` the diagnostics read the very output
-  derivatives the factors are built from; otherwise the true-label cotangent
-  is one more column of the same vectorized backward pass (no second
-  forward pass).
+  With ``estimator="empirical"`` (and a loss without case weights other
+  than a boolean mask) the diagnostics read the very output derivatives the
+  factors are built from; otherwise the true-label cotangent is one more
+  column of the same vectorized backward pass (no second forward pass): the
+  Fisher columns weigh a case by ``√m``, the gradient by ``m``.
 
   Args:
     tagged: the tagged loss (static).
@@ -304,15 +308,18 @@ def values_and_diagnostics(tagged: TaggedLoss, params: Any, batch: Any, key: jax
     :class:`Diagnostics` of the batch.
   """
   check_estimator(estimator, num_samples)
+  fisher = fisher_cotangents(key, estimator, num_samples)
 
-  def cotangents(dist: Distribution, logits: jax.Array, targets: jax.Array) -> jax.Array:
-    cot = output_cotangents(dist, logits, targets, key, estimator, num_samples)
-    if estimator == "empirical":
+  def cotangents(dist: Distribution, logits: jax.Array, targets: jax.Array,
+                 weights: CaseWeights) -> jax.Array:
+    cot = fisher(dist, logits, targets, weights)
+    if estimator == "empirical" and weights.binary:  # one column, the true labels'
       return cot
-    return jnp.concatenate([cot, _true_labels(dist, logits, targets)])
+    return jnp.concatenate([cot, _true_labels(dist, logits, targets, weights)])
 
   inputs, ds, logits_shape, num_cases = tapped_derivatives(tagged, params, batch, cotangents)
-  if estimator == "empirical":  # the factors' own derivatives
+  columns = {d.shape[0] for by_use in ds.values() for d in by_use}
+  if estimator == "empirical" and columns == {1}:  # the factors' own derivatives
     fisher_ds = true_ds = ds
   else:
     fisher_ds, true_ds = _column(ds, slice(0, -1)), _column(ds, slice(-1, None))

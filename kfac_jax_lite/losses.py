@@ -4,7 +4,7 @@ Each loss is an ordinary differentiable function (usable with plain ``jax.grad``
 outside K-FAC). Its body is wrapped in a ``jax.jit`` whose function name starts
 with :data:`MARKER_PREFIX`; the tagger finds that ``jit`` equation in the traced
 loss, reads the logits (its first operand), the targets (its second) and an
-optional mask of the cases that count (its third), and knows which
+optional mask or weights of the cases (its third), and knows which
 distribution the logits parameterize. No custom primitive is needed,
 so the marker survives every JAX transformation unchanged.
 
@@ -17,10 +17,11 @@ the output Fisher ``F_z = E_y[grad grad^T]`` (Martens & Grosse 2015, §5).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 MARKER_PREFIX = "kfl_loss__"
 
@@ -149,11 +150,17 @@ def _marked(dist: Distribution, body: Callable[[jax.Array, jax.Array], jax.Array
 
 
 def _average(per_case: jax.Array, mask: tuple[jax.Array, ...]) -> jax.Array:
-  """The mean over the cases, or over the cases ``mask`` keeps."""
+  """The mean over the cases, or their mean weighted by ``mask``."""
   if not mask:
     return jnp.mean(per_case)
-  keep = mask[0] != 0
-  return jnp.sum(jnp.where(keep, per_case, 0.0)) / jnp.maximum(jnp.sum(keep), 1)
+  weights = mask[0].astype(jnp.float32)
+  return jnp.sum(jnp.where(weights != 0, weights * per_case, 0.0)) / _total(weights)
+
+
+def _total(weights: jax.Array) -> jax.Array:
+  """``Σ m``, or 1 where it is 0 (a batch of padding only: loss and curvature 0)."""
+  total = jnp.sum(weights)
+  return jnp.where(total > 0, total, 1.0)
 
 
 def _softmax_xent_body(logits: jax.Array, labels: jax.Array, *mask: jax.Array) -> jax.Array:
@@ -180,35 +187,65 @@ def _squared_error_body(predictions: jax.Array, targets: jax.Array,
 
 def _mask_operand(mask: jax.Array | None, cases: tuple[int, ...],
                   loss: str) -> tuple[jax.Array, ...]:
-  """``(mask,)`` checked against the cases' shape, or ``()`` for none."""
+  """``(mask,)`` checked against the cases' shape (and, when its values are
+  known, for negative weights), or ``()`` for none."""
   if mask is None:
     return ()
   if tuple(jnp.shape(mask)) != tuple(cases):
     raise ValueError(f"{loss}: mask has shape {tuple(jnp.shape(mask))}, but the loss has "
                      f"cases of shape {tuple(cases)}: pass one entry per case (1 or True "
-                     "to count it, 0 or False for padding).")
+                     "to count it, 0 or False for padding, another nonnegative value to "
+                     "weigh it).")
+  try:
+    negative = bool(np.any(np.asarray(mask) < 0))
+  except jax.errors.TracerArrayConversionError:  # traced: its values are not known here
+    negative = False
+  if negative:
+    raise ValueError(f"{loss}: mask has negative entries; case weights must be "
+                     "nonnegative (0 leaves a case out).")
   return (jnp.asarray(mask),)
 
 
+class CaseWeights(NamedTuple):
+  """How the registered loss weighs its cases (:func:`case_weights`).
+
+  With weights ``m`` the loss is ``Σ m ℓ / Σ m``, its Gauss–Newton matrix and
+  Fisher ``Σ_c (m_c / Σ m) J_cᵀ F_c J_c``.
+
+  Attributes:
+    gradient: ``m`` broadcast against the logits (``1.0`` without a mask):
+      the factor of a case's loss gradient and Gauss–Newton products.
+    fisher: the factor of a Fisher cotangent column, ``√m`` (``m`` itself for
+      a boolean mask), so that its outer products weigh a case by ``m``.
+    num_cases: ``Σ m`` (the number of cases without a mask).
+    binary: whether every weight is 0 or 1 by its type (no mask, or a boolean
+      one), so that ``gradient`` and ``fisher`` are the same.
+  """
+  gradient: jax.Array | float
+  fisher: jax.Array | float
+  num_cases: jax.Array | int
+  binary: bool
+
+
 def case_weights(logits_shape: tuple[int, ...], mask: jax.Array | None,
-                 dist: Distribution) -> tuple[jax.Array | float, jax.Array | int]:
-  """How the registered loss weighs its cases: the 0/1 weights broadcast
-  against the logits (``1.0`` without a mask) and the number of cases it
-  averages over (``Σ mask``, at least 1, with a mask).
+                 dist: Distribution) -> CaseWeights:
+  """How the registered loss weighs its cases.
 
   Args:
     logits_shape: shape of the registered loss's logits.
-    mask: the loss's mask operand, or ``None``.
+    mask: the loss's mask operand (0/1 or nonnegative weights), or ``None``.
     dist: its distribution.
 
   Returns:
-    ``(weights, num_cases)``.
+    The :class:`CaseWeights`.
   """
   if mask is None:
-    return 1.0, dist.num_cases(logits_shape)
-  keep = (mask != 0).astype(jnp.float32)
-  weights = keep.reshape(keep.shape + (1,) * (len(logits_shape) - keep.ndim))
-  return weights, jnp.maximum(jnp.sum(keep), 1.0)
+    return CaseWeights(1.0, 1.0, dist.num_cases(logits_shape), True)
+  weights = mask.astype(jnp.float32)
+  gradient = weights.reshape(weights.shape + (1,) * (len(logits_shape) - weights.ndim))
+  binary = mask.dtype == jnp.bool_
+  return CaseWeights(gradient, gradient if binary else jnp.sqrt(gradient), _total(weights),
+                     binary)
 
 
 _softmax_xent = _marked(_SOFTMAX, _softmax_xent_body)
@@ -226,14 +263,15 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array,
     logits: unnormalized log-probabilities ``[..., num_classes]``.
     labels: integer class labels ``[...]`` or one-hot / soft labels
       ``[..., num_classes]``.
-    mask: optional ``[...]`` (one entry per case, e.g. per token): nonzero
-      for the cases that count, 0 for padding. The loss is then the mean
-      over the kept cases, and K-FAC's output statistics, diagnostics and
-      quadratic model leave the others out (input statistics still average
+    mask: optional ``[...]`` (one entry per case, e.g. per token): 1 (or
+      ``True``) for the cases that count, 0 for padding, or nonnegative case
+      weights ``m``. The loss is then ``Σ m ℓ / Σ m``, the mean over the kept
+      cases; K-FAC's output statistics, diagnostics and quadratic model weigh
+      each case by ``m`` (padding left out; input statistics still average
       over every position).
 
   Returns:
-    The scalar mean of ``-log softmax(logits)[label]`` over the (kept) cases.
+    The scalar (weighted) mean of ``-log softmax(logits)[label]`` over the cases.
   """
   return _softmax_xent(logits, labels,
                        *_mask_operand(mask, logits.shape[:-1], "softmax_cross_entropy"))
@@ -251,8 +289,8 @@ def sigmoid_cross_entropy(logits: jax.Array, targets: jax.Array,
     mask: optional ``[batch]``, as in :func:`softmax_cross_entropy`.
 
   Returns:
-    The scalar loss summed over non-batch axes and averaged over the (kept)
-    batch.
+    The scalar loss summed over non-batch axes and averaged (weighted) over
+    the batch.
   """
   return _sigmoid_xent(logits, targets,
                        *_mask_operand(mask, logits.shape[:1], "sigmoid_cross_entropy"))
@@ -270,8 +308,8 @@ def squared_error(predictions: jax.Array, targets: jax.Array,
     mask: optional ``[batch]``, as in :func:`softmax_cross_entropy`.
 
   Returns:
-    The scalar loss summed over non-batch axes and averaged over the (kept)
-    batch.
+    The scalar loss summed over non-batch axes and averaged (weighted) over
+    the batch.
   """
   return _squared_error(predictions, targets,
                         *_mask_operand(mask, predictions.shape[:1], "squared_error"))

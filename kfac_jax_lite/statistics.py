@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from kfac_jax_lite.curvature import specs, symmetric
 from kfac_jax_lite.curvature.estimators import output_cotangents
-from kfac_jax_lite.losses import DISTRIBUTIONS, Distribution, case_weights
+from kfac_jax_lite.losses import DISTRIBUTIONS, CaseWeights, Distribution, case_weights
 from kfac_jax_lite.tagging.interpret import tapped_loss, zero_perturbations
 from kfac_jax_lite.tagging.layers import TaggedLoss
 from kfac_jax_lite.tagging.trace import varying_axes
@@ -45,7 +45,7 @@ def _varying_like(perturbations: Factors, batch_leaves: list[Any]) -> Factors:
       lambda z: jax.lax.pcast(z, tuple(sorted(axes)), to="varying"), perturbations)
 
 
-Cotangents = Callable[[Distribution, jax.Array, jax.Array], jax.Array]
+Cotangents = Callable[[Distribution, jax.Array, jax.Array, CaseWeights], jax.Array]
 
 
 def tapped_derivatives(tagged: TaggedLoss, params: Any, batch: Any, cotangents: Cotangents
@@ -59,15 +59,17 @@ def tapped_derivatives(tagged: TaggedLoss, params: Any, batch: Any, cotangents: 
     tagged: the tagged loss (static).
     params: parameter pytree.
     batch: batch pytree.
-    cotangents: ``(dist, logits, targets) -> [S, *logits.shape]``, the columns
-      pulled back to the layer outputs (e.g. :func:`output_cotangents`).
+    cotangents: ``(dist, logits, targets, weights) -> [S, *logits.shape]``,
+      the columns pulled back to the layer outputs, each case's already
+      weighted by the loss's :class:`~kfac_jax_lite.losses.CaseWeights`
+      (e.g. :func:`fisher_cotangents`).
 
   Returns:
     ``(inputs, ds, logits_shape, num_cases)``: layer name -> the activation
     operand of each use; layer name -> ``[S, *out_shape]`` output
     derivatives of each use (zero from the cases a loss mask leaves out);
     the shape of the registered loss's logits; the number of cases it
-    averages over (traced with a mask).
+    averages over (``Σ m``, traced, with a mask).
   """
   param_leaves = jax.tree_util.tree_leaves(params)
   batch_leaves = jax.tree_util.tree_leaves(batch)
@@ -80,10 +82,20 @@ def tapped_derivatives(tagged: TaggedLoss, params: Any, batch: Any, cotangents: 
 
   logits, vjp_fn, (inputs, targets, mask) = jax.vjp(
       run, _varying_like(zero_perturbations(tagged), batch_leaves), has_aux=True)
-  weights, num_cases = case_weights(tuple(logits.shape), mask, dist)
-  cot = cotangents(dist, logits, targets) * weights  # masked cases: no derivative
+  weights = case_weights(tuple(logits.shape), mask, dist)
+  cot = cotangents(dist, logits, targets, weights)  # masked cases: no derivative
   (ds,) = jax.vmap(lambda c: vjp_fn(c.astype(logits.dtype)))(cot)
-  return inputs, ds, tuple(logits.shape), num_cases
+  return inputs, ds, tuple(logits.shape), weights.num_cases
+
+
+def fisher_cotangents(key: jax.Array, estimator: str, num_samples: int = 1) -> Cotangents:
+  """The estimator's Fisher cotangent columns (:func:`output_cotangents`), each
+  case's scaled by ``√m`` so that their outer products weigh it by ``m``."""
+  def cotangents(dist: Distribution, logits: jax.Array, targets: jax.Array,
+                 weights: CaseWeights) -> jax.Array:
+    cot = output_cotangents(dist, logits, targets, key, estimator, num_samples)
+    return cot * weights.fisher
+  return cotangents
 
 
 class PassValues(NamedTuple):
@@ -106,8 +118,7 @@ def fisher_values(tagged: TaggedLoss, params: Any, batch: Any, key: jax.Array,
   """The statistics pass with the estimator's Fisher cotangents (arguments as
   :func:`factor_estimate`)."""
   inputs, ds, _, num_cases = tapped_derivatives(
-      tagged, params, batch,
-      lambda dist, z, y: output_cotangents(dist, z, y, key, estimator, num_samples))
+      tagged, params, batch, fisher_cotangents(key, estimator, num_samples))
   return PassValues(tagged, inputs, ds, num_cases)
 
 

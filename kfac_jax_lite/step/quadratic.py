@@ -94,9 +94,9 @@ def curvature_products(tagged: TaggedLoss, params: Any, batch: Any, vectors: lis
   (loss, logits), linear, mask = jax.linearize(model, leaves, has_aux=True)
   jvs = [linear([t.astype(p.dtype) for p, t in zip(leaves, treedef.flatten_up_to(v))])[1]
          for v in vectors]
-  weights, cases = case_weights(tuple(logits.shape), mask, dist)
-  hjvs = [jax.jvp(dist.mean, (logits,), (u,))[1] * weights for u in jvs]
-  gram = jnp.stack([jnp.stack([_vdot(u, hv) for hv in hjvs]) for u in jvs]) / cases
+  weights = case_weights(tuple(logits.shape), mask, dist)
+  hjvs = [jax.jvp(dist.mean, (logits,), (u,))[1] * weights.gradient for u in jvs]
+  gram = jnp.stack([jnp.stack([_vdot(u, hv) for hv in hjvs]) for u in jvs]) / weights.num_cases
   return _pmean((loss.astype(jnp.float32), gram), axis_name)
 
 

@@ -90,7 +90,7 @@ def _fold(blocks: Blocks, values: PassValues, ema_decay: Any,
                                  values.num_cases) for n, b in blocks.items()}
   if axis_name is not None:
     share = estimate.device_share(values.num_cases, axis_name)
-    if not isinstance(share, float):  # a loss mask: S is averaged over the kept cases
+    if not isinstance(share, float):  # a loss mask: S is the weighted mean over the cases
       est = jax.tree.map(lambda s: s * share, est)
     est = jax.lax.pmean(est, axis_name)
   scales = {n: kronecker.ema(b["S"], est[n], ema_decay) for n, b in blocks.items()}
