@@ -47,7 +47,8 @@ class KfacState(NamedTuple):
 
   Attributes:
     count: number of ``update`` calls so far.
-    key: raw ``uint32[2]`` PRNG key for Fisher sampling.
+    key: raw ``uint32[2]`` PRNG key for Fisher sampling (a statistics step
+      samples with it folded with ``count``; accumulate-only calls advance it).
     stats_count: number of factor estimates committed to the moving averages.
     factors: layer name -> ``{"A": ..., "G": ...}`` moving averages (float32).
     inverses: layer name -> ``{"A": ..., "G": ...}`` damped inverses (float32;
@@ -287,8 +288,23 @@ def _estimate(config: _Config, params: Any, batch: Any,
                                    keep_values=config.inverses.method == "ekfac")
 
 
-def _statistics(config: _Config, state: KfacState, params: Any, batch: Any,
-                key: jax.Array) -> tuple[Any, jax.Array, Any, Any]:
+def _sample_key(config: _Config, key: jax.Array, step: jax.Array | None) -> jax.Array:
+  """The Fisher sampling key of a statistics pass: the state's key folded with
+  the step count (or, for an accumulate-only call, the key itself: those advance
+  the state's key), and with the device's index under ``axis_name``.
+
+  Called inside the statistics branch, so that steps without statistics do no
+  random-number work."""
+  key = jax.random.wrap_key_data(key)
+  if step is not None:
+    key = jax.random.fold_in(key, step)
+  if config.parallel.axis_name is not None:
+    key = jax.random.fold_in(key, jax.lax.axis_index(config.parallel.axis_name))
+  return key
+
+
+def _statistics(config: _Config, state: KfacState, params: Any,
+                batch: Any) -> tuple[Any, jax.Array, Any, Any]:
   """Phase 1 when due: the factors' moving averages, their count, diagnostics;
   and EK-FAC's bases (refreshed when due) and scales."""
   def eigen(factors: Any, values: Any) -> Any:
@@ -296,6 +312,7 @@ def _statistics(config: _Config, state: KfacState, params: Any, batch: Any,
                          _now(config.ema_decay, state.count), config.parallel.axis_name)
 
   def due() -> tuple[Any, jax.Array, Any, Any]:
+    key = _sample_key(config, state.key, state.count)
     est, diagnostics, values = _estimate(config, params, batch, key)
     checks.check_diagnostics_layout(state.diagnostics, diagnostics)
     factors, stats_count = estimate.moving_average(
@@ -311,7 +328,8 @@ def _accumulate_only(config: _Config, state: KfacState, params: Any, batch: Any,
                      key: jax.Array) -> Any:
   """A micro-batch's estimate added to the pending sums (when due)."""
   def due() -> Any:
-    return estimate.add_pending(state.pending, _estimate(config, params, batch, key)[0])
+    sample_key = _sample_key(config, key, None)
+    return estimate.add_pending(state.pending, _estimate(config, params, batch, sample_key)[0])
 
   return schedule.every(config.stats_every, state.count, due, lambda: state.pending)
 
@@ -346,15 +364,13 @@ def _update(config: _Config, updates: Any, state: KfacState, params: Any = None,
     params = kfac_params
   tagged = config.layer_cache(params, batch)
   checks.check_layers(state.factors, [l.name for l in tagged.factored])
-  key, subkey = jax.random.split(jax.random.wrap_key_data(state.key))
-  if config.parallel.axis_name is not None:
-    subkey = jax.random.fold_in(subkey, jax.lax.axis_index(config.parallel.axis_name))
-  if kfac_accumulate_only:
+  if kfac_accumulate_only:  # micro-batches share the count: each takes a fresh key
+    key, subkey = jax.random.split(jax.random.wrap_key_data(state.key))
     return updates, state._replace(key=jax.random.key_data(key), pending=_accumulate_only(
-        config, state, params, batch, subkey))
+        config, state, params, batch, jax.random.key_data(subkey)))
   damping = (state.adaptive.damping if config.adaptive is not None
              else _now(config.damping, state.count))
-  factors, stats_count, diagnostics, eigen = _statistics(config, state, params, batch, subkey)
+  factors, stats_count, diagnostics, eigen = _statistics(config, state, params, batch)
   inverses = refresh.refresh_inverses(tagged, factors, state.inverses, state.count, damping,
                                       config.inverse_every, config.inverses, config.parallel)
   out, rms = precondition.precondition(tagged, updates, params, inverses, state.rms,
@@ -363,7 +379,7 @@ def _update(config: _Config, updates: Any, state: KfacState, params: Any = None,
                                        eigen, config.inverses.relative_damping)
   out, adaptive = _step_size(config, updates, out, state, params, batch)
   return out, KfacState(
-      count=optax.safe_increment(state.count), key=jax.random.key_data(key),
+      count=optax.safe_increment(state.count), key=state.key,
       stats_count=stats_count, factors=factors, inverses=inverses, rms=rms,
       pending=None if state.pending is None else jax.tree.map(jnp.zeros_like, state.pending),
       diagnostics=diagnostics, adaptive=adaptive, ekfac=eigen)

@@ -290,7 +290,8 @@ def test_gspmd_step_compiles_once_and_keeps_shardings(results: Results, mode: st
 
 
 def test_pmap_mc_devices_draw_different_samples(results: Results):
-  """Each device samples with ``fold_in(key, axis_index)``; the factors average them.
+  """Each device samples with ``fold_in(fold_in(key, count), axis_index)``; the
+  factors average them.
 
   The per-device estimates are averaged inside the step (not observable from
   outside), so every device is given the SAME batch: their estimates then
@@ -300,9 +301,9 @@ def test_pmap_mc_devices_draw_different_samples(results: Results):
   got = results.mode("pmap_mc")
   params = setup.init_params()
   batch = setup.local_batch(setup.make_batches()[0])
-  # scale_by_kfac's state key is key(seed); an update splits it into
-  # (next key, subkey) and samples with subkey (folded with the axis index).
-  _, subkey = jax.random.split(jax.random.key(setup.MC_SEED))
+  # scale_by_kfac's state key is key(seed); a statistics step samples with it
+  # folded with the step count (0 here: the first update), then with the axis index.
+  subkey = jax.random.fold_in(jax.random.key(setup.MC_SEED), 0)
 
   def estimate(key: jax.Array) -> dict[str, dict[str, jax.Array]]:
     return kfl.estimate_curvature(setup.regression_loss_fn, params, batch,

@@ -317,3 +317,25 @@ def test_kfac_schedule_with_kl_clip_and_momentum_trains(
   assert all_finite(p)
   assert float(loss_jit(p, batch)) < float(loss_jit(params, batch))
   assert int(find_state(state, optax.ScaleByScheduleState).count) == 6  # the schedule's step counter advanced
+
+
+def test_each_statistics_step_samples_with_the_count_folded_in(params: Params, batch: Batch):
+  """A statistics step draws its Monte-Carlo targets with ``fold_in(key(seed),
+  count)``: fresh samples every step (same parameters and batch, different
+  estimates), and no random-number work on the steps without statistics
+  (the state's key is never advanced by ``update``)."""
+  tx = kfl.scale_by_kfac(loss_fn, batch, damping=KFAC_DAMPING, stats_every=1,
+                         inverse_every=1 << 20, ema_decay=0.0, estimator="mc", seed=3)
+  update = jax.jit(lambda s: tx.update(grad_jit(params, batch), s, params, batch=batch))
+  state = tx.init(params)
+  seen = []
+  for count in range(2):
+    state = update(state)[1]
+    want = kfl.estimate_curvature(loss_fn, params, batch, estimator="mc",
+                                  key=jax.random.fold_in(jax.random.key(3), count))
+    got = state.factors
+    for name in LAYERS:
+      np.testing.assert_allclose(got[name]["G"], want[name]["G"], rtol=1e-5, atol=1e-7)
+    seen.append(got[LAYERS[-1]]["G"])
+    np.testing.assert_array_equal(state.key, jax.random.key_data(jax.random.key(3)))
+  assert np.max(np.abs(np.asarray(seen[0]) - np.asarray(seen[1]))) > 1e-4
