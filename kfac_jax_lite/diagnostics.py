@@ -14,7 +14,8 @@ loss averages over: the pass's cotangents are per-case derivatives, and
 ``||g_n||² = c² Σ_{t,t'} (a_t · a_t') (ds_t · ds_t')``
 
 (``||a_n||² ||ds_n||²`` for one position), costing ``T² (d_in + d_out)`` per
-example against ``T d_in d_out`` for forming ``g_n``; the cheaper is used.
+example against ``T d_in d_out`` for forming ``g_n``; :func:`use_gram` picks
+by these counts and the activations' layout.
 An embedding's ``a_t`` are one-hot, so ``a_t · a_t'`` is ``[id_t = id_t']``.
 Scale-and-shift layers have their per-example gradients already. The batch
 gradient ``Σ_n g_n = c Σ_{n,t} a ds^T`` is one more product per layer (none
