@@ -7,9 +7,9 @@ uses of a shared weight; a trailing 1 for the bias) and the output derivatives
 ``ds[n, t]``. Pulled back from the true-label cotangent, the per-example
 gradient of ``[W; b]`` is ``g_n = c Σ_t a_{n,t} ds_{n,t}^T``, with
 ``c = B / M`` (``B`` the batch size, ``M`` the number of cases the registered
-loss averages over: the pass's cotangents are per-case derivatives, and
-``g_n`` is the gradient of example ``n``'s term ``ℓ_n`` of the loss
-``(1/B) Σ_n ℓ_n``). Its squared norm needs no ``d_in × d_out`` matrix:
+loss averages over, ``Σ m`` with case weights ``m``: the pass's cotangents are
+per-case derivatives, each times its ``m``, and ``g_n`` is the gradient of
+example ``n``'s term ``ℓ_n`` of the loss ``(1/B) Σ_n ℓ_n``). Its squared norm needs no ``d_in × d_out`` matrix:
 
 ``||g_n||² = c² Σ_{t,t'} (a_t · a_t') (ds_t · ds_t')``
 
