@@ -122,7 +122,7 @@ def _panel(ax: Any, name: str, model: Mapping[str, Any]) -> None:
   ax.set_xlabel("batch size B (examples)")
   ax.set_ylabel(f"steps to evaluation loss {model['config']['target']}")
   ax.set_title(f"{name}: {model['title'].split(' (')[0]}", fontsize=9)
-  ax.legend(fontsize=7)
+  ax.legend(fontsize=7, loc="lower left")  # the curves fall from the upper left
 
 
 def plot(models: Mapping[str, Mapping[str, Any]], path: str) -> None:
