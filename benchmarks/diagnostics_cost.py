@@ -155,7 +155,8 @@ def extra(name: str, base: str, wall: dict[str, float], cpu: dict[str, float],
 def main(argv: Sequence[str] | None = None) -> None:
   """Prints one markdown row per model and estimator."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--calls", type=int, default=40, help="timed calls per function")
+  parser.add_argument("--calls", type=int, default=100,
+                      help="timed calls per function (fewer: run to run ±3 points and more)")
   parser.add_argument("--models", nargs="+", choices=sorted(PROBLEMS), default=list(PROBLEMS))
   parser.add_argument("--estimators", nargs="+", choices=("empirical", "mc"),
                       default=["empirical", "mc"])
