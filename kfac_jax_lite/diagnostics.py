@@ -9,7 +9,8 @@ gradient of ``[W; b]`` is ``g_n = c Σ_t a_{n,t} ds_{n,t}^T``, with
 ``c = B / M`` (``B`` the batch size, ``M`` the number of cases the registered
 loss averages over, ``Σ m`` with case weights ``m``: the pass's cotangents are
 per-case derivatives, each times its ``m``, and ``g_n`` is the gradient of
-example ``n``'s term ``ℓ_n`` of the loss ``(1/B) Σ_n ℓ_n``). Its squared norm needs no ``d_in × d_out`` matrix:
+example ``n``'s term ``ℓ_n`` of the loss ``(1/B) Σ_n ℓ_n``). Its squared norm
+needs no ``d_in × d_out`` matrix:
 
 ``||g_n||² = c² Σ_{t,t'} (a_t · a_t') (ds_t · ds_t')``
 
@@ -311,16 +312,20 @@ def values_and_diagnostics(tagged: TaggedLoss, params: Any, batch: Any, key: jax
   check_estimator(estimator, num_samples)
   fisher = fisher_cotangents(key, estimator, num_samples)
 
+  def shared(weights: CaseWeights) -> bool:
+    """Whether the Fisher column is the true-label one (then it is the only one)."""
+    return estimator == "empirical" and weights.binary
+
   def cotangents(dist: Distribution, logits: jax.Array, targets: jax.Array,
                  weights: CaseWeights) -> jax.Array:
     cot = fisher(dist, logits, targets, weights)
-    if estimator == "empirical" and weights.binary:  # one column, the true labels'
+    if shared(weights):
       return cot
     return jnp.concatenate([cot, _true_labels(dist, logits, targets, weights)])
 
-  inputs, ds, logits_shape, num_cases = tapped_derivatives(tagged, params, batch, cotangents)
-  columns = {d.shape[0] for by_use in ds.values() for d in by_use}
-  if estimator == "empirical" and columns == {1}:  # the factors' own derivatives
+  inputs, ds, logits_shape, weights = tapped_derivatives(tagged, params, batch, cotangents)
+  num_cases = weights.num_cases
+  if shared(weights):  # the factors' own derivatives
     fisher_ds = true_ds = ds
   else:
     fisher_ds, true_ds = _column(ds, slice(0, -1)), _column(ds, slice(-1, None))
@@ -370,5 +375,5 @@ def diagnostics(loss_fn: Callable[[Any, Any], jax.Array], params: Any, batch: An
   """
   tagged = tag(trace_loss(loss_fn, params, batch), layers.approximation,
                dict(layers.blocks), layers.max_factor_dim)
-  inputs, ds, logits_shape, num_cases = tapped_derivatives(tagged, params, batch, _true_labels)
-  return from_values(tagged, inputs, ds, logits_shape, num_cases)
+  inputs, ds, logits_shape, weights = tapped_derivatives(tagged, params, batch, _true_labels)
+  return from_values(tagged, inputs, ds, logits_shape, weights.num_cases)

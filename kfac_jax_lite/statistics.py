@@ -49,7 +49,7 @@ Cotangents = Callable[[Distribution, jax.Array, jax.Array, CaseWeights], jax.Arr
 
 
 def tapped_derivatives(tagged: TaggedLoss, params: Any, batch: Any, cotangents: Cotangents
-                       ) -> tuple[dict[str, Any], dict[str, Any], tuple[int, ...]]:
+                       ) -> tuple[dict[str, Any], dict[str, Any], tuple[int, ...], CaseWeights]:
   """Every layer's inputs and output derivatives for a set of logit cotangents.
 
   One forward pass with zero perturbations on the layer outputs, then one
@@ -65,11 +65,12 @@ def tapped_derivatives(tagged: TaggedLoss, params: Any, batch: Any, cotangents: 
       (e.g. :func:`fisher_cotangents`).
 
   Returns:
-    ``(inputs, ds, logits_shape, num_cases)``: layer name -> the activation
+    ``(inputs, ds, logits_shape, weights)``: layer name -> the activation
     operand of each use; layer name -> ``[S, *out_shape]`` output
     derivatives of each use (zero from the cases a loss mask leaves out);
-    the shape of the registered loss's logits; the number of cases it
-    averages over (``Σ m``, traced, with a mask).
+    the shape of the registered loss's logits; the
+    :class:`~kfac_jax_lite.losses.CaseWeights` the columns were given (its
+    ``num_cases``, ``Σ m`` with a mask, is what the loss averages over).
   """
   param_leaves = jax.tree_util.tree_leaves(params)
   batch_leaves = jax.tree_util.tree_leaves(batch)
@@ -85,7 +86,7 @@ def tapped_derivatives(tagged: TaggedLoss, params: Any, batch: Any, cotangents: 
   weights = case_weights(tuple(logits.shape), mask, dist)
   cot = cotangents(dist, logits, targets, weights)  # masked cases: no derivative
   (ds,) = jax.vmap(lambda c: vjp_fn(c.astype(logits.dtype)))(cot)
-  return inputs, ds, tuple(logits.shape), weights.num_cases
+  return inputs, ds, tuple(logits.shape), weights
 
 
 def fisher_cotangents(key: jax.Array, estimator: str, num_samples: int = 1) -> Cotangents:
@@ -117,9 +118,9 @@ def fisher_values(tagged: TaggedLoss, params: Any, batch: Any, key: jax.Array,
                   *, estimator: str, num_samples: int = 1) -> PassValues:
   """The statistics pass with the estimator's Fisher cotangents (arguments as
   :func:`factor_estimate`)."""
-  inputs, ds, _, num_cases = tapped_derivatives(
+  inputs, ds, _, weights = tapped_derivatives(
       tagged, params, batch, fisher_cotangents(key, estimator, num_samples))
-  return PassValues(tagged, inputs, ds, num_cases)
+  return PassValues(tagged, inputs, ds, weights.num_cases)
 
 
 def factor_estimate(tagged: TaggedLoss, params: Any, batch: Any, key: jax.Array,
