@@ -36,8 +36,8 @@ from kfac_jax_lite.step.layers import LayerCache
 
 B, T, D, K = 4, 5, 3, 6
 KEEP = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0]], bool)
-MASKS = {"mask": KEEP,
-         "weights": (KEEP * np.random.default_rng(0).uniform(0.2, 3.0, KEEP.shape)).astype(np.float32)}
+WEIGHTS = KEEP * np.random.default_rng(0).uniform(0.2, 3.0, KEEP.shape)
+MASKS = {"mask": KEEP, "weights": WEIGHTS.astype(np.float32)}
 
 
 @pytest.fixture(params=sorted(MASKS), name="mask")
@@ -84,7 +84,8 @@ def test_masked_losses_are_weighted_means(mask):
                              mask=jnp.array([1.0, -0.5, 1.0, 1.0]))
 
 
-def _softmax_output(p: dict[str, jax.Array], b: dict[str, jax.Array]) -> tuple[np.ndarray, np.ndarray]:
+def _softmax_output(p: dict[str, jax.Array],
+                    b: dict[str, jax.Array]) -> tuple[np.ndarray, np.ndarray]:
   """``[B T, K]`` probabilities and one-hot labels in float64."""
   z = np.asarray(_logits(p, b), np.float64).reshape(-1, K)
   prob = np.exp(z) / np.sum(np.exp(z), -1, keepdims=True)
